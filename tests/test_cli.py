@@ -1,0 +1,229 @@
+"""Each subcommand of refrag.py run the way a user runs it (in-process), asserting on its outputs."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import refrag
+from conftest import DATA, N_PASSAGES, load_json, run_cli
+
+
+def gen_json(index_dir, dec_dir, question, *extra):
+    code, out, err = run_cli("generate", "--index_dir", index_dir, "--dec", dec_dir, "--question", question,
+                             "--max_new", 6, "--json", *extra)
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_index_writes_cache_and_metadata(tiny_index, tiny_dec_dir, passages, tok):
+    meta = load_json(os.path.join(tiny_index, "meta.json"))
+    assert meta["n_passages"] == N_PASSAGES and meta["embed_dim"] == 384
+    cc = meta["chunk_cache"]
+    assert cc["k"] == 16 and cc["dim"] == 384 and cc["enc"] == refrag.MINILM_ID and cc["pooling"] == "mean"
+    idx = refrag.PassageIndex(tiny_index)
+    assert idx.texts == passages
+    ids0 = refrag.encode_text(tok, passages[0])
+    assert idx.passage_ids(0).tolist() == ids0
+    assert idx.cached_chunks(0).shape == (len(refrag.split_chunks(ids0, 16)), 384)
+    assert cc["n_chunks"] == sum(-(-len(refrag.encode_text(tok, p)) // 16) for p in passages)
+    # the cache holds exactly what the encoder computes for those chunks
+    enc = refrag.ChunkEncoder(refrag.MINILM_ID).eval()
+    with torch.no_grad():
+        fresh = refrag.encode_chunks(enc, tok, [ids0], 16)[0]
+    np.testing.assert_allclose(idx.cached_chunks(0), fresh.numpy(), rtol=1e-4, atol=1e-5)
+    for name in os.listdir(tiny_index):
+        if name.endswith(".npy"):
+            np.load(os.path.join(tiny_index, name), allow_pickle=False)  # no pickled arrays
+
+
+def test_retrieval_finds_the_entity_passage(tiny_index, tiny_dec_dir, passages):
+    name = passages[3].split(" ", 1)[0]
+    rec = gen_json(tiny_index, tiny_dec_dir, f"Where is {name}?", "--mode", "full", "--topk", 4)
+    assert 3 in [r["id"] for r in rec["retrieved"]]
+
+
+def test_generate_modes_report_honest_timing(tiny_index, tiny_dec_dir, passages):
+    q = f"Which river flows through {passages[0].split(' ', 1)[0]}?"
+    full = gen_json(tiny_index, tiny_dec_dir, q, "--mode", "full", "--topk", 4)
+    ref = gen_json(tiny_index, tiny_dec_dir, q, "--mode", "refrag", "--topk", 4, "--p", 0.25)
+    none = gen_json(tiny_index, tiny_dec_dir, q, "--mode", "none")
+    for rec in (full, ref, none):
+        bd = rec["ttft_breakdown"]
+        assert set(bd) == {"retrieve_s", "encode_s", "select_s", "project_s", "prefill_s"}
+        assert all(v >= 0 for v in bd.values())
+        assert sum(bd.values()) == pytest.approx(rec["ttft_s"], rel=1e-6)
+        assert rec["generated_tokens"] >= 1 and rec["throughput_tok_s"] > 0
+        assert rec["total_s"] >= rec["ttft_s"]
+    assert full["passages_used"] == ref["passages_used"] and full["context_tokens"] == ref["context_tokens"]
+    n_chunks = sum(-(-len(refrag.PassageIndex(tiny_index).passage_ids(i)) // 16) for i in ref["passages_used"])
+    assert ref["n_chunks"] == n_chunks and len(ref["expanded"]) == round(0.25 * n_chunks)
+    # prompt positions: each compressed chunk is one position, each expanded chunk its tokens
+    assert ref["prompt_positions"] < full["prompt_positions"]
+    assert full["prompt_positions"] - full["context_tokens"] == none["prompt_positions"] + \
+        (len(full["passages_used"]) - 1)  # separators between passages
+    assert ref["chunk_cache"] == "hit" and full["chunk_cache"] == "n/a"
+    assert none["context_tokens"] == 0 and none["retrieved"] == []
+
+
+def test_first_token_comes_from_prefill_and_greedy_matches_uncached_decoding(tiny_index, tiny_dec_dir, tok):
+    rec = gen_json(tiny_index, tiny_dec_dir, "Who led Event_314?", "--mode", "full", "--topk", 2)
+    idx = refrag.PassageIndex(tiny_index)
+    prefix, sep, suffix = refrag.prompt_pieces(tok, "Who led Event_314?")
+    ids = list(prefix)
+    for j, i in enumerate(rec["passages_used"]):
+        ids += (sep if j else []) + idx.passage_ids(i).tolist()
+    ids += suffix
+    dec = refrag.load_decoder(tiny_dec_dir, torch.device("cpu"), torch.float32)
+    gen = []
+    with torch.no_grad():
+        for _ in range(rec["generated_tokens"]):  # no KV cache: full forward each step
+            nxt = int(dec(input_ids=torch.tensor([ids + gen])).logits[0, -1].argmax())
+            gen.append(nxt)
+            if nxt == tok.eos_token_id:
+                break
+    assert rec["answer"] == tok.decode([t for t in gen if t != tok.eos_token_id], skip_special_tokens=True).strip()
+
+
+def test_all_expanded_refrag_answers_like_full(tiny_index, tiny_dec_dir):
+    q = "In which year was Alloy_270 first produced?"
+    full = gen_json(tiny_index, tiny_dec_dir, q, "--mode", "full")
+    ref = gen_json(tiny_index, tiny_dec_dir, q, "--mode", "refrag", "--p", 1.0)
+    assert ref["answer"] == full["answer"] and ref["prompt_positions"] == full["prompt_positions"]
+    assert len(ref["expanded"]) == ref["n_chunks"]
+
+
+def test_cache_hit_miss_and_no_cache_agree(tiny_index, tiny_dec_dir):
+    q = "What is Alloy_270 mainly used for?"
+    hit = gen_json(tiny_index, tiny_dec_dir, q, "--p", 0)
+    off = gen_json(tiny_index, tiny_dec_dir, q, "--p", 0, "--no_cache")
+    miss = gen_json(tiny_index, tiny_dec_dir, q, "--p", 0, "--k", 8)
+    assert hit["chunk_cache"] == "hit" and off["chunk_cache"].startswith("off")
+    assert miss["chunk_cache"].startswith("miss (index cached k=16, asked k=8)")
+    assert hit["answer"] == off["answer"] and miss["n_chunks"] > hit["n_chunks"]
+
+
+def test_heuristics_select_by_perplexity(tiny_index, tiny_dec_dir):
+    q = "Who led Event_314?"
+    desc = gen_json(tiny_index, tiny_dec_dir, q, "--heuristic", "--p", 0.5)
+    asc = gen_json(tiny_index, tiny_dec_dir, q, "--heuristic", "ppl_asc", "--p", 0.5)
+    assert desc["selection"] == "ppl_desc" and asc["selection"] == "ppl_asc"
+    assert len(desc["expanded"]) == len(asc["expanded"]) == round(0.5 * desc["n_chunks"])
+    assert desc["expanded"] != asc["expanded"]
+
+
+def test_ctx_max_keeps_whole_passages_in_rank_order(tiny_index, tiny_dec_dir):
+    rec = gen_json(tiny_index, tiny_dec_dir, "Who led Event_314?", "--mode", "full", "--ctx_max", 250)
+    assert 0 < rec["context_tokens"] <= 250
+    assert rec["passages_used"] == [r["id"] for r in rec["retrieved"]][:len(rec["passages_used"])]
+
+
+def test_generate_streams_answer_and_writes_out_dir(tiny_index, tiny_dec_dir, tmp_path):
+    code, out, err = run_cli("generate", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--question", "Who led Event_314?",
+                             "--max_new", 4, "--out_dir", tmp_path / "g")
+    assert code == 0, err
+    rec = load_json(tmp_path / "g" / "generate.json")
+    assert out.strip() == rec["answer"] or rec["answer"] == ""
+    assert "TTFT" in err and "cache hit" in err
+    assert load_json(tmp_path / "g" / "run_config.json")["args"]["question"] == "Who led Event_314?"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--index_dir", "/nonexistent/idx"], "--index_dir /nonexistent/idx: no index there"),
+    (["--question", "  "], "--question: empty question"),
+    (["--question", "word " * 600], "tokens, longer than the 512-token limit"),
+    (["--dec", "/nonexistent/model"], "--dec /nonexistent/model: cannot load"),
+    (["--p", "1.5"], "--p 1.5: must be between 0 and 1"),
+    (["--topk", "0"], "--topk 0: must be at least 1"),
+])
+def test_generate_bad_input_gives_one_line_error(tiny_index, tiny_dec_dir, args, message):
+    base = {"--index_dir": tiny_index, "--dec": tiny_dec_dir, "--question": "Who led Event_314?"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    argv = ["generate"] + [x for kv in base.items() for x in kv]
+    code, out, err = run_cli(*argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], err
+
+
+def test_generate_refuses_index_built_for_another_tokenizer(tiny_index, tmp_path, tok):
+    model = refrag.build_demo_decoder(tok, "tiny", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    other = tmp_path / "other"
+    other.mkdir()
+    tok2 = refrag.load_tokenizer(os.path.join(DATA, "tokenizer.json"))
+    tok2.add_tokens(["<extra>"])
+    refrag.save_hf_model(model, tok2, str(other), {})
+    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--dec", other, "--question", "x?")
+    assert code == 2 and "built with decoder tokenizer" in err
+
+
+def test_bad_corpus_line_is_named(tmp_path, tiny_dec_dir):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("City_1 is a city.\n\nCity_2 is a city.\n")
+    code, _, err = run_cli("index", "--corpus", bad, "--index_dir", tmp_path / "i", "--dec", tiny_dec_dir)
+    assert code == 2 and f"--corpus {bad}:2: empty line" in err
+    assert not (tmp_path / "i").exists()
+
+
+def test_index_rebuild_is_atomic(tmp_path, tiny_dec_dir, small_corpus, monkeypatch):
+    d = tmp_path / "idx"
+    assert run_cli("index", "--corpus", small_corpus, "--index_dir", d, "--dec", tiny_dec_dir, "--k", 32)[0] == 0
+    before = load_json(d / "meta.json")
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(refrag.np, "save", boom)
+    with pytest.raises(RuntimeError):
+        run_cli("index", "--corpus", small_corpus, "--index_dir", d, "--dec", tiny_dec_dir, "--k", 8)
+    assert load_json(d / "meta.json") == before  # the old index survives a failed rebuild
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp")] == []
+
+
+def test_evaluate_scores_modes(tiny_index, tiny_dec_dir, tmp_path, small_corpus):
+    qa = tmp_path / "qa.jsonl"
+    with open(os.path.join(DATA, "rag_train.jsonl"), encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh]
+    names = {line.split(" ", 1)[0] for line in open(small_corpus, encoding="utf-8")}
+    qa.write_text("".join(json.dumps(r) + "\n" for r in [r for r in rows if r["entity"] in names][:3]))
+    code, out, err = run_cli("evaluate", "--eval_json", qa, "--index_dir", tiny_index, "--dec", tiny_dec_dir,
+                             "--modes", "full,refrag,none", "--max_new", 4, "--out", tmp_path / "ev")
+    assert code == 0, err
+    res = load_json(tmp_path / "ev" / "results.json")
+    assert [r["summary"]["mode"] for r in res["results"]] == ["full", "refrag", "none"]
+    for r in res["results"]:
+        s = r["summary"]
+        assert s["n"] == 3 and 0 <= s["exact_match"] <= 1 and s["ttft_s"] > 0
+        assert all(row["em"] in (0.0, 1.0) for row in r["rows"])
+    assert res["results"][0]["summary"]["answer_in_context"] == 1.0  # retrieval found every gold passage
+
+
+def test_pretrain_runs_and_saves_a_loadable_decoder(tmp_path):
+    out = tmp_path / "dec"
+    code, stdout, err = run_cli("pretrain", "--steps", 3, "--batch_size", 2, "--max_passages", 2, "--log_every", 1,
+                                "--eval_json", os.path.join(DATA, "rag_eval.jsonl"), "--eval_n", 2,
+                                "--dec_config", "tiny", "--out_dir", out)
+    assert code == 0, err
+    assert "step      3 | loss" in stdout and "held-out exact match" in stdout
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in metrics)
+    dec = refrag.load_decoder(str(out), torch.device("cpu"), torch.float32)
+    assert dec.config.hidden_size == 256 and (out / "model.safetensors").exists()
+    assert not any(p.startswith(".tmp") for p in os.listdir(out))
+
+
+def test_reader_data_never_uses_held_out_entities_and_renames(tok):
+    passages = refrag.read_corpus(os.path.join(DATA, "corpus_small.txt"))
+    train = refrag.read_rag(os.path.join(DATA, "rag_train.jsonl"), "--rag_json")
+    held = {r["entity"] for r in refrag.read_rag(os.path.join(DATA, "rag_eval.jsonl"), "--eval_json")}
+    import random
+    data = refrag.ReaderData(passages, train, tok, 8, random.Random(0))
+    for _ in range(50):
+        ids, mask = data.sample(n_ctx=4)
+        text = tok.decode(ids)
+        names = set(refrag.re.findall(r"(?:City|Alloy|Person|Event)_\d+", text))
+        assert not names & held
+        answer = tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True).strip()
+        assert answer in tok.decode(ids[:mask.index(1)])  # the answer is readable from the context

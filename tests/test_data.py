@@ -1,0 +1,102 @@
+"""The shipped demo data: aligned, held out, deterministic, and readable by refrag's loaders."""
+import filecmp
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DATA, ROOT
+import refrag
+
+SHIPPED = ["corpus_small.txt", "corpus_medium.txt", "corpus_large.txt", "rag_train.jsonl", "rag_eval.jsonl",
+           "cpt_train.jsonl", "cpt_eval.jsonl", "tokenizer.json"]
+
+
+def corpus(name):
+    return refrag.read_corpus(os.path.join(DATA, f"corpus_{name}.txt"))
+
+
+def by_name(passages):
+    return {p.split(" ", 1)[0]: p for p in passages}
+
+
+def test_corpus_sizes_nesting_and_lengths():
+    small, medium, large = corpus("small"), corpus("medium"), corpus("large")
+    assert (len(small), len(medium), len(large)) == (500, 2000, 3000)
+    assert medium[:500] == small and large[:2000] == medium
+    for p in large:
+        assert 60 <= len(p.split()) <= 120
+        assert refrag.ENTITY_RE.match(p.split(" ", 1)[0])
+    kinds = {p.split("_", 1)[0] for p in small}
+    assert kinds == {"City", "Alloy", "Person", "Event"}
+    assert sum(bool(re.search(r"[\u4e00-\u9fff]|según|aparece|selon|wird", p)) for p in small) > 50
+
+
+def test_near_identical_names_exist():
+    names = set(by_name(corpus("small")))
+    near = [n for n in names if n + "0" in names or any(n + str(d) in names for d in range(10))]
+    assert len(near) >= 20  # e.g. City_12 and City_120 are both in corpus_small
+
+
+def test_every_answer_is_verbatim_in_its_entity_passage():
+    passages = by_name(corpus("small"))
+    for split, minimum in (("train", 1200), ("eval", 300)):
+        rows = refrag.read_rag(os.path.join(DATA, f"rag_{split}.jsonl"), "--rag_json")
+        assert len(rows) >= minimum
+        for r in rows:
+            assert r["entity"] in passages, r
+            assert r["entity"] in r["question"]
+            for a in r["answers"]:
+                assert a in passages[r["entity"]], r
+
+
+def test_held_out_entities_appear_in_no_training_text():
+    train = refrag.read_rag(os.path.join(DATA, "rag_train.jsonl"), "--rag_json")
+    evals = refrag.read_rag(os.path.join(DATA, "rag_eval.jsonl"), "--eval_json")
+    held = {r["entity"] for r in evals}
+    assert len(held) == 100
+    with open(os.path.join(DATA, "cpt_eval.jsonl"), encoding="utf-8") as fh:
+        cpt_eval_entities = {e for line in fh for e in json.loads(line)["entities"]}
+    assert cpt_eval_entities <= held
+    pat = re.compile(r"\b(" + "|".join(map(re.escape, sorted(held))) + r")(?![0-9])")
+    for r in train:
+        assert not pat.search(r["question"]), r
+    with open(os.path.join(DATA, "cpt_train.jsonl"), encoding="utf-8") as fh:
+        for line in fh:
+            assert not pat.search(json.loads(line)["text"])
+    held_in_small = by_name(corpus("small"))
+    assert held <= set(held_in_small)  # retrievable from every corpus
+
+
+def test_cpt_records_and_splits(tok):
+    for split, minimum in (("train", 400), ("eval", 1)):
+        rows = refrag.read_cpt(os.path.join(DATA, f"cpt_{split}.jsonl"), "--train_json")
+        assert len(rows) >= minimum
+        for r in rows[:60]:
+            n = len(refrag.encode_text(tok, r["text"]))
+            assert r["s"] + r["o"] <= n
+
+
+def test_cpt_reader_accepts_old_field_name_and_reports_bad_lines(tmp_path):
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"id": 1, "tokens": "a b c", "split": {"s": 1, "o": 1}}\n{"id": 2, "text": "x"}\n')
+    with pytest.raises(refrag.RefragError, match=r"c.jsonl:2: 'split'"):
+        refrag.read_cpt(str(p), "--train_json")
+    p.write_text('{"id": 1, "tokens": "a b c", "split": {"s": 1, "o": 1}}\n')
+    assert refrag.read_cpt(str(p), "--train_json")[0]["text"] == "a b c"
+    p.write_text('{"question": "q", "answers": []}\n')
+    with pytest.raises(refrag.RefragError, match=r"--rag_json .*c.jsonl:1: 'answers'"):
+        refrag.read_rag(str(p), "--rag_json")
+    p.write_text('{not json\n')
+    with pytest.raises(refrag.RefragError, match=r"c.jsonl:1: invalid JSON"):
+        refrag.read_rag(str(p), "--rag_json")
+
+
+def test_generator_is_deterministic_and_matches_shipped_files(tmp_path):
+    subprocess.run([sys.executable, os.path.join(DATA, "make_corpus.py"), "--out_dir", str(tmp_path)],
+                   check=True, capture_output=True, cwd=ROOT)
+    for f in SHIPPED:
+        assert filecmp.cmp(os.path.join(DATA, f), str(tmp_path / f), shallow=False), f
