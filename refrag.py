@@ -195,6 +195,17 @@ def append_jsonl(path: str, rec: dict):
         fh.write(json.dumps(rec) + "\n")
 
 
+def parse_ints(text, flag: str) -> tuple:
+    """'8,16,32' -> (8, 16, 32); an int passes through."""
+    try:
+        vals = tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        fail(f"{flag} {text}: expected integers separated by commas")
+    if not vals:
+        fail(f"{flag}: empty list")
+    return vals
+
+
 def sha1_text(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
 
@@ -254,13 +265,13 @@ class IndexConfig:
     embed_model: str = MINILM_ID           # retrieval embedding model (HF id or directory)
     enc: str = MINILM_ID                   # chunk encoder whose embeddings are cached
     dec: str = DEFAULT_DEC                 # decoder (or tokenizer) that defines a k-token chunk
-    k: int = 16                            # tokens per chunk
+    ks: tuple = (16,)                      # chunk sizes to cache (tokens per chunk), one cache each
     index_type: str = "flat"               # flat (exact inner product), ivf or hnsw
     batch_size: int = 64                   # passages / chunks per encoder batch
 
     def __post_init__(self):
-        if self.k < 1:
-            fail(f"--k {self.k}: must be at least 1")
+        if not self.ks or any(k < 1 for k in self.ks):
+            fail(f"--k {','.join(map(str, self.ks))}: chunk sizes must be at least 1")
         if self.index_type not in ("flat", "ivf", "hnsw"):
             fail(f"--index_type {self.index_type}: expected flat, ivf or hnsw")
         if self.batch_size < 1:
@@ -522,7 +533,7 @@ def load_refrag_checkpoint(load_dir: str, k: int):
         fail(f"--load_dir {load_dir}: not a refrag checkpoint (no config.json)")
     with open(cfg_path, encoding="utf-8") as fh:
         cfg = json.load(fh)
-    if cfg.get("k") is not None and int(cfg["k"]) != k:
+    if k is not None and cfg.get("k") is not None and int(cfg["k"]) != k:
         fail(f"--load_dir {load_dir}: checkpoint was trained with k={cfg['k']}, but --k {k} was given")
     return cfg
 
@@ -604,7 +615,7 @@ def build_faiss(emb: np.ndarray, index_type: str):
 
 def cmd_index(args):
     cfg = IndexConfig(corpus=args.corpus, index_dir=args.index_dir, embed_model=args.embed_model,
-                      enc=args.enc, dec=args.dec, k=args.k, index_type=args.index_type,
+                      enc=args.enc, dec=args.dec, ks=parse_ints(args.k, "--k"), index_type=args.index_type,
                       batch_size=args.batch_size)
     import faiss
     passages = read_corpus(cfg.corpus)
@@ -619,10 +630,11 @@ def cmd_index(args):
     with torch.inference_mode():
         emb = retriever.embed_texts(passages, cfg.batch_size, normalize=True, desc="embed passages").numpy()
         ids = [encode_text(dec_tok, p) for p in passages]
-        chunk_emb = encode_chunks(encoder, dec_tok, ids, cfg.k, cfg.batch_size, desc="encode chunks")
+        caches = {k: encode_chunks(encoder, dec_tok, ids, k, cfg.batch_size, desc=f"encode chunks k={k}")
+                  for k in cfg.ks}
     index = build_faiss(emb, cfg.index_type)
     tok_offsets = np.cumsum([0] + [len(x) for x in ids]).astype(np.int64)
-    chunk_offsets = np.cumsum([0] + [len(c) for c in chunk_emb]).astype(np.int64)
+    enc_fp = module_fingerprint(encoder.model)
     with open(cfg.corpus, "rb") as fh:
         corpus_sha1 = hashlib.sha1(fh.read()).hexdigest()[:12]
     meta = {
@@ -631,9 +643,9 @@ def cmd_index(args):
         "metric": "inner product of L2-normalised mean-pooled embeddings",
         "dec_tokenizer": cfg.dec, "tokenizer_fingerprint": tokenizer_fingerprint(dec_tok),
         "n_tokens": int(tok_offsets[-1]),
-        "chunk_cache": {"enc": cfg.enc, "enc_fingerprint": module_fingerprint(encoder.model),
-                        "enc_load_dir": args.enc_load_dir, "k": cfg.k, "dim": encoder.dim,
-                        "n_chunks": int(chunk_offsets[-1]), "pooling": "mean", "dtype": "float32"},
+        "chunk_cache": {"enc": cfg.enc, "enc_fingerprint": enc_fp, "enc_load_dir": args.enc_load_dir,
+                        "dim": encoder.dim, "pooling": "mean", "dtype": "float32",
+                        "n_chunks": {str(k): sum(len(c) for c in caches[k]) for k in cfg.ks}},
     }
     with atomic_dir(cfg.index_dir) as tmp:
         faiss.write_index(index, os.path.join(tmp, "faiss.index"))
@@ -642,12 +654,14 @@ def cmd_index(args):
                 fh.write(json.dumps({"id": i, "text": p}, ensure_ascii=False) + "\n")
         np.save(os.path.join(tmp, "passage_tokens.npy"), np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]))
         np.save(os.path.join(tmp, "passage_offsets.npy"), tok_offsets)
-        np.save(os.path.join(tmp, "chunk_emb.npy"), torch.cat(chunk_emb).numpy().astype(np.float32))
-        np.save(os.path.join(tmp, "chunk_offsets.npy"), chunk_offsets)
+        for k, chunk_emb in caches.items():
+            np.save(os.path.join(tmp, f"chunk_emb_k{k}.npy"), torch.cat(chunk_emb).numpy().astype(np.float32))
+            np.save(os.path.join(tmp, f"chunk_offsets_k{k}.npy"),
+                    np.cumsum([0] + [len(c) for c in chunk_emb]).astype(np.int64))
         write_json(os.path.join(tmp, "meta.json"), meta)
-    print(f"index: {len(passages)} passages, {meta['n_tokens']} decoder tokens, "
-          f"{meta['chunk_cache']['n_chunks']} chunks of k={cfg.k} cached ({encoder.dim}-d), "
-          f"{cfg.index_type} FAISS index -> {cfg.index_dir} ({time.perf_counter() - t0:.1f}s)")
+    cached = ", ".join(f"{n} chunks of k={k}" for k, n in meta["chunk_cache"]["n_chunks"].items())
+    print(f"index: {len(passages)} passages, {meta['n_tokens']} decoder tokens, {cached} cached "
+          f"({encoder.dim}-d), {cfg.index_type} FAISS index -> {cfg.index_dir} ({time.perf_counter() - t0:.1f}s)")
 
 
 class PassageIndex:
@@ -668,10 +682,14 @@ class PassageIndex:
             self.texts = [json.loads(line)["text"] for line in fh]
         load = lambda name: np.load(os.path.join(index_dir, name), allow_pickle=False, mmap_mode="r")  # noqa: E731
         self.tokens, self.tok_offsets = load("passage_tokens.npy"), load("passage_offsets.npy")
-        self.chunk_emb, self.chunk_offsets = load("chunk_emb.npy"), load("chunk_offsets.npy")
+        self.caches = {}  # k -> (chunk embeddings (N_chunks, d_enc), per-passage offsets (n+1,))
         n = self.meta["n_passages"]
-        if not (len(self.texts) == n == self.faiss.ntotal == len(self.tok_offsets) - 1 == len(self.chunk_offsets) - 1
-                and self.chunk_emb.shape[0] == self.meta["chunk_cache"]["n_chunks"]):
+        for k, n_chunks in self.meta["chunk_cache"]["n_chunks"].items():
+            emb, off = load(f"chunk_emb_k{k}.npy"), load(f"chunk_offsets_k{k}.npy")
+            if emb.shape[0] != n_chunks or len(off) != n + 1:
+                fail(f"--index_dir {index_dir}: chunk cache k={k} does not match meta.json (corrupt index)")
+            self.caches[int(k)] = (emb, off)
+        if not (len(self.texts) == n == self.faiss.ntotal == len(self.tok_offsets) - 1):
             fail(f"--index_dir {index_dir}: counts do not match meta.json (corrupt or half-written index)")
 
     def search(self, q: np.ndarray, topk: int) -> tuple[list[int], list[float]]:
@@ -682,16 +700,17 @@ class PassageIndex:
     def passage_ids(self, i: int) -> np.ndarray:
         return self.tokens[self.tok_offsets[i]:self.tok_offsets[i + 1]]
 
-    def cached_chunks(self, i: int) -> np.ndarray:
-        return self.chunk_emb[self.chunk_offsets[i]:self.chunk_offsets[i + 1]]  # (n_chunks, d_enc)
+    def cached_chunks(self, i: int, k: int) -> np.ndarray:
+        emb, off = self.caches[k]
+        return emb[off[i]:off[i + 1]]  # (n_chunks, d_enc)
 
     def cache_status(self, models: Models, k: int, use_cache: bool) -> str:
         """'hit' when the cached chunk embeddings match this encoder and k, else why not."""
         cc = self.meta["chunk_cache"]
         if not use_cache:
             return "off (--no_cache)"
-        if cc["k"] != k:
-            return f"miss (index cached k={cc['k']}, asked k={k})"
+        if k not in self.caches:
+            return f"miss (index cached k={','.join(map(str, sorted(self.caches)))}, asked k={k})"
         if cc["enc_fingerprint"] != models.enc_fingerprint:
             return f"miss (index cached encoder {cc['enc']} [{cc['enc_fingerprint']}], loaded {models.enc_name} [{models.enc_fingerprint}])"
         return "hit"
@@ -763,6 +782,26 @@ def build_layout(segments: list[tuple[str, object]]) -> PromptLayout:
                         torch.stack(embs) if embs else torch.zeros(0, d))
 
 
+def assemble_layout(prefix: list[int], chunks: list[list[list[int]]], sep: list[int], suffix: list[int],
+                    chunk_embs: list | None, expanded: list[int]) -> PromptLayout:
+    """prefix, passages (each a list of k-token chunks) joined by sep, suffix. With chunk_embs, every
+    chunk not in `expanded` (global chunk indices) becomes one compressed position; without, all
+    chunks stay tokens (the full-context prompt)."""
+    segments = [("tokens", prefix)]
+    exp_set, j = set(expanded), 0
+    for pi, pchunks in enumerate(chunks):
+        if pi:
+            segments.append(("tokens", sep))
+        for ci, c in enumerate(pchunks):
+            if chunk_embs is not None and j not in exp_set:
+                segments.append(("chunk", chunk_embs[pi][ci]))
+            else:
+                segments.append(("tokens", c))
+            j += 1
+    segments.append(("tokens", suffix))
+    return build_layout(segments)
+
+
 def layout_embeds(layout: PromptLayout, decoder, projector: Projector | None) -> torch.Tensor:
     """(1, T, d_dec) decoder input: token embeddings, projected chunk embeddings at their slots."""
     emb_layer = decoder.get_input_embeddings()
@@ -788,23 +827,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
 
-@torch.inference_mode()
-def run_generation(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex,
-                   stream=None) -> dict:
-    """Answer one question and time it. The clock starts when the question is received and every
-    stage (retrieve, encode, select, project, prefill) is inside TTFT; the device is synchronised
-    before each reading."""
+def prepare_prompt(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex | None,
+                   gen: torch.Generator, marks: dict) -> tuple[PromptLayout, dict]:
+    """Retrieve, encode (cache lookup or encoder), select, and lay out the prompt. Clock readings
+    after each stage go into `marks`; the returned dict describes what was done."""
     dev, tok = models.device, models.tok
-    if not question.strip():
-        fail("--question: empty question")
-    q_ids_probe = encode_text(tok, question)
-    if len(q_ids_probe) > 512:
-        fail(f"--question: {len(q_ids_probe)} tokens, longer than the 512-token limit")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    marks = {}
-    t0 = clock(dev)
     prefix, sep, suffix = prompt_pieces(tok, question)
-    # retrieve
     ranked, scores, used = [], [], []
     if cfg.mode != "none":
         q = models.retriever.embed_texts([question], normalize=True).numpy()
@@ -818,13 +846,12 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
             budget -= n
     passages_ids = [index.passage_ids(i) for i in used]
     marks["retrieve"] = clock(dev)
-    # encode (cache lookup or encoder forward) and select: REFRAG only
-    cache, n_chunks, expanded, method = "n/a", 0, [], "n/a"
+    cache, n_chunks, expanded, method, chunk_embs = "n/a", 0, [], "n/a", None
     chunks = [split_chunks(x, cfg.k) for x in passages_ids]
     if cfg.mode == "refrag" and used:
         cache = index.cache_status(models, cfg.k, cfg.use_cache)
         if cache == "hit":
-            chunk_embs = [torch.from_numpy(np.array(index.cached_chunks(i))) for i in used]
+            chunk_embs = [torch.from_numpy(np.array(index.cached_chunks(i, cfg.k))) for i in used]
         else:
             chunk_embs = encode_chunks(models.encoder, tok, passages_ids, cfg.k)
         marks["encode"] = clock(dev)
@@ -837,21 +864,35 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
         marks["select"] = clock(dev)
     else:
         marks["encode"] = marks["select"] = marks["retrieve"]
-    # assemble the prompt, prefill, first token
-    segments = [("tokens", prefix)]
-    exp_set, j = set(expanded), 0
-    for pi, pchunks in enumerate(chunks):
-        if pi:
-            segments.append(("tokens", sep))
-        for ci, c in enumerate(pchunks):
-            if cfg.mode == "refrag" and j not in exp_set:
-                segments.append(("chunk", chunk_embs[pi][ci]))
-            else:
-                segments.append(("tokens", c))
-            j += 1
-    segments.append(("tokens", suffix))
-    layout = build_layout(segments)
-    T = int(layout.tok_ids.numel())
+    layout = assemble_layout(prefix, chunks, sep, suffix, chunk_embs, expanded)
+    info = {"selection": method, "chunk_cache": cache,
+            "retrieved": [{"id": i, "score": round(s, 4)} for i, s in zip(ranked, scores)],
+            "passages_used": used, "context_tokens": int(sum(len(x) for x in passages_ids)),
+            "n_chunks": n_chunks, "expanded": expanded, "prompt_positions": int(layout.tok_ids.numel())}
+    return layout, info
+
+
+def check_question(tok, question: str):
+    if not question.strip():
+        fail("--question: empty question")
+    n = len(encode_text(tok, question))
+    if n > 512:
+        fail(f"--question: {n} tokens, longer than the 512-token limit")
+
+
+@torch.inference_mode()
+def run_generation(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex,
+                   stream=None, keep_layout: bool = False) -> dict:
+    """Answer one question and time it. The clock starts when the question is received and every
+    stage (retrieve, encode, select, project, prefill) is inside TTFT; the device is synchronised
+    before each reading."""
+    dev, tok = models.device, models.tok
+    check_question(tok, question)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    marks = {}
+    t0 = clock(dev)
+    layout, info = prepare_prompt(question, cfg, models, index, gen, marks)
+    T = info["prompt_positions"]
     if T + cfg.max_new > decoder_max_positions(models.decoder):
         fail(f"--ctx_max/--max_new: prompt of {T} positions + {cfg.max_new} new tokens exceeds the decoder's "
              f"{decoder_max_positions(models.decoder)} positions")
@@ -881,26 +922,33 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
     body = [t for t in generated if t not in eos]
     answer = tok.decode(body, skip_special_tokens=True).strip()
     informative = next((times[i] for i in range(len(body)) if any(ch.isalnum() for ch in tok.decode(body[:i + 1]))), None)
-    stages = ["retrieve", "encode", "select", "project"]
     prev, breakdown = t0, {}
-    for s in stages:
-        breakdown[s + "_s"] = marks[s] - prev
-        prev = marks[s]
+    for stage in ("retrieve", "encode", "select", "project"):
+        breakdown[stage + "_s"] = marks[stage] - prev
+        prev = marks[stage]
     breakdown["prefill_s"] = t_first - prev
     total = times[-1] - t0
     return {
-        "question": question, "answer": answer, "mode": cfg.mode, "k": cfg.k, "p": cfg.p, "topk": cfg.topk,
-        "selection": method, "chunk_cache": cache,
-        "retrieved": [{"id": i, "score": round(s, 4)} for i, s in zip(ranked, scores)],
-        "passages_used": used, "context_tokens": int(sum(len(x) for x in passages_ids)),
-        "n_chunks": n_chunks, "expanded": expanded, "prompt_positions": T,
+        "question": question, "answer": answer, "mode": cfg.mode, "k": cfg.k, "p": cfg.p, "topk": cfg.topk, **info,
         "ttft_s": t_first - t0, "ttft_breakdown": breakdown,
         "ttit_s": (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
         "time_to_informative_token_s": (informative - t0) if informative is not None else None,
         "throughput_tok_s": len(generated) / total if total > 0 else None,
         "generated_tokens": len(generated), "total_s": total,
         "device": str(dev), "dtype": str(models.dtype).replace("torch.", ""),
+        **({"layout": layout} if keep_layout else {}),
     }
+
+
+@torch.inference_mode()
+def target_nll(decoder, projector, layout: PromptLayout, target: list[int]) -> float:
+    """Mean NLL (nats/token) of `target` read after the prompt `layout` (answer log-perplexity for
+    QA, continuation log-perplexity for long texts)."""
+    x = layout_embeds(layout, decoder, projector)                                       # (1, T, d)
+    tgt = torch.tensor(target, device=x.device)
+    x = torch.cat([x, decoder.get_input_embeddings()(tgt).unsqueeze(0)], 1)             # (1, T + n, d)
+    logits = decoder(inputs_embeds=x, logits_to_keep=len(target) + 1).logits[0, :-1]    # (n, V)
+    return float(F.cross_entropy(logits.float(), tgt))
 
 
 def _stream(stream, tok, generated, shown, eos) -> str:
@@ -1200,41 +1248,368 @@ def token_f1(pred: str, answers: list[str]) -> float:
     return best
 
 
-def cmd_evaluate(args):
-    qa = read_rag(args.eval_json, "--eval_json")
-    if args.limit:
-        qa = qa[:args.limit]
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    index = PassageIndex(args.index_dir)
-    device = resolve_device(args.device)
-    models = load_models(dec=args.dec, enc=args.enc, embed_model=index.meta["embed_model"], load_dir=args.load_dir,
-                         k=args.k, device=device, dtype=resolve_dtype(args.dtype, device),
-                         need_encoder="refrag" in modes, seed=args.seed)
-    check_index_tokenizer(index, models)
-    write_run_info(args.out, args)
-    results = []
+def chrf(pred: str, answers: list[str]) -> float:
+    """Best sentence-level chrF (0-100, sacrebleu) against any gold answer; 0 for an empty prediction."""
+    import sacrebleu
+    pred = pred.split("\n")[0].strip()
+    if not pred:
+        return 0.0
+    return max(sacrebleu.sentence_chrf(pred, [a]).score for a in answers)
+
+
+def eval_configs(modes: list[str], ks: tuple, ps: list[float], selections: list[str]) -> list[dict]:
+    """full and none once each; refrag for every k x p x selection (p = 0 needs no selection)."""
+    out = []
     for mode in modes:
-        cfg = GenerateConfig(topk=args.topk, k=args.k, p=args.p, ctx_max=args.ctx_max, max_new=args.max_new,
-                             mode=mode, heuristic=args.heuristic, seed=args.seed)
-        run_generation(qa[0]["question"], cfg, models, index)  # warm-up, discarded
-        rows = []
-        for r in progress(qa, desc=f"evaluate {mode}", unit="q"):
-            g = run_generation(r["question"], cfg, models, index)
-            rows.append({"id": r["id"], "answer": g["answer"], "gold": r["answers"],
-                         "em": exact_match(g["answer"], r["answers"]), "f1": token_f1(g["answer"], r["answers"]),
-                         "ttft_s": g["ttft_s"], "ttit_s": g["ttit_s"], "throughput_tok_s": g["throughput_tok_s"],
-                         "prompt_positions": g["prompt_positions"],
-                         "gold_retrieved": any(a in index.texts[i] for i in g["passages_used"] for a in r["answers"])})
-        mean = lambda key: float(np.mean([x[key] for x in rows if x[key] is not None]))  # noqa: E731
-        summary = {"mode": mode, "k": args.k, "p": args.p, "topk": args.topk, "n": len(rows),
-                   "exact_match": mean("em"), "f1": mean("f1"), "ttft_s": mean("ttft_s"),
-                   "ttit_s": mean("ttit_s"), "throughput_tok_s": mean("throughput_tok_s"),
-                   "prompt_positions": mean("prompt_positions"), "answer_in_context": mean("gold_retrieved")}
-        results.append({"summary": summary, "rows": rows})
-        print(f"{mode:7s} | EM {summary['exact_match']:.3f} | F1 {summary['f1']:.3f} | TTFT {summary['ttft_s'] * 1000:.1f} ms | "
-              f"prompt {summary['prompt_positions']:.0f} positions | answer in context {summary['answer_in_context']:.3f}")
-    write_json(os.path.join(args.out, "results.json"),
-               {"device": str(device), "eval_json": args.eval_json, "results": results})
+        if mode != "refrag":
+            out.append({"mode": mode, "k": None, "p": None, "selection": None})
+            continue
+        for k in ks:
+            for p in ps:
+                for sel in (selections if p > 0 else ["none"]):
+                    out.append({"mode": mode, "k": k, "p": p, "selection": sel})
+    return out
+
+
+def config_key(c: dict) -> str:
+    return c["mode"] if c["mode"] != "refrag" else f"refrag k={c['k']} p={c['p']:g} sel={c['selection']}"
+
+
+@torch.inference_mode()
+def cpt_layout_and_target(rec: dict, c: dict, models: Models, gen: torch.Generator) -> tuple[PromptLayout, list[int], dict]:
+    """Long-text scoring (paper table 1): BOS + the first s tokens as context (raw, compressed, or
+    absent), then the o continuation tokens as target."""
+    tok = models.tok
+    ids = encode_text(tok, rec["text"])
+    if rec["s"] + rec["o"] > len(ids):
+        fail(f"--eval_json line {rec['line']}: split s+o = {rec['s'] + rec['o']} exceeds the text's {len(ids)} tokens")
+    ctx, tgt = ids[:rec["s"]], ids[rec["s"]:rec["s"] + rec["o"]]
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    if c["mode"] == "none":
+        return build_layout([("tokens", bos or tgt[:1])]), (tgt if bos else tgt[1:]), {"prompt_positions": max(1, len(bos))}
+    k = c["k"] or 16
+    chunks = [split_chunks(ctx, k)]
+    embs, expanded = None, []
+    if c["mode"] == "refrag":
+        embs = encode_chunks(models.encoder, tok, [ctx], k)
+        method = c["selection"]
+        ppl = chunk_perplexities(models.decoder, [ctx], k, models.device, tok.pad_token_id)[0] \
+            if method.startswith("ppl") and c["p"] > 0 else None
+        expanded = select_expand(len(chunks[0]), c["p"], method, ppl, gen)
+    layout = assemble_layout(bos, chunks, [], [], embs, expanded)
+    return layout, tgt, {"prompt_positions": int(layout.tok_ids.numel())}
+
+
+def cmd_evaluate(args):
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in ("full", "refrag", "none") for m in modes):
+        fail(f"--modes {args.modes}: a comma list of full, refrag, none")
+    ks = parse_ints(args.k, "--k")
+    try:
+        ps = [float(x) for x in args.p.split(",")]
+    except ValueError:
+        fail(f"--p {args.p}: expected numbers separated by commas")
+    if any(not 0 <= p <= 1 for p in ps):
+        fail(f"--p {args.p}: every p must be between 0 and 1")
+    selections = [x.strip() for x in (args.heuristic or "random").split(",")]
+    for sel in selections:
+        if sel not in ("random", "ppl_desc", "ppl_asc"):
+            fail(f"--heuristic {sel}: expected ppl_desc, ppl_asc or random")
+    first = read_jsonl(args.eval_json, "--eval_json")[0][1]
+    kind = "cpt" if "split" in first else "qa"
+    data = read_cpt(args.eval_json, "--eval_json") if kind == "cpt" else read_rag(args.eval_json, "--eval_json")
+    if args.limit:
+        data = data[:args.limit]
+    configs = eval_configs(modes, ks, ps, selections)
+    if args.load_dir and "refrag" in modes:
+        for k in ks:  # a checkpoint is trained for one k
+            load_refrag_checkpoint(args.load_dir, k)
+    device = resolve_device(args.device)
+    index = PassageIndex(args.index_dir) if kind == "qa" else None
+    embed = index.meta["embed_model"] if index else args.enc
+    models = load_models(dec=args.dec, enc=args.enc, embed_model=embed, load_dir=args.load_dir, k=None,
+                         device=device, dtype=resolve_dtype(args.dtype, device),
+                         need_encoder="refrag" in modes, seed=args.seed)
+    if index:
+        check_index_tokenizer(index, models)
+    os.makedirs(args.out, exist_ok=True)
+    write_run_info(args.out, args)
+    rows_path = os.path.join(args.out, "rows.jsonl")
+    done = {}
+    if os.path.isfile(rows_path):  # resume: questions already scored are skipped
+        for _, r in read_jsonl(rows_path, "--out rows.jsonl"):
+            done[(r["config"], r["id"])] = r
+        print(f"evaluate: resuming, {len(done)} rows already scored in {rows_path}")
+    summaries = []
+    for c in configs:
+        key = config_key(c)
+        cfg = GenerateConfig(topk=args.topk, k=c["k"] or ks[0], p=c["p"] or 0.0, ctx_max=args.ctx_max,
+                             max_new=args.max_new, mode=c["mode"],
+                             heuristic=None if c["selection"] in (None, "none") else c["selection"], seed=args.seed)
+        todo = [r for r in data if (key, r["id"]) not in done]
+        if todo and kind == "qa":
+            run_generation(todo[0]["question"], cfg, models, index)  # warm-up, discarded
+        for r in progress(todo, desc=key, unit="q"):
+            gen = torch.Generator().manual_seed(args.seed)
+            if kind == "qa":
+                g = run_generation(r["question"], cfg, models, index, keep_layout=True)
+                nll = target_nll(models.decoder, models.projector, g["layout"], answer_ids(models.tok, r["answers"][0]))
+                row = {"config": key, "id": r["id"], "answer": g["answer"], "gold": r["answers"],
+                       "em": exact_match(g["answer"], r["answers"]), "f1": token_f1(g["answer"], r["answers"]),
+                       "chrf": chrf(g["answer"], r["answers"]), "answer_logppl": nll,
+                       "ttft_s": g["ttft_s"], "ttit_s": g["ttit_s"], "throughput_tok_s": g["throughput_tok_s"],
+                       "prompt_positions": g["prompt_positions"],
+                       "answer_in_context": float(any(a in index.texts[i] for i in g["passages_used"] for a in r["answers"]))}
+            else:
+                layout, tgt, info = cpt_layout_and_target(r, c, models, gen)
+                row = {"config": key, "id": r["id"], "logppl": target_nll(models.decoder, models.projector, layout, tgt),
+                       "prompt_positions": info["prompt_positions"]}
+            done[(key, r["id"])] = row
+            append_jsonl(rows_path, row)
+        rows = [done[(key, r["id"])] for r in data]
+        metric_keys = [m for m in rows[0] if m not in ("config", "id", "answer", "gold")]
+        summary = dict(c, n=len(rows), **{m: float(np.mean([x[m] for x in rows if x[m] is not None]))
+                                           for m in metric_keys})
+        summaries.append(summary)
+        if kind == "qa":
+            print(f"{key:34s} | EM {summary['em']:.3f} | F1 {summary['f1']:.3f} | chrF {summary['chrf']:5.1f} | "
+                  f"answer log-ppl {summary['answer_logppl']:.3f} | TTFT {summary['ttft_s'] * 1000:7.1f} ms | "
+                  f"positions {summary['prompt_positions']:.0f}", flush=True)
+        else:
+            print(f"{key:34s} | log-ppl {summary['logppl']:.4f} | positions {summary['prompt_positions']:.0f}", flush=True)
+    result = {"eval_json": args.eval_json, "kind": kind, "device": device_name(device), "decoder": args.load_dir or args.dec,
+              "command": " ".join(sys.argv), "results": summaries}
+    write_json(os.path.join(args.out, "results.json"), result)
+    atomic_write_text(os.path.join(args.out, "results.md"), results_markdown(result))
+    print(f"evaluate: wrote {args.out}/results.json and results.md")
+
+
+def results_markdown(result: dict) -> str:
+    if result["kind"] == "qa":
+        head = "| mode | k | p | selection | EM | F1 | chrF | answer log-ppl | TTFT ms | TTIT ms | positions | answer in context |\n" \
+               "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        fmt = lambda s: (f"| {s['mode']} | {s['k'] or '-'} | {'-' if s['p'] is None else f'{s[chr(112)]:g}'} | "  # noqa: E731
+                         f"{s['selection'] or '-'} | {s['em']:.3f} | {s['f1']:.3f} | {s['chrf']:.1f} | "
+                         f"{s['answer_logppl']:.3f} | {s['ttft_s'] * 1000:.1f} | {s['ttit_s'] * 1000:.1f} | "
+                         f"{s['prompt_positions']:.0f} | {s['answer_in_context']:.3f} |")
+    else:
+        head = "| mode | k | p | selection | continuation log-ppl | positions |\n|---|---|---|---|---|---|\n"
+        fmt = lambda s: (f"| {s['mode']} | {s['k'] or '-'} | {'-' if s['p'] is None else f'{s[chr(112)]:g}'} | "  # noqa: E731
+                         f"{s['selection'] or '-'} | {s['logppl']:.4f} | {s['prompt_positions']:.0f} |")
+    return (f"Command: `{result['command']}`  \nDevice: {result['device']}; decoder {result['decoder']}; "
+            f"{result['results'][0]['n']} items of {result['eval_json']}\n\n" + head
+            + "\n".join(fmt(s) for s in result["results"]) + "\n")
+
+ENCODER_PRESETS = {  # BERT/RoBERTa shapes for timing the encoder without downloading weights
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    "roberta-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "roberta-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+
+
+def analytic_ttft_speedup(s: int, k: int, d: int) -> float:
+    """Paper appendix (table 6): k^2 (6ds + s^2) / (6dsk + s^2)."""
+    return k * k * (6 * d * s + s * s) / (6 * d * s * k + s * s)
+
+
+@contextlib.contextmanager
+def default_dtype_device(dtype: torch.dtype, device: torch.device):
+    """Build modules directly on the device in the target dtype (a 7B model never exists in fp32 on the host)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def bench_models(args, device, dtype):
+    """(decoder, encoder module, encoder dim, description) for bench: real models or random-weight presets."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+    if args.dec_config:
+        shape = dict(DECODER_PRESETS[args.dec_config])
+        shape.setdefault("vocab_size", 32000)
+        with default_dtype_device(dtype, device):
+            torch.manual_seed(0)
+            decoder = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False)).eval()
+        dec_desc = f"preset {args.dec_config} (random weights)"
+    else:
+        decoder = load_decoder(args.dec, device, dtype)
+        dec_desc = args.dec
+    if args.enc_config:
+        with default_dtype_device(dtype, device):
+            encoder = BertModel(BertConfig(**ENCODER_PRESETS[args.enc_config], vocab_size=30522), add_pooling_layer=False).eval()
+        enc_desc = f"preset {args.enc_config} (random weights)"
+    else:
+        enc = ChunkEncoder(args.enc)
+        encoder, enc_desc = enc.model.to(device=device, dtype=dtype).eval(), args.enc
+    return decoder, encoder, int(encoder.config.hidden_size), dec_desc, enc_desc
+
+
+def kv_cache_bytes(cache) -> int:
+    return int(sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                   for layer in cache.layers))
+
+
+@torch.inference_mode()
+def time_request(decoder, make_inputs, o: int, device) -> dict:
+    """One request: TTFT = building the decoder input (encoder/projector included for REFRAG) +
+    prefill with last-position logits + the first token; then o-1 cached decode steps."""
+    t0 = clock(device)
+    kwargs = make_inputs()
+    out = decoder(**kwargs, use_cache=True, logits_to_keep=1)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    t1 = clock(device)
+    past = out.past_key_values
+    for _ in range(o - 1):
+        out = decoder(input_ids=nxt, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    t2 = clock(device)
+    return {"ttft_s": t1 - t0, "decode_s": t2 - t1, "kv_bytes": kv_cache_bytes(past)}
+
+
+def cmd_bench(args):
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    ctxs = [int(x) for x in args.ctx.split(",")]
+    ks = [int(x) for x in args.k.split(",")]
+    if any(c < 1 for c in ctxs) or any(k < 1 for k in ks):
+        fail("--ctx/--k: positive integers, comma separated")
+    if args.o < 1 or args.repeats < 1:
+        fail("--o/--repeats: must be at least 1")
+    decoder, encoder, d_enc, dec_desc, enc_desc = bench_models(args, device, dtype)
+    d = int(decoder.config.hidden_size)
+    n_params = sum(p.numel() for p in decoder.parameters())
+    vocab = int(decoder.config.vocab_size)
+    with default_dtype_device(dtype, device):
+        torch.manual_seed(0)
+        projector = Projector(d_enc, d).eval()
+    emb_layer = decoder.get_input_embeddings()
+    max_pos = decoder_max_positions(decoder)
+    write_run_info(args.out, args)
+    print(f"bench: decoder {dec_desc}, {n_params / 1e6:.0f}M parameters, d={d}; encoder {enc_desc}; "
+          f"{device} {str(dtype).replace('torch.', '')}; q={args.q} question tokens, o={args.o} new tokens, "
+          f"median of {args.repeats} after {args.warmup} warm-up")
+    g = torch.Generator().manual_seed(0)
+    q_ids = torch.randint(5, vocab, (1, args.q), generator=g).to(device)
+
+    def measure(make_inputs):
+        for _ in range(args.warmup):
+            time_request(decoder, make_inputs, args.o, device)
+        runs = [time_request(decoder, make_inputs, args.o, device) for _ in range(args.repeats)]
+        ttft = float(np.median([r["ttft_s"] for r in runs]))
+        dec_s = float(np.median([r["decode_s"] for r in runs]))
+        return {"ttft_s": ttft, "ttft_runs_s": [r["ttft_s"] for r in runs],
+                "ttit_s": dec_s / max(1, args.o - 1), "throughput_tok_s": args.o / (ttft + dec_s),
+                "kv_bytes": runs[0]["kv_bytes"]}
+
+    records, last_full = [], None
+    for s in ctxs:
+        if s + args.q + args.o > max_pos:
+            print(f"skip s={s}: longer than the decoder's {max_pos} positions")
+            continue
+        if last_full and last_full[1] * (s / last_full[0]) ** 2 > args.max_prefill_s:
+            print(f"skip s={s}: full-context prefill estimated above --max_prefill_s {args.max_prefill_s:g}s")
+            continue
+        ctx_ids = torch.randint(5, vocab, (1, s), generator=g).to(device)
+        full_ids = torch.cat([ctx_ids, q_ids], 1)
+        try:
+            full = measure(lambda: {"input_ids": full_ids})
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            print(f"skip s={s}: out of device memory")
+            continue
+        last_full = (s, full["ttft_s"])
+        rec_full = dict(s=s, k=None, mode="full", prompt_positions=s + args.q, **full)
+        records.append(rec_full)
+        print(f"s={s:6d} full          | TTFT {full['ttft_s'] * 1000:9.1f} ms | TTIT {full['ttit_s'] * 1000:7.2f} ms | "
+              f"{full['throughput_tok_s']:8.1f} tok/s | KV {full['kv_bytes'] / 2 ** 20:8.1f} MiB")
+        for k in ks:
+            L = -(-s // k)
+            chunk_ids = torch.randint(1000, 30000, (L, k), generator=g).to(device)
+            mask = torch.ones_like(chunk_ids)
+            cached = torch.randn(L, d_enc, generator=g).to(dtype)  # as stored in the index (host memory)
+
+            def refrag_inputs(c_fn):
+                def make():
+                    e = projector(c_fn())                                     # (L, d)
+                    x = torch.cat([e.unsqueeze(0), emb_layer(q_ids)], 1)      # (1, L + q, d)
+                    return {"inputs_embeds": x}
+                return make
+
+            def encode():
+                h = encoder(input_ids=chunk_ids, attention_mask=mask).last_hidden_state  # (L, k, d_enc)
+                return h.mean(1)
+
+            for mode, c_fn in (("refrag_cached", lambda: cached.to(device, non_blocking=False)),
+                               ("refrag_nocache", encode)):
+                try:
+                    r = measure(refrag_inputs(c_fn))
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    print(f"skip s={s} k={k} {mode}: out of device memory")
+                    continue
+                rec = dict(s=s, k=k, mode=mode, prompt_positions=L + args.q, **r,
+                           ttft_speedup=full["ttft_s"] / r["ttft_s"],
+                           ttit_speedup=full["ttit_s"] / r["ttit_s"],
+                           throughput_speedup=r["throughput_tok_s"] / full["throughput_tok_s"],
+                           kv_reduction=full["kv_bytes"] / r["kv_bytes"],
+                           analytic_ttft_speedup=analytic_ttft_speedup(s, k, d))
+                records.append(rec)
+                print(f"s={s:6d} k={k:<3d} {mode[7:]:7s} | TTFT {r['ttft_s'] * 1000:9.1f} ms | TTIT {r['ttit_s'] * 1000:7.2f} ms | "
+                      f"{r['throughput_tok_s']:8.1f} tok/s | KV {r['kv_bytes'] / 2 ** 20:8.1f} MiB | TTFT x{rec['ttft_speedup']:.2f} "
+                      f"(analytic x{rec['analytic_ttft_speedup']:.2f}) | throughput x{rec['throughput_speedup']:.2f}", flush=True)
+    result = {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""), "decoder": dec_desc,
+              "decoder_params": n_params, "d": d, "encoder": enc_desc, "q": args.q, "o": args.o,
+              "repeats": args.repeats, "warmup": args.warmup, "torch": torch.__version__,
+              "command": " ".join(sys.argv), "records": records}
+    write_json(os.path.join(args.out, "bench.json"), result)
+    plot_bench(result, os.path.join(args.out, "bench_ttft_speedup.png"))
+    print(f"bench: wrote {os.path.join(args.out, 'bench.json')} and bench_ttft_speedup.png")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        import platform
+        return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return str(device)
+
+
+def plot_bench(result: dict, path: str):
+    """TTFT speed-up vs context length for each k: measured (cached, uncached) beside the analytic curve."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib not installed, no plot")
+        return
+    recs = [r for r in result["records"] if r["k"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, k in enumerate(sorted({r["k"] for r in recs})):
+        color = f"C{i}"
+        for mode, style in (("refrag_cached", "-o"), ("refrag_nocache", "--s")):
+            pts = sorted((r["s"], r["ttft_speedup"]) for r in recs if r["k"] == k and r["mode"] == mode)
+            if pts:
+                ax.plot(*zip(*pts), style, color=color, label=f"k={k} measured{'' if mode == 'refrag_cached' else ', no cache'}")
+        pts = sorted({(r["s"], r["analytic_ttft_speedup"]) for r in recs if r["k"] == k})
+        ax.plot(*zip(*pts), ":", color=color, label=f"k={k} analytic")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("context tokens s")
+    ax.set_ylabel("TTFT speed-up over full context")
+    ax.set_title(f"{result['decoder']}, {result['device']}, {result['dtype']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    plt.close(fig)
 
 
 # ---- CLI ----
@@ -1259,7 +1634,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--enc", default=MINILM_ID, help="chunk encoder whose embeddings are cached")
     sp.add_argument("--enc_load_dir", default=None, help="refrag checkpoint whose trained encoder to cache with")
     sp.add_argument("--dec", default=DEFAULT_DEC, help="decoder or tokenizer.json that defines a k-token chunk")
-    sp.add_argument("--k", type=int, default=16)
+    sp.add_argument("--k", default="16", help="chunk size(s) to cache, e.g. 16 or 8,16,32")
     sp.add_argument("--index_type", default="flat", choices=["flat", "ivf", "hnsw"])
     sp.add_argument("--batch_size", type=int, default=64)
     sp.add_argument("--device", default="auto")
@@ -1312,15 +1687,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--load_dir", default=None)
     sp.add_argument("--modes", default="full,refrag,none")
     sp.add_argument("--topk", type=int, default=8)
-    sp.add_argument("--k", type=int, default=16)
-    sp.add_argument("--p", type=float, default=0.0)
+    sp.add_argument("--k", default="16", help="chunk sizes for refrag, e.g. 8,16,32")
+    sp.add_argument("--p", default="0", help="expansion fractions for refrag, e.g. 0,0.25")
     sp.add_argument("--ctx_max", type=int, default=1024)
     sp.add_argument("--max_new", type=int, default=24)
-    sp.add_argument("--heuristic", nargs="?", const="ppl_desc", default=None, choices=["ppl_desc", "ppl_asc", "random"])
+    sp.add_argument("--heuristic", default="random", help="selections when p > 0: comma list of random, ppl_desc, ppl_asc")
     sp.add_argument("--limit", type=int, default=0, help="only the first N questions")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", default="runs/eval")
     sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("bench", help="TTFT / TTIT / throughput / KV memory vs context length, full vs REFRAG")
+    sp.add_argument("--dec", default=DEFAULT_DEC, help="decoder model (weights do not matter for latency)")
+    sp.add_argument("--dec_config", default=None, choices=sorted(DECODER_PRESETS),
+                    help="time a random-weight Llama of this shape instead of --dec")
+    sp.add_argument("--enc", default=MINILM_ID, help="chunk encoder for the no-cache timing")
+    sp.add_argument("--enc_config", default=None, choices=sorted(ENCODER_PRESETS),
+                    help="time a random-weight encoder of this shape instead of --enc")
+    sp.add_argument("--ctx", default="512,1024,2048,4096,8192,16384", help="context lengths s")
+    sp.add_argument("--k", default="8,16,32", help="chunk sizes")
+    sp.add_argument("--q", type=int, default=32, help="question tokens after the context")
+    sp.add_argument("--o", type=int, default=32, help="generated tokens per request")
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--warmup", type=int, default=1)
+    sp.add_argument("--max_prefill_s", type=float, default=120.0, help="skip contexts whose full prefill would take longer")
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--dtype", default="auto")
+    sp.add_argument("--out", default="runs/bench")
+    sp.set_defaults(func=cmd_bench)
     return ap
 
 

@@ -202,6 +202,7 @@ def atomic_write(path, text):
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_")
     with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
         fh.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

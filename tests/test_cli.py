@@ -21,18 +21,18 @@ def test_index_writes_cache_and_metadata(tiny_index, tiny_dec_dir, passages, tok
     meta = load_json(os.path.join(tiny_index, "meta.json"))
     assert meta["n_passages"] == N_PASSAGES and meta["embed_dim"] == 384
     cc = meta["chunk_cache"]
-    assert cc["k"] == 16 and cc["dim"] == 384 and cc["enc"] == refrag.MINILM_ID and cc["pooling"] == "mean"
+    assert cc["n_chunks"].keys() == {"16"} and cc["dim"] == 384 and cc["enc"] == refrag.MINILM_ID and cc["pooling"] == "mean"
     idx = refrag.PassageIndex(tiny_index)
     assert idx.texts == passages
     ids0 = refrag.encode_text(tok, passages[0])
     assert idx.passage_ids(0).tolist() == ids0
-    assert idx.cached_chunks(0).shape == (len(refrag.split_chunks(ids0, 16)), 384)
-    assert cc["n_chunks"] == sum(-(-len(refrag.encode_text(tok, p)) // 16) for p in passages)
+    assert idx.cached_chunks(0, 16).shape == (len(refrag.split_chunks(ids0, 16)), 384)
+    assert cc["n_chunks"]["16"] == sum(-(-len(refrag.encode_text(tok, p)) // 16) for p in passages)
     # the cache holds exactly what the encoder computes for those chunks
     enc = refrag.ChunkEncoder(refrag.MINILM_ID).eval()
     with torch.no_grad():
         fresh = refrag.encode_chunks(enc, tok, [ids0], 16)[0]
-    np.testing.assert_allclose(idx.cached_chunks(0), fresh.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(idx.cached_chunks(0, 16), fresh.numpy(), rtol=1e-4, atol=1e-5)
     for name in os.listdir(tiny_index):
         if name.endswith(".npy"):
             np.load(os.path.join(tiny_index, name), allow_pickle=False)  # no pickled arrays
@@ -100,7 +100,7 @@ def test_cache_hit_miss_and_no_cache_agree(tiny_index, tiny_dec_dir):
     off = gen_json(tiny_index, tiny_dec_dir, q, "--p", 0, "--no_cache")
     miss = gen_json(tiny_index, tiny_dec_dir, q, "--p", 0, "--k", 8)
     assert hit["chunk_cache"] == "hit" and off["chunk_cache"].startswith("off")
-    assert miss["chunk_cache"].startswith("miss (index cached k=16, asked k=8)")
+    assert miss["chunk_cache"] == "miss (index cached k=16, asked k=8)"
     assert hit["answer"] == off["answer"] and miss["n_chunks"] > hit["n_chunks"]
 
 
@@ -182,22 +182,48 @@ def test_index_rebuild_is_atomic(tmp_path, tiny_dec_dir, small_corpus, monkeypat
     assert [p for p in os.listdir(tmp_path) if p.startswith(".tmp")] == []
 
 
-def test_evaluate_scores_modes(tiny_index, tiny_dec_dir, tmp_path, small_corpus):
+def test_evaluate_scores_a_grid_and_resumes(tiny_index, tiny_dec_dir, tmp_path, small_corpus):
     qa = tmp_path / "qa.jsonl"
     with open(os.path.join(DATA, "rag_train.jsonl"), encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh]
     names = {line.split(" ", 1)[0] for line in open(small_corpus, encoding="utf-8")}
     qa.write_text("".join(json.dumps(r) + "\n" for r in [r for r in rows if r["entity"] in names][:3]))
-    code, out, err = run_cli("evaluate", "--eval_json", qa, "--index_dir", tiny_index, "--dec", tiny_dec_dir,
-                             "--modes", "full,refrag,none", "--max_new", 4, "--out", tmp_path / "ev")
+    argv = ["evaluate", "--eval_json", qa, "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--modes", "full,refrag,none",
+            "--k", "8,16", "--p", "0,0.5", "--heuristic", "random,ppl_desc", "--max_new", 4, "--out", tmp_path / "ev"]
+    code, out, err = run_cli(*argv)
     assert code == 0, err
     res = load_json(tmp_path / "ev" / "results.json")
-    assert [r["summary"]["mode"] for r in res["results"]] == ["full", "refrag", "none"]
-    for r in res["results"]:
-        s = r["summary"]
-        assert s["n"] == 3 and 0 <= s["exact_match"] <= 1 and s["ttft_s"] > 0
-        assert all(row["em"] in (0.0, 1.0) for row in r["rows"])
-    assert res["results"][0]["summary"]["answer_in_context"] == 1.0  # retrieval found every gold passage
+    keys = [refrag.config_key(r) for r in res["results"]]
+    assert keys == ["full", "refrag k=8 p=0 sel=none", "refrag k=8 p=0.5 sel=random", "refrag k=8 p=0.5 sel=ppl_desc",
+                    "refrag k=16 p=0 sel=none", "refrag k=16 p=0.5 sel=random", "refrag k=16 p=0.5 sel=ppl_desc", "none"]
+    for s in res["results"]:
+        assert s["n"] == 3 and 0 <= s["em"] <= 1 and 0 <= s["chrf"] <= 100 and s["ttft_s"] > 0
+        assert s["answer_logppl"] > 0
+    assert res["results"][0]["answer_in_context"] == 1.0  # retrieval found every gold passage
+    full, k8, k16 = (res["results"][i]["prompt_positions"] for i in (0, 1, 4))
+    assert k16 < k8 < full
+    md = open(tmp_path / "ev" / "results.md").read()
+    assert md.count("\n| refrag |") == 6 and "Command: `" in md
+    n_rows = len(open(tmp_path / "ev" / "rows.jsonl").read().splitlines())
+    assert n_rows == 8 * 3
+    code, out, err = run_cli(*argv)  # resumed: nothing left to score, same results
+    assert code == 0 and "24 rows already scored" in out
+    assert len(open(tmp_path / "ev" / "rows.jsonl").read().splitlines()) == n_rows
+    assert load_json(tmp_path / "ev" / "results.json")["results"] == res["results"]
+
+
+def test_evaluate_cpt_perplexity_orders_context_modes(tiny_dec_dir, tmp_path):
+    cpt = tmp_path / "cpt.jsonl"
+    with open(os.path.join(DATA, "cpt_eval.jsonl"), encoding="utf-8") as fh:
+        cpt.write_text("".join(next(fh) for _ in range(2)))
+    code, out, err = run_cli("evaluate", "--eval_json", cpt, "--dec", tiny_dec_dir, "--modes", "full,refrag,none",
+                             "--k", 16, "--p", "0,1", "--out", tmp_path / "cpt")
+    assert code == 0, err
+    res = {refrag.config_key(r): r for r in load_json(tmp_path / "cpt" / "results.json")["results"]}
+    assert res["full"]["logppl"] > 0 and res["none"]["prompt_positions"] == 1
+    # every chunk expanded is the full-context prompt: identical continuation perplexity
+    assert res["refrag k=16 p=1 sel=random"]["logppl"] == pytest.approx(res["full"]["logppl"], rel=1e-4)
+    assert res["refrag k=16 p=0 sel=none"]["prompt_positions"] < res["full"]["prompt_positions"]
 
 
 def test_pretrain_runs_and_saves_a_loadable_decoder(tmp_path):
@@ -227,3 +253,42 @@ def test_reader_data_never_uses_held_out_entities_and_renames(tok):
         assert not names & held
         answer = tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True).strip()
         assert answer in tok.decode(ids[:mask.index(1)])  # the answer is readable from the context
+
+
+def test_index_caches_several_k(tmp_path, tiny_dec_dir, small_corpus):
+    d = tmp_path / "idx"
+    code, out, err = run_cli("index", "--corpus", small_corpus, "--index_dir", d, "--dec", tiny_dec_dir, "--k", "8,32")
+    assert code == 0, err
+    assert "chunks of k=8" in out and "chunks of k=32" in out
+    assert set(load_json(d / "meta.json")["chunk_cache"]["n_chunks"]) == {"8", "32"}
+    q = "Who led Event_314?"
+    assert gen_json(str(d), tiny_dec_dir, q, "--k", 8, "--p", 0)["chunk_cache"] == "hit"
+    assert gen_json(str(d), tiny_dec_dir, q, "--k", 32, "--p", 0)["chunk_cache"] == "hit"
+    assert gen_json(str(d), tiny_dec_dir, q, "--k", 16, "--p", 0)["chunk_cache"] == "miss (index cached k=8,32, asked k=16)"
+
+
+def test_bench_times_full_and_refrag_and_writes_json_and_plot(tiny_dec_dir, tmp_path):
+    out = tmp_path / "bench"
+    code, stdout, err = run_cli("bench", "--dec", tiny_dec_dir, "--enc_config", "minilm", "--ctx", "64,128,100000",
+                                "--k", "8,16", "--o", 3, "--repeats", 1, "--warmup", 1, "--out", out)
+    assert code == 0, err
+    assert "skip s=100000: longer than the decoder's 2048 positions" in stdout
+    res = load_json(out / "bench.json")
+    recs = res["records"]
+    assert {(r["s"], r["k"], r["mode"]) for r in recs} == {
+        (s, None, "full") for s in (64, 128)} | {(s, k, m) for s in (64, 128) for k in (8, 16)
+                                                 for m in ("refrag_cached", "refrag_nocache")}
+    d = res["d"]
+    for r in recs:
+        assert r["ttft_s"] > 0 and r["ttit_s"] > 0 and r["throughput_tok_s"] > 0
+        if r["k"]:
+            assert r["prompt_positions"] == -(-r["s"] // r["k"]) + 32
+            assert r["analytic_ttft_speedup"] == pytest.approx(
+                r["k"] ** 2 * (6 * d * r["s"] + r["s"] ** 2) / (6 * d * r["s"] * r["k"] + r["s"] ** 2))
+            full = next(f for f in recs if f["s"] == r["s"] and f["mode"] == "full")
+            assert r["ttft_speedup"] == pytest.approx(full["ttft_s"] / r["ttft_s"])
+            assert r["kv_bytes"] < full["kv_bytes"]
+    # KV cache bytes: 2 (K and V) x layers x kv_heads x head_dim x positions x 4 bytes (fp32)
+    full64 = next(r for r in recs if r["s"] == 64 and r["mode"] == "full")
+    assert full64["kv_bytes"] == 2 * 2 * 2 * 8 * (64 + 32 + 3 - 1) * 4
+    assert (out / "bench_ttft_speedup.png").stat().st_size > 1000
