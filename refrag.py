@@ -316,7 +316,7 @@ class GenerateConfig:
 DECODER_PRESETS = {  # Llama-architecture shapes; `tiny` is the demo reader, the rest time the paper's setting
     "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=8, max_position_embeddings=2048),
-    "llama-217m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=14,
+    "llama-220m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
                        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=32768,
                        vocab_size=32000),
     "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -338,6 +338,7 @@ class PretrainConfig:
     grad_clip: float = 1.0
     max_passages: int = 8        # passages per training context: 1..max_passages
     context_weight: float = 0.1  # loss weight of non-answer tokens (answer tokens weigh 1)
+    questions_per_context: int = 4  # questions asked after each training context
     preset: str = "tiny"         # decoder shape, a key of DECODER_PRESETS
     seed: int = 0
     log_every: int = 50
@@ -553,6 +554,19 @@ def load_state_strict(module: nn.Module, path: str, flag: str):
     module.load_state_dict(state, strict=True)
 
 
+def load_encoder(name: str, flag: str = "--enc") -> ChunkEncoder:
+    """An encoder by HF id / directory, or the trained encoder of a refrag checkpoint directory."""
+    cfg_path = os.path.join(name, "config.json")
+    if os.path.isdir(name) and os.path.isfile(os.path.join(name, "encoder.safetensors")) and os.path.isfile(cfg_path):
+        with open(cfg_path, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+        enc = ChunkEncoder(cfg["enc"], flag)
+        load_state_strict(enc.model, os.path.join(name, "encoder.safetensors"), flag)
+        enc.name = name
+        return enc
+    return ChunkEncoder(name, flag)
+
+
 @dataclass
 class Models:
     """Everything generate needs, loaded once."""
@@ -577,7 +591,7 @@ def load_models(dec: str, enc: str, embed_model: str, load_dir: str | None, k: i
     enc_fp = ""
     if need_encoder:
         enc_name = ckpt.get("enc", enc)
-        encoder = ChunkEncoder(enc_name)
+        encoder = ChunkEncoder(enc_name) if load_dir else load_encoder(enc_name)
         if load_dir and os.path.isfile(os.path.join(load_dir, "encoder.safetensors")):
             load_state_strict(encoder.model, os.path.join(load_dir, "encoder.safetensors"), "--load_dir")
         enc_fp = module_fingerprint(encoder.model)  # of the fp32 weights, as the index computed it
@@ -624,9 +638,7 @@ def cmd_index(args):
     dec_tok = load_tokenizer(cfg.dec)
     retriever = ChunkEncoder(cfg.embed_model, "--embed_model").to(device).eval()
     encoder = retriever if resolve_model_path(cfg.enc) == resolve_model_path(cfg.embed_model) \
-        else ChunkEncoder(cfg.enc).to(device).eval()
-    if args.enc_load_dir:
-        load_state_strict(encoder.model, os.path.join(args.enc_load_dir, "encoder.safetensors"), "--enc_load_dir")
+        else load_encoder(cfg.enc).to(device).eval()
     with torch.inference_mode():
         emb = retriever.embed_texts(passages, cfg.batch_size, normalize=True, desc="embed passages").numpy()
         ids = [encode_text(dec_tok, p) for p in passages]
@@ -643,7 +655,7 @@ def cmd_index(args):
         "metric": "inner product of L2-normalised mean-pooled embeddings",
         "dec_tokenizer": cfg.dec, "tokenizer_fingerprint": tokenizer_fingerprint(dec_tok),
         "n_tokens": int(tok_offsets[-1]),
-        "chunk_cache": {"enc": cfg.enc, "enc_fingerprint": enc_fp, "enc_load_dir": args.enc_load_dir,
+        "chunk_cache": {"enc": cfg.enc, "enc_fingerprint": enc_fp,
                         "dim": encoder.dim, "pooling": "mean", "dtype": "float32",
                         "n_chunks": {str(k): sum(len(c) for c in caches[k]) for k in cfg.ks}},
     }
@@ -972,6 +984,11 @@ def cmd_generate(args):
                          dtype=resolve_dtype(args.dtype, device), need_encoder=(cfg.mode == "refrag"),
                          seed=args.seed)
     check_index_tokenizer(index, models)
+    status = index.cache_status(models, cfg.k, cfg.use_cache) if cfg.mode == "refrag" else "hit"
+    if status.startswith("miss (index cached encoder"):
+        print(f"warning: the index's cached chunk embeddings come from another encoder than the one loaded; "
+              f"they are recomputed per query. Rebuild with `refrag.py index --enc {args.load_dir or args.enc}`.",
+              file=sys.stderr)
     for _ in range(args.warmup):  # discarded: first-call allocations and kernel selection
         run_generation(args.question, cfg, models, index)
     stream = sys.stderr if args.json else sys.stdout
@@ -1030,6 +1047,12 @@ class ReaderData:
         if not self.rag:
             fail("--rag_json: no record has an 'entity' found in --corpus (pretrain needs the demo data format)")
         self.train_names = sorted({r["entity"] for r in self.rag})
+        self.by_kind = {}
+        for n in self.train_names:
+            self.by_kind.setdefault(n.split("_")[0], []).append(n)
+        self.by_entity = {}
+        for r in self.rag:
+            self.by_entity.setdefault(r["entity"], []).append(r)
         self.used_ids = {}
         for name in self.by_name:
             kind, num = ENTITY_RE.match(name).groups()
@@ -1053,35 +1076,54 @@ class ReaderData:
     def _rename(text: str, old: str, new: str) -> str:
         return re.sub(re.escape(old) + r"(?![0-9])", new, text)
 
-    def sample(self, rec: dict | None = None, n_ctx: int | None = None) -> tuple[list[int], list[int]]:
-        """One (ids, is_answer) example with n_ctx passages (random 1..max_passages when None)."""
+    def sample(self, rec: dict | None = None, n_ctx: int | None = None,
+               n_questions: int = 1) -> tuple[list[int], list[int]]:
+        """One (ids, is_answer) example: n_ctx passages (random 1..max_passages when None), then
+        the question about `rec` in the inference template, then up to n_questions - 1 further
+        questions about entities of the same context (more supervision per context token)."""
         r = rec or self.rng.choice(self.rag)
-        gold_name, answer, question = r["entity"], r["answers"][0], r["question"]
+        gold_name = r["entity"]
         kind = gold_name.split("_")[0]
-        gold = self.by_name[gold_name]
         n_ctx = n_ctx or self.rng.randint(1, self.max_passages)
+        same_kind = [n for n in self.by_kind[kind] if n != gold_name]
         others = [n for n in self.train_names if n != gold_name]
-        same_kind = [n for n in others if n.startswith(kind + "_")]
-        distract = [self.rng.choice(same_kind if self.rng.random() < 0.7 else others) for _ in range(n_ctx - 1)]
-        texts = [gold] + [self.by_name[n] for n in distract]
+        distract = []
+        while len(distract) < n_ctx - 1:
+            n = self.rng.choice(same_kind if self.rng.random() < 0.7 else others)
+            if n not in distract:
+                distract.append(n)
         names = [gold_name] + distract
+        texts = [self.by_name[n] for n in names]
+        extra = [q for n in names for q in self.by_entity[n] if q is not r]
+        qs = [r] + self.rng.sample(extra, min(n_questions - 1, len(extra)))
+        questions, answers = [q["question"] for q in qs], [q["answers"][0] for q in qs]
         if self.augment:
+            for qi, q in enumerate(qs):  # swap the answer for another value of the same fact
+                j = names.index(q["entity"])
+                pool = self.values.get((q["entity"].split("_")[0], q.get("fact")), [])
+                pat = r"\b" + re.escape(answers[qi]) + r"\b"
+                if pool and self.rng.random() < 0.8 and re.search(pat, texts[j]):
+                    new_answer = self.rng.choice(pool)
+                    texts[j] = re.sub(pat, new_answer, texts[j])
+                    answers[qi] = new_answer
             new_gold = self._fresh_id(kind)
             new_names = [f"{kind}_{new_gold}"]
-            for n in distract:
+            for n in distract:  # same-kind distractors get near-identical names of the new gold
                 k2 = n.split("_")[0]
-                new_names.append(f"{k2}_{self._fresh_id(k2, near=new_gold if k2 == kind else None)}")
+                cand = f"{k2}_{self._fresh_id(k2, near=new_gold if k2 == kind else None)}"
+                while cand in new_names:
+                    cand = f"{k2}_{self._fresh_id(k2)}"
+                new_names.append(cand)
             texts = [self._rename(t, o, nn_) for t, o, nn_ in zip(texts, names, new_names)]
-            question = self._rename(question, gold_name, new_names[0])
-            pool = self.values.get((kind, r.get("fact")), [])
-            if pool and self.rng.random() < 0.8:
-                new_answer = self.rng.choice(pool)
-                if re.search(r"\b" + re.escape(answer) + r"\b", texts[0]):
-                    texts[0] = re.sub(r"\b" + re.escape(answer) + r"\b", new_answer, texts[0])
-                    answer = new_answer
+            rename = dict(zip(names, new_names))
+            questions = [self._rename(qt, q["entity"], rename[q["entity"]]) for qt, q in zip(questions, qs)]
         order = list(range(len(texts)))
         self.rng.shuffle(order)
-        return qa_example(self.tok, [texts[i] for i in order], question, answer)
+        ids, mask = qa_example(self.tok, [texts[i] for i in order], questions[0], answers[0])
+        for qt, a in zip(questions[1:], answers[1:]):
+            q_ids, a_ids = encode_text(self.tok, QUESTION_SUFFIX.format(question=qt)), answer_ids(self.tok, a)
+            ids, mask = ids + q_ids + a_ids, mask + [0] * len(q_ids) + [1] * len(a_ids)
+        return ids, mask
 
 
 def qa_example(tok, passages: list[str], question: str, answer: str) -> tuple[list[int], list[int]]:
@@ -1156,6 +1198,7 @@ def save_hf_model(model, tok, out_dir: str, extra: dict):
 
 def cmd_pretrain(args):
     cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_passages=args.max_passages,
+                         questions_per_context=args.questions_per_context,
                          preset=args.dec_config, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every)
     set_seed(cfg.seed)
     device = resolve_device(args.device)
@@ -1190,7 +1233,8 @@ def cmd_pretrain(args):
         for g in opt.param_groups:
             g["lr"] = lr
         n_ctx = train_data.rng.randint(1, cfg.max_passages)  # one context size per batch: little padding
-        ids, ans, att = pad_batch([train_data.sample(n_ctx=n_ctx) for _ in range(cfg.batch_size)], tok.pad_token_id)
+        ids, ans, att = pad_batch([train_data.sample(n_ctx=n_ctx, n_questions=cfg.questions_per_context)
+                                   for _ in range(cfg.batch_size)], tok.pad_token_id)
         ids, ans, att = ids.to(device), ans.to(device), att.to(device)
         logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()        # (B, T-1, V)
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")      # (B, T-1)
@@ -1217,6 +1261,542 @@ def cmd_pretrain(args):
     model.eval()
     save_hf_model(model, tok, args.out_dir, {"preset": cfg.preset, "steps": cfg.steps})
     print(f"pretrain: done in {time.perf_counter() - t_start:.0f}s -> {args.out_dir}")
+
+
+# Table 8 of the paper: samples per curriculum stage (9 stages) for contexts of 1, 2, 4, ... chunks.
+# Rows for 64, 128 and 256 chunks are identical; larger sizes reuse that row. The absolute counts
+# are the paper's scale; build_curriculum keeps their shape and rescales them to --steps.
+CURRICULUM_TABLE8 = {
+    1: [1333, 445, 148, 49, 16, 6, 2, 1, 0],
+    2: [333, 298, 267, 238, 213, 191, 171, 153, 137],
+    4: [83, 102, 126, 156, 193, 238, 293, 362, 447],
+    8: [20, 35, 61, 106, 185, 324, 565, 985, 1719],
+    16: [5, 11, 23, 48, 103, 220, 468, 997, 2125],
+    32: [1, 3, 7, 19, 50, 133, 353, 939, 2496],
+    64: [1, 3, 9, 25, 73, 212, 618, 1802, 5259],
+}
+
+
+def build_curriculum(n_samples: int, max_chunks: int, rng: random.Random) -> list[list[int]]:
+    """Nine stages of chunk counts (powers of two up to max_chunks) whose per-size counts follow
+    Table 8's geometric sequences, rescaled so that all stages hold n_samples samples together.
+    Few-chunk samples dominate early stages, many-chunk samples late ones."""
+    sizes = [1 << i for i in range(max(1, max_chunks).bit_length()) if (1 << i) <= max_chunks]
+    rows = {n: CURRICULUM_TABLE8[min(n, 64)] for n in sizes}
+    total = sum(sum(r) for r in rows.values())
+    stages = []
+    for st in range(9):
+        stage = []
+        for n in sizes:
+            stage += [n] * int(round(rows[n][st] * n_samples / total))
+        rng.shuffle(stage)
+        stages.append(stage)
+    flat = sum(stages, [])
+    while len(flat) < n_samples:  # rounding: pad the last stage with its own most common size
+        stages[-1].append(max(set(stages[-1]), key=stages[-1].count) if stages[-1] else sizes[-1])
+        flat.append(0)
+    while len(flat) > n_samples:
+        longest = max(range(9), key=lambda i: len(stages[i]))
+        stages[longest].pop()
+        flat.pop()
+    return stages
+
+
+def curriculum_batches(stages: list[list[int]], batch_size: int) -> list[tuple[int, int]]:
+    """(stage, chunk count) per batch: within a stage, samples of one size are batched together
+    (no padding between sizes), stage order is kept, batch order within a stage is shuffled by
+    the stage's own (seeded) order."""
+    out = []
+    for st, stage in enumerate(stages):
+        by_size = Counter(stage)
+        batches = []
+        for n, count in sorted(by_size.items()):
+            batches += [(st, n)] * max(1, round(count / batch_size))
+        order = sorted(range(len(batches)), key=lambda i: (hash((st, i)) % 997, i))
+        out += [batches[i] for i in order]
+    return out
+
+
+class RefragModel(nn.Module):
+    """Encoder + projector + decoder, as trained by cpt_recon / cpt_next / finetune."""
+
+    def __init__(self, encoder: ChunkEncoder, projector: Projector, decoder):
+        super().__init__()
+        self.encoder, self.projector, self.decoder = encoder, projector, decoder
+
+    def forward(self, batch: dict, reduce: bool = True):
+        """Mean cross-entropy over the target positions of a batch built by make_batch; with
+        reduce=False, per target token (row-major): (nll, correct, target ids)."""
+        dev = self.projector.fc1.weight.device
+        emb_layer = self.decoder.get_input_embeddings()
+        tok_ids, slot = batch["tok_ids"].to(dev), batch["slot"].to(dev)                 # (B, T)
+        x = emb_layer(tok_ids.clamp(min=0))                                             # (B, T, d_dec)
+        if batch["chunk_texts"]:
+            enc = self.encoder.tokenizer(batch["chunk_texts"], padding=True, truncation=True,
+                                         max_length=self.encoder.max_len, return_tensors="pt").to(dev)
+            c = self.encoder(enc["input_ids"], enc["attention_mask"])                  # (N, d_enc)
+            e = self.projector(c.to(self.projector.fc1.weight.dtype)).to(x.dtype)       # (N, d_dec)
+            x = torch.where((slot >= 0).unsqueeze(-1), e[slot.clamp(min=0)], x)
+        h = self.decoder.base_model(inputs_embeds=x, attention_mask=batch["attention_mask"].to(dev)).last_hidden_state
+        labels = batch["labels"].to(dev)                                                 # (B, T)
+        sel = labels >= 0
+        logits = self.decoder.get_output_embeddings()(h[sel]).float()                   # (n_targets, V)
+        if reduce:
+            return F.cross_entropy(logits, labels[sel])
+        nll = F.cross_entropy(logits, labels[sel], reduction="none")                    # (n_targets,)
+        return nll, logits.argmax(-1) == labels[sel], labels[sel]
+
+
+def make_batch(samples: list[dict], dec_tok, pad_id: int) -> dict:
+    """Samples {"pieces": [("tokens", ids) | ("chunk", ids)], "target": ids} -> padded tensors.
+    A ("chunk", ids) piece is one compressed position (its text goes to the encoder); target
+    tokens follow the pieces and each is predicted from the position before it."""
+    rows, texts = [], []
+    for smp in samples:
+        tok_ids, slot = [], []
+        for kind, ids in smp["pieces"]:
+            if kind == "tokens":
+                tok_ids += list(ids)
+                slot += [-1] * len(ids)
+            else:
+                tok_ids.append(-1)
+                slot.append(len(texts))
+                texts.append(dec_tok.decode(list(ids)))
+        n_ctx = len(tok_ids)
+        tgt = list(smp["target"])
+        rows.append((tok_ids + tgt, slot + [-1] * len(tgt), n_ctx))
+    T = max(len(r[0]) for r in rows)
+    B = len(rows)
+    tok = torch.full((B, T), pad_id, dtype=torch.long)
+    slot = torch.full((B, T), -1, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    att = torch.zeros((B, T), dtype=torch.long)
+    for b, (ids, sl, n_ctx) in enumerate(rows):
+        n = len(ids)
+        tok[b, :n], slot[b, :n], att[b, :n] = torch.tensor(ids), torch.tensor(sl), 1
+        labels[b, n_ctx - 1:n - 1] = torch.tensor(ids[n_ctx:])  # position t predicts token t+1
+    return {"tok_ids": tok, "slot": slot, "labels": labels, "attention_mask": att, "chunk_texts": texts}
+
+
+def chunk_pieces(ids: list[int], k: int, expand: set[int], offset: int = 0) -> list[tuple[str, list[int]]]:
+    """A context's k-token chunks as pieces: compressed unless its index (+offset) is in expand."""
+    return [("tokens" if i + offset in expand else "chunk", c) for i, c in enumerate(split_chunks(ids, k))]
+
+
+def recon_sample(ids: list[int], n_chunks: int, k: int, bos: list[int], rng: random.Random) -> dict:
+    """Reconstruction (paper section 3): the decoder reads only the n chunk embeddings of x_1:s and
+    regenerates x_1:s, teacher forced on its own previous tokens, never on the chunk tokens as context."""
+    s = n_chunks * k
+    start = rng.randint(0, max(0, len(ids) - s))
+    x = ids[start:start + s]
+    return {"pieces": [("tokens", bos)] + chunk_pieces(x, k, set()), "target": x}
+
+
+def next_sample(ids: list[int], split_s: int, o: int, n_chunks: int, k: int, p: float, bos: list[int],
+                rng: random.Random) -> dict:
+    """Next-paragraph prediction: the n*k tokens just before the split are the context (a random
+    p fraction of its chunks kept as tokens, paper's mixed-input fine-tuning), x_s+1:s+o the target."""
+    s = min(n_chunks * k, split_s)
+    ctx = ids[split_s - s:split_s]
+    L = len(split_chunks(ctx, k))
+    expand = set(rng.sample(range(L), int(round(p * L)))) if p > 0 else set()
+    return {"pieces": [("tokens", bos)] + chunk_pieces(ctx, k, expand), "target": ids[split_s:split_s + o]}
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "cpt_recon"     # cpt_recon | cpt_next | finetune
+    k: int = 8                   # tokens per chunk
+    steps: int = 200             # optimizer steps
+    lr: float = 2e-4             # peak LR (paper: 2e-4 recon, 5e-5 CPT, 2e-5 fine-tuning)
+    batch_size: int = 8          # samples per micro-batch per process
+    grad_accum: int = 1          # micro-batches per optimizer step (target batch = batch_size x grad_accum x processes)
+    warmup_frac: float = 0.04    # linear warm-up fraction (paper appendix B)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    expand_frac: float = 0.0     # cpt_next / finetune: fraction of chunks kept as raw tokens
+    max_o: int = 128             # cpt_next: continuation tokens at most
+    save_every: int = 0          # checkpoint every N steps (0: only at the end)
+    log_every: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.k < 1:
+            fail(f"--k {self.k}: must be at least 1")
+        if self.steps < 1:
+            fail(f"--steps {self.steps}: must be at least 1")
+        if self.lr <= 0:
+            fail(f"--lr {self.lr}: must be positive")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            fail("--batch_size/--grad_accum: must be at least 1")
+        if not 0 <= self.expand_frac <= 1:
+            fail(f"--expand_frac {self.expand_frac}: must be between 0 and 1")
+
+
+def optimizer_state_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """AdamW state as flat tensors (safetensors) + JSON (param groups): no pickle."""
+    sd = opt.state_dict()
+    tensors = {f"state.{i}.{name}": v.detach().cpu().contiguous() for i, st in sd["state"].items()
+               for name, v in st.items() if torch.is_tensor(v)}
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, meta: dict):
+    state = {}
+    for key, v in tensors.items():
+        _, i, name = key.split(".", 2)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+CARRIED_FILES = ("metrics.jsonl", "run_config.json", "eval.json")
+
+
+def save_checkpoint(out_dir: str, model: RefragModel, cfg: TrainConfig, enc_name: str, dec_name: str,
+                    trained: list[str], opt, step: int, tok):
+    """A checkpoint directory (STYLE 7): safetensors of what was trained, config.json to rebuild,
+    optimizer state and step for --resume. Written to a temporary directory, then renamed."""
+    from safetensors.torch import save_file
+    with atomic_dir(out_dir) as tmp:
+        for keep in CARRIED_FILES:  # the run's logs live beside the weights and survive each swap
+            if os.path.isfile(os.path.join(out_dir, keep)):
+                shutil.copy2(os.path.join(out_dir, keep), os.path.join(tmp, keep))
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.encoder.model.state_dict().items()},
+                  os.path.join(tmp, "encoder.safetensors"))
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()},
+                  os.path.join(tmp, "projector.safetensors"))
+        if "decoder" in trained:
+            model.decoder.save_pretrained(os.path.join(tmp, "decoder"), safe_serialization=True)
+            tok.save_pretrained(os.path.join(tmp, "decoder"))
+        tensors, meta = optimizer_state_tensors(opt)
+        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+        write_json(os.path.join(tmp, "config.json"), {
+            "refrag_checkpoint": 1, "stage": cfg.stage, "enc": enc_name, "dec": dec_name, "k": cfg.k,
+            "d_enc": model.encoder.dim, "d_dec": model.projector.fc2.out_features, "trained": trained,
+            "step": step, "train_config": dataclasses.asdict(cfg),
+            "enc_fingerprint": module_fingerprint(model.encoder.model)})
+        write_json(os.path.join(tmp, "optimizer_meta.json"), meta)
+        # what the next step needs beyond weights: every step reseeds its RNGs from (seed, step)
+        write_json(os.path.join(tmp, "train_state.json"), {"step": step, "seed": cfg.seed,
+                                                           "rng": "reseeded per step from (seed, step)"})
+
+
+def step_rng(seed: int, step: int, rank: int = 0) -> random.Random:
+    """Every step's randomness (sample choice, offsets, expansion, dropout) derives from (seed, step,
+    rank), so a resumed run replays exactly the steps an uninterrupted run would take."""
+    s = (seed * 1_000_003 + step) * 101 + rank
+    torch.manual_seed(s)
+    return random.Random(s)
+
+
+def train_loop(model: RefragModel, params: list, make_step_batch, cfg: TrainConfig, acc, out_dir: str,
+               save_fn, start_step: int, opt, stop_after: int | None):
+    """The one loop shared by all REFRAG trainers (STYLE 6): explicit LR schedule, accumulation,
+    clipping, .item() only at log steps; a checkpoint every save_every steps and at the end."""
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    t_log = time.perf_counter()
+    for step in range(start_step, cfg.steps):
+        lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_frac)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.train()
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            batch, info = make_step_batch(step, micro)
+            ctx = acc.no_sync(model) if micro < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with ctx, acc.autocast():
+                loss = model(batch) / cfg.grad_accum
+            acc.backward(loss)
+            total = total + loss.detach()
+        acc.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if (done % cfg.log_every == 0 or done == cfg.steps) and acc.is_main_process:
+            dt = time.perf_counter() - t_log
+            rec = {"step": done, "loss": total.item(), "lr": lr, "ms_per_step": 1000 * dt / cfg.log_every, **info}
+            print(f"step {done:6d} | loss {rec['loss']:.4f} | lr {lr:.2e} | {rec['ms_per_step']:.0f} ms/step | "
+                  + " | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+            append_jsonl(metrics_path, rec)
+            t_log = time.perf_counter()
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or done == stop_after:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                save_fn(done)
+            acc.wait_for_everyone()
+        if stop_after is not None and done >= stop_after:
+            break
+    return metrics_path
+
+
+def fact_token_ids(tok, texts: list[str], max_df: float = 0.1) -> set[int]:
+    """Tokens that carry facts no template predicts: any token with a digit, and capitalised tokens
+    found in fewer than max_df of the training passages (invented names), not template words."""
+    df, n = Counter(), 0
+    for text in texts:
+        for passage in text.split("\n"):
+            df.update(set(encode_text(tok, passage)))
+            n += 1
+    out = set()
+    for tid in df:
+        word = tok.decode([tid]).strip()
+        if any(ch.isdigit() for ch in word) or (word[:1].isupper() and df[tid] < max_df * n):
+            out.add(tid)
+    return out
+
+
+@torch.inference_mode()
+def score_samples(model: RefragModel, samples: list[dict], tok, facts: set[int], batch_size: int = 8) -> dict:
+    """Token accuracy and log-perplexity (mean NLL, nats/token) over the samples' targets, overall
+    and on fact tokens."""
+    model.eval()
+    nll, correct, is_fact = [], [], []
+    for i in range(0, len(samples), batch_size):
+        b = make_batch(samples[i:i + batch_size], tok, tok.pad_token_id)
+        n, c, y = model(b, reduce=False)
+        nll.append(n.cpu())
+        correct.append(c.cpu())
+        is_fact.append(torch.tensor([int(t) in facts for t in y.tolist()]))
+    nll, correct, is_fact = torch.cat(nll), torch.cat(correct).float(), torch.cat(is_fact)
+    return {"acc": float(correct.mean()), "logppl": float(nll.mean()),
+            "fact_acc": float(correct[is_fact].mean()) if is_fact.any() else None, "n_tokens": int(nll.numel())}
+
+
+def eval_recon(model: RefragModel, records: list[dict], tok, k: int, facts: set[int], max_chunks: int) -> dict:
+    """Reconstruction on held-out texts per number of chunks, beside the same decoder with no
+    context (it predicts the same tokens from BOS and its own prefix only)."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    out = {}
+    n = 1
+    while n <= max_chunks:
+        xs = [r["ids"][:n * k] for r in records if len(r["ids"]) >= n * k]
+        if not xs:
+            break
+        with_ctx = score_samples(model, [{"pieces": [("tokens", bos)] + chunk_pieces(x, k, set()), "target": x}
+                                         for x in xs], tok, facts)
+        no_ctx = score_samples(model, [{"pieces": [("tokens", bos or x[:1])], "target": x if bos else x[1:]}
+                                       for x in xs], tok, facts)
+        out[str(n)] = {"texts": len(xs), **with_ctx, **{f"{key}_nocontext": v for key, v in no_ctx.items() if key != "n_tokens"}}
+        n *= 2
+    return out
+
+
+def eval_next(model: RefragModel, records: list[dict], tok, k: int, p: float, max_o: int, seed: int) -> dict:
+    """Next-paragraph log-perplexity on held-out texts with the whole context s compressed (and with
+    a random p of its chunks expanded), as full tokens, and with no context (paper table 1)."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    rng = random.Random(seed)
+    out = {}
+    variants = {"compressed": 0.0, "full": None, "none": None}
+    if p > 0:
+        variants[f"compressed_p{p:g}"] = p
+    for name, frac in variants.items():
+        samples = []
+        for r in records:
+            ctx, tgt = r["ids"][:r["s"]], r["ids"][r["s"]:r["s"] + min(r["o"], max_o)]
+            if name == "full":
+                pieces = [("tokens", bos + ctx)]
+            elif name == "none":
+                pieces = [("tokens", bos or ctx[-1:])]
+            else:
+                L = len(split_chunks(ctx, k))
+                pieces = [("tokens", bos)] + chunk_pieces(ctx, k, set(rng.sample(range(L), int(round(frac * L)))))
+            samples.append({"pieces": pieces, "target": tgt})
+        out[name] = score_samples(model, samples, tok, set())["logppl"]
+    return out
+
+
+def load_cpt_ids(path: str, flag: str, tok) -> list[dict]:
+    recs = read_cpt(path, flag)
+    for r in recs:
+        r["ids"] = encode_text(tok, r["text"])
+        if r["s"] + r["o"] > len(r["ids"]):
+            fail(f"{flag} {path}:{r['line']}: split s+o = {r['s'] + r['o']} exceeds the text's {len(r['ids'])} "
+                 f"tokens in this decoder's tokenizer")
+    return recs
+
+
+STAGE_LR = {"cpt_recon": 2e-4, "cpt_next": 5e-5, "finetune": 2e-5}  # paper appendix B
+
+
+def cmd_train(args, stage: str):
+    """cpt_recon / cpt_next / finetune: one set-up, one loop, a stage-specific batch maker."""
+    from accelerate import Accelerator
+    full_ft = stage == "finetune" and args.mode == "full"
+    cfg = TrainConfig(stage=stage, k=args.k, steps=args.steps, lr=args.lr or STAGE_LR[stage],
+                      batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      expand_frac=getattr(args, "expand_frac", 0.0) if stage != "finetune" else args.p,
+                      max_o=getattr(args, "max_o", 128), save_every=args.save_every, log_every=args.log_every,
+                      seed=args.seed)
+    device = resolve_device(args.device)
+    mixed = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
+    resume = args.resume and os.path.isfile(os.path.join(args.out_dir, "train_state.json"))
+    if args.resume and not resume and acc.is_main_process:
+        print(f"{stage}: --resume given but {args.out_dir} holds no checkpoint; starting from step 0")
+    src = args.out_dir if resume else args.load_dir
+    ckpt = load_refrag_checkpoint(src, cfg.k) if src else {}
+    dec_name = ckpt.get("dec", args.dec)
+    dec_dir = os.path.join(src, "decoder") if src and os.path.isdir(os.path.join(src, "decoder")) else dec_name
+    tok = load_tokenizer(dec_dir)
+    decoder = load_decoder(dec_dir, torch.device("cpu"), torch.float32)
+    enc_name = ckpt.get("enc", args.enc)
+    encoder = ChunkEncoder(enc_name)
+    if src:
+        load_state_strict(encoder.model, os.path.join(src, "encoder.safetensors"), "--load_dir")
+    set_seed(cfg.seed)
+    projector = Projector(encoder.dim, decoder.get_input_embeddings().embedding_dim)
+    if src:
+        load_state_strict(projector, os.path.join(src, "projector.safetensors"), "--load_dir")
+        if acc.is_main_process:
+            print(f"{stage}: loaded {src} (stage {ckpt.get('stage')}, step {ckpt.get('step')}, trained {ckpt.get('trained')})")
+    model = RefragModel(encoder, projector, decoder)
+    trained = ["decoder"] if full_ft else (["encoder", "projector"] if stage == "cpt_recon" else ["encoder", "projector", "decoder"])
+    for name, module in (("encoder", encoder), ("projector", projector), ("decoder", decoder)):
+        module.requires_grad_(name in trained)
+    if getattr(encoder.model, "pooler", None) is not None:  # unused by mean pooling; DDP needs every trained param used
+        encoder.model.pooler.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    start = 0
+    if resume:
+        from safetensors.torch import load_file
+        with open(os.path.join(src, "optimizer_meta.json"), encoding="utf-8") as fh:
+            load_optimizer_state(opt, load_file(os.path.join(src, "optimizer.safetensors")), json.load(fh))
+        with open(os.path.join(src, "train_state.json"), encoding="utf-8") as fh:
+            start = json.load(fh)["step"]
+    model = model.to(device)
+    model, opt = acc.prepare(model, opt)
+    raw = acc.unwrap_model(model)
+    world, rank = acc.num_processes, acc.process_index
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    if acc.is_main_process:
+        os.makedirs(args.out_dir, exist_ok=True)
+        write_run_info(args.out_dir, args)
+        n_tr = sum(p.numel() for p in params)
+        print(f"{stage}: k={cfg.k}, {n_tr / 1e6:.1f}M trainable parameters ({', '.join(trained)}), "
+              f"{world} process(es) x batch {cfg.batch_size} x accumulation {cfg.grad_accum}, lr {cfg.lr:g}, "
+              f"device {device}, mixed precision {mixed}" + (f", resuming at step {start}" if resume else ""))
+
+    if stage in ("cpt_recon", "cpt_next"):
+        train = load_cpt_ids(args.train_json, "--train_json", tok)
+        lengths = sorted((len(r["ids"]) if stage == "cpt_recon" else r["s"]) // cfg.k for r in train)
+        max_chunks = max(1, lengths[len(lengths) // 2])  # half of the texts allow the largest size
+        if args.max_chunks:
+            max_chunks = min(max_chunks, args.max_chunks)
+        max_chunks = 1 << (max_chunks.bit_length() - 1)
+        n_micro = cfg.steps * cfg.grad_accum * world
+        stages = build_curriculum(n_micro * cfg.batch_size, max_chunks, random.Random(cfg.seed))
+        plan = curriculum_batches(stages, cfg.batch_size)
+        if acc.is_main_process:
+            sizes = sorted({n for st in stages for n in st})
+            print(f"{stage}: curriculum (paper table 8 shape), samples per stage and number of chunks:")
+            print("  stage | " + " | ".join(f"{n:>4d}" for n in sizes))
+            for i, st in enumerate(stages):
+                c = Counter(st)
+                print(f"  {i + 1:5d} | " + " | ".join(f"{c.get(n, 0):4d}" for n in sizes))
+        last_stage = [-1]
+
+        def make_step_batch(step, micro):
+            j = (step * cfg.grad_accum + micro) * world + rank
+            st, n = plan[min(len(plan) - 1, j * len(plan) // n_micro)]
+            if st != last_stage[0] and acc.is_main_process:
+                mix = Counter(stages[st])
+                tot = sum(mix.values()) or 1
+                print(f"{stage}: stage {st + 1}/9 begins at step {step + 1}: "
+                      + ", ".join(f"{n} chunks {100 * c / tot:.0f}%" for n, c in sorted(mix.items())), flush=True)
+                last_stage[0] = st
+            rng = step_rng(cfg.seed, step * cfg.grad_accum + micro, rank)
+            need = n * cfg.k
+            pool = [r for r in train if (len(r["ids"]) if stage == "cpt_recon" else r["s"]) >= need] or train
+            recs = [rng.choice(pool) for _ in range(cfg.batch_size)]
+            if stage == "cpt_recon":
+                smp = [recon_sample(r["ids"], n, cfg.k, bos, rng) for r in recs]
+            else:
+                smp = [next_sample(r["ids"], r["s"], min(r["o"], cfg.max_o), n, cfg.k, cfg.expand_frac, bos, rng)
+                       for r in recs]
+            return make_batch(smp, tok, tok.pad_token_id), {"stage": st + 1, "chunks": n}
+    else:
+        index = PassageIndex(args.index_dir)
+        if index.meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tok):
+            fail(f"--index_dir {args.index_dir}: built with another decoder tokenizer; rebuild it with --dec")
+        qa = read_rag(args.rag_json, "--rag_json")
+        retriever = ChunkEncoder(index.meta["embed_model"], "--embed_model").to(device).eval()
+        with torch.inference_mode():
+            q_emb = retriever.embed_texts([r["question"] for r in qa], normalize=True,
+                                          desc="retrieve" if acc.is_main_process else None).numpy()
+        contexts = []
+        for qi in range(len(qa)):  # the same passages generate would use: rank order within ctx_max
+            ranked, _ = index.search(q_emb[qi:qi + 1], args.topk)
+            used, budget = [], args.ctx_max
+            for i in ranked:
+                n = int(index.tok_offsets[i + 1] - index.tok_offsets[i])
+                if n > budget:
+                    break
+                used.append(index.passage_ids(i).tolist())
+                budget -= n
+            contexts.append(used)
+        del retriever
+
+        def make_step_batch(step, micro):
+            rng = step_rng(cfg.seed, step * cfg.grad_accum + micro, rank)
+            smp = []
+            for _ in range(cfg.batch_size):
+                qi = rng.randrange(len(qa))
+                prefix, sep, suffix = prompt_pieces(tok, qa[qi]["question"])
+                chunks = [split_chunks(x, cfg.k) for x in contexts[qi]]
+                L = sum(len(c) for c in chunks)
+                expand = set(range(L)) if full_ft else set(rng.sample(range(L), int(round(cfg.expand_frac * L))))
+                pieces, j = [("tokens", prefix)], 0
+                for pi, pch in enumerate(chunks):
+                    if pi:
+                        pieces.append(("tokens", sep))
+                    for c in pch:
+                        pieces.append(("tokens" if j in expand else "chunk", c))
+                        j += 1
+                pieces.append(("tokens", suffix))
+                smp.append({"pieces": pieces, "target": answer_ids(tok, rng.choice(qa[qi]["answers"]))})
+            return make_batch(smp, tok, tok.pad_token_id), {}
+
+    def save(step):
+        save_checkpoint(args.out_dir, raw, cfg, enc_name=enc_name, dec_name=dec_name, trained=trained, opt=opt,
+                        step=step, tok=tok)
+
+    t0 = time.perf_counter()
+    train_loop(model, params, make_step_batch, cfg, acc, args.out_dir, save, start, opt, args.stop_after)
+    if world > 1:  # every rank must hold the same weights after DDP training
+        print(f"{stage}: rank {rank} weights fingerprint {module_fingerprint(raw)}", flush=True)
+    if not acc.is_main_process:
+        return
+    print(f"{stage}: trained to step {min(cfg.steps, args.stop_after or cfg.steps)} in {time.perf_counter() - t0:.0f}s -> {args.out_dir}")
+    if args.eval_json and stage != "finetune" and (args.stop_after is None or args.stop_after >= cfg.steps):
+        ev = load_cpt_ids(args.eval_json, "--eval_json", tok)
+        if stage == "cpt_recon":
+            facts = fact_token_ids(tok, [r["text"] for r in train])
+            res = eval_recon(raw, ev, tok, cfg.k, facts, max_chunks)
+            print(f"{stage}: held-out reconstruction ({args.eval_json}):")
+            print("  chunks | token acc (no context) | fact-token acc (no context) | log-ppl (no context)")
+            for n, r in res.items():
+                print(f"  {int(n):6d} | {r['acc']:.3f} ({r['acc_nocontext']:.3f}) | "
+                      f"{r['fact_acc'] or 0:.3f} ({r['fact_acc_nocontext'] or 0:.3f}) | {r['logppl']:.3f} ({r['logppl_nocontext']:.3f})")
+        else:
+            res = eval_next(raw, ev, tok, cfg.k, cfg.expand_frac, cfg.max_o, cfg.seed)
+            print(f"{stage}: held-out next-paragraph log-perplexity ({args.eval_json}): "
+                  + " | ".join(f"{key} {v:.4f}" for key, v in res.items()))
+        write_json(os.path.join(args.out_dir, "eval.json"), {"stage": stage, "eval_json": args.eval_json,
+                                                             "k": cfg.k, "results": res})
+
+
+def cmd_cpt_recon(args):
+    cmd_train(args, "cpt_recon")
+
+
+def cmd_cpt_next(args):
+    cmd_train(args, "cpt_next")
+
+
+def cmd_finetune(args):
+    cmd_train(args, "finetune")
 
 
 # ---- evaluation and benchmarks ----
@@ -1631,8 +2211,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--corpus", default="data/corpus_small.txt")
     sp.add_argument("--index_dir", default=DEFAULT_INDEX)
     sp.add_argument("--embed_model", default=MINILM_ID, help="retrieval embedding model")
-    sp.add_argument("--enc", default=MINILM_ID, help="chunk encoder whose embeddings are cached")
-    sp.add_argument("--enc_load_dir", default=None, help="refrag checkpoint whose trained encoder to cache with")
+    sp.add_argument("--enc", default=MINILM_ID,
+                    help="chunk encoder whose embeddings are cached: HF id, directory, or a refrag checkpoint")
     sp.add_argument("--dec", default=DEFAULT_DEC, help="decoder or tokenizer.json that defines a k-token chunk")
     sp.add_argument("--k", default="16", help="chunk size(s) to cache, e.g. 16 or 8,16,32")
     sp.add_argument("--index_type", default="flat", choices=["flat", "ivf", "hnsw"])
@@ -1673,12 +2253,49 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch_size", type=int, default=8)
     sp.add_argument("--lr", type=float, default=1e-3)
     sp.add_argument("--max_passages", type=int, default=8)
+    sp.add_argument("--questions_per_context", type=int, default=4)
     sp.add_argument("--log_every", type=int, default=50)
     sp.add_argument("--eval_every", type=int, default=500)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default="auto")
     sp.add_argument("--out_dir", default=DEFAULT_DEC)
     sp.set_defaults(func=cmd_pretrain)
+
+    for name, fn, lr_help in (("cpt_recon", cmd_cpt_recon, "2e-4"), ("cpt_next", cmd_cpt_next, "5e-5"),
+                              ("finetune", cmd_finetune, "2e-5")):
+        sp = sub.add_parser(name, help=f"REFRAG training: {name}")
+        if name == "finetune":
+            sp.add_argument("--rag_json", default="data/rag_train.jsonl")
+            sp.add_argument("--index_dir", default=DEFAULT_INDEX)
+            sp.add_argument("--mode", default="refrag", choices=["refrag", "full"],
+                            help="full: fine-tune the plain decoder on full-token contexts (the fair baseline)")
+            sp.add_argument("--p", type=float, default=0.1, help="fraction of chunks kept as tokens")
+            sp.add_argument("--topk", type=int, default=8)
+            sp.add_argument("--ctx_max", type=int, default=1024)
+        else:
+            sp.add_argument("--train_json", default="data/cpt_train.jsonl")
+            sp.add_argument("--eval_json", default="data/cpt_eval.jsonl", help="held-out texts scored at the end ('' to skip)")
+            if name == "cpt_next":
+                sp.add_argument("--expand_frac", type=float, default=0.0, help="random fraction of chunks kept as tokens")
+                sp.add_argument("--max_o", type=int, default=128, help="continuation tokens at most")
+            sp.add_argument("--max_chunks", type=int, default=0,
+                            help="largest context in chunks for the curriculum (0: what the data allows)")
+        sp.add_argument("--enc", default=MINILM_ID)
+        sp.add_argument("--dec", default=DEFAULT_DEC)
+        sp.add_argument("--load_dir", default=None, help="start from this refrag checkpoint (strict)")
+        sp.add_argument("--k", type=int, default=8)
+        sp.add_argument("--steps", type=int, default=200)
+        sp.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {lr_help}, the paper's)")
+        sp.add_argument("--batch_size", type=int, default=8)
+        sp.add_argument("--grad_accum", type=int, default=1)
+        sp.add_argument("--save_every", type=int, default=0)
+        sp.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out_dir")
+        sp.add_argument("--stop_after", type=int, default=None, help="stop (after saving) at this step")
+        sp.add_argument("--log_every", type=int, default=20)
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--device", default="auto")
+        sp.add_argument("--out_dir", default=f"runs/{name}")
+        sp.set_defaults(func=fn)
 
     sp = sub.add_parser("evaluate", help="exact match / F1 / timing over a QA file")
     sp.add_argument("--eval_json", default="data/rag_eval.jsonl")

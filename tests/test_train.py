@@ -1,0 +1,130 @@
+"""REFRAG trainers: the curriculum, reconstruction batches, resume equivalence, 2-process DDP."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import refrag
+from conftest import DATA, ROOT, run_cli
+
+
+def test_curriculum_follows_table8_shape():
+    total = sum(sum(row) for row in refrag.CURRICULUM_TABLE8.values())  # 26005: the paper's rows are rounded
+    stages = refrag.build_curriculum(total, 64, random.Random(0))
+    assert len(stages) == 9 and sum(len(s) for s in stages) == total
+    counts = [[s.count(n) for s in stages] for n in (1, 2, 4, 8, 16, 32, 64)]
+    assert counts[0] == refrag.CURRICULUM_TABLE8[1]          # the paper's own scale comes back exactly
+    assert counts[6] == refrag.CURRICULUM_TABLE8[64]
+    small = refrag.build_curriculum(900, 8, random.Random(0))
+    share = lambda st, n: small[st].count(n) / max(1, len(small[st]))  # noqa: E731
+    assert share(0, 1) > 0.7 and share(8, 8) > 0.6          # easy samples first, long ones last
+    assert {n for st in small for n in st} <= {1, 2, 4, 8}
+    assert sum(len(s) for s in small) == 900
+
+
+def test_recon_sample_never_shows_the_chunk_tokens_as_context(tok):
+    ids = list(range(10, 60))
+    smp = refrag.recon_sample(ids, 2, 8, [tok.bos_token_id], random.Random(0))
+    assert [k for k, _ in smp["pieces"]] == ["tokens", "chunk", "chunk"]
+    x = smp["target"]
+    assert len(x) == 16 and smp["pieces"][1][1] + smp["pieces"][2][1] == x
+    b = refrag.make_batch([smp], tok, tok.pad_token_id)
+    # positions: BOS, chunk, chunk, x1..x16; the last chunk position predicts x1, x_t predicts x_t+1
+    assert b["tok_ids"][0, :3].tolist() == [tok.bos_token_id, -1, -1] and b["slot"][0, 1:3].tolist() == [0, 1]
+    assert b["labels"][0, 2:18].tolist() == x and (b["labels"][0, :2] == -100).all()
+    assert len(b["chunk_texts"]) == 2
+
+
+def test_next_sample_expands_a_random_fraction(tok):
+    ids = list(range(100, 400))
+    smp = refrag.next_sample(ids, 200, 50, 16, 8, 0.25, [1], random.Random(0))
+    kinds = [k for k, _ in smp["pieces"][1:]]
+    assert len(kinds) == 16 and kinds.count("tokens") == 4
+    assert smp["target"] == ids[200:250]
+    assert sum(len(c) for _, c in smp["pieces"][1:]) == 128 and smp["pieces"][-1][1][-1] == ids[199]
+
+
+def weights(path):
+    return {k: v for name in ("encoder.safetensors", "projector.safetensors")
+            for k, v in load_file(os.path.join(path, name)).items()}
+
+
+def train_args(tiny_dec_dir, out, *extra):
+    return ["cpt_recon", "--dec", tiny_dec_dir, "--train_json", os.path.join(DATA, "cpt_eval.jsonl"),
+            "--eval_json", "", "--k", 8, "--max_chunks", 2, "--steps", 4, "--batch_size", 2, "--log_every", 1,
+            "--out_dir", out, *extra]
+
+
+def test_cpt_recon_resume_matches_uninterrupted_run(tiny_dec_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(*train_args(tiny_dec_dir, a))[0] == 0
+    code, out, err = run_cli(*train_args(tiny_dec_dir, b, "--stop_after", 2))
+    assert code == 0, err
+    assert json.load(open(b / "train_state.json"))["step"] == 2
+    code, out, err = run_cli(*train_args(tiny_dec_dir, b, "--resume"))
+    assert code == 0 and "resuming at step 2" in out, err
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0)
+    cfg = json.load(open(a / "config.json"))
+    assert cfg["trained"] == ["encoder", "projector"] and cfg["step"] == 4 and cfg["k"] == 8
+    assert not (a / "decoder").exists()  # the decoder was frozen: not saved
+    steps = [json.loads(line)["step"] for line in open(b / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_checkpoint_loads_strictly_into_generate(tiny_dec_dir, tiny_index, tmp_path):
+    ck = tmp_path / "ck"
+    assert run_cli(*train_args(tiny_dec_dir, ck, "--steps", 1, "--k", 16))[0] == 0
+    code, out, err = run_cli("generate", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--load_dir", ck,
+                             "--question", "Who led Event_314?", "--max_new", 3, "--json")
+    assert code == 0, err
+    rec = json.loads(out.strip().splitlines()[-1])
+    assert rec["chunk_cache"].startswith("miss (index cached encoder")  # the trained encoder differs
+    assert "warning: the index's cached chunk embeddings come from another encoder" in err
+    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--load_dir", ck,
+                           "--question", "x?", "--k", 8)
+    assert code == 2 and "trained with k=16, but --k 8" in err
+    proj = load_file(ck / "projector.safetensors")
+    proj["fc1.weight"] = proj["fc1.weight"][:, :10].contiguous()
+    from safetensors.torch import save_file
+    save_file(proj, ck / "projector.safetensors")
+    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--load_dir", ck,
+                           "--question", "x?")
+    assert code == 2 and "fc1.weight has shape" in err
+
+
+def test_cpt_next_trains_the_decoder_and_reports_perplexities(tiny_dec_dir, tmp_path):
+    out = tmp_path / "next"
+    ev = tmp_path / "ev.jsonl"
+    with open(os.path.join(DATA, "cpt_eval.jsonl"), encoding="utf-8") as fh:
+        ev.write_text("".join(next(fh) for _ in range(3)))
+    code, stdout, err = run_cli("cpt_next", "--dec", tiny_dec_dir, "--train_json", os.path.join(DATA, "cpt_eval.jsonl"),
+                                "--eval_json", ev, "--k", 8, "--max_chunks", 4,
+                                "--steps", 2, "--batch_size", 2, "--expand_frac", 0.25, "--max_o", 16, "--out_dir", out)
+    assert code == 0, err
+    ev = json.load(open(out / "eval.json"))["results"]
+    assert set(ev) == {"compressed", "compressed_p0.25", "full", "none"} and all(v > 0 for v in ev.values())
+    dec0 = refrag.load_decoder(tiny_dec_dir, torch.device("cpu"), torch.float32).state_dict()
+    dec1 = refrag.load_decoder(str(out / "decoder"), torch.device("cpu"), torch.float32).state_dict()
+    emb = "model.embed_tokens.weight"
+    assert not torch.equal(dec0[emb], dec1[emb])  # input embeddings train too
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo")
+def test_two_processes_keep_identical_weights(tiny_dec_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           os.path.join(ROOT, "refrag.py")] + [str(a) for a in train_args(tiny_dec_dir, out, "--steps", 2)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fps = [line.split()[-1] for line in proc.stdout.splitlines() if "weights fingerprint" in line]
+    assert len(fps) == 2 and fps[0] == fps[1], proc.stdout
+    assert "2 process(es)" in proc.stdout and (out / "encoder.safetensors").exists()
