@@ -585,6 +585,10 @@ def load_models(dec: str, enc: str, embed_model: str, load_dir: str | None, k: i
                 device: torch.device, dtype: torch.dtype, need_encoder: bool = True, seed: int = 0) -> Models:
     ckpt = load_refrag_checkpoint(load_dir, k) if load_dir else {}
     dec_path = os.path.join(load_dir, "decoder") if load_dir and os.path.isdir(os.path.join(load_dir, "decoder")) else dec
+    if load_dir and dec_path == dec and ckpt.get("dec") and os.path.abspath(dec) != os.path.abspath(ckpt["dec"]):
+        if dec != DEFAULT_DEC:  # an explicit --dec other than the one the projector was trained for
+            fail(f"--load_dir {load_dir}: trained against decoder {ckpt['dec']}, but --dec {dec} was given")
+        dec_path = ckpt["dec"]
     tok = load_tokenizer(dec_path)
     decoder = load_decoder(dec_path, device, dtype)
     encoder = projector = None
@@ -1094,7 +1098,7 @@ class ReaderData:
                 distract.append(n)
         names = [gold_name] + distract
         texts = [self.by_name[n] for n in names]
-        extra = [q for n in names for q in self.by_entity[n] if q is not r]
+        extra = [q for n in names for q in self.by_entity.get(n, []) if q is not r]
         qs = [r] + self.rng.sample(extra, min(n_questions - 1, len(extra)))
         questions, answers = [q["question"] for q in qs], [q["answers"][0] for q in qs]
         if self.augment:
@@ -1157,6 +1161,17 @@ def build_demo_decoder(tok, preset: str, **overrides):
     return LlamaForCausalLM(cfg)
 
 
+def heldout_monitor(passages: list[str], eval_json: str, train_data: ReaderData, n: int) -> tuple[ReaderData, list[dict]]:
+    """Held-out questions with unaugmented gold + distractor contexts (distractors from training
+    entities only): a training-time monitor, never trained on."""
+    held = [r for r in read_rag(eval_json, "--eval_json") if r.get("entity") in train_data.by_name]
+    if set(r["entity"] for r in held) & set(train_data.train_names):
+        fail(f"--eval_json {eval_json}: shares entities with --rag_json (not held out)")
+    data = ReaderData(passages, held, train_data.tok, train_data.max_passages, random.Random(1), augment=False)
+    data.train_names, data.by_kind = train_data.train_names, train_data.by_kind
+    return data, held[:n]
+
+
 @torch.inference_mode()
 def reader_exact_match(decoder, tok, data: ReaderData, recs: list[dict], device, max_new: int = 16) -> float:
     """Exact match of greedy answers with gold + distractor contexts (a training-time monitor; the
@@ -1206,15 +1221,7 @@ def cmd_pretrain(args):
     passages = read_corpus(args.corpus)
     train = read_rag(args.rag_json, "--rag_json")
     train_data = ReaderData(passages, train, tok, cfg.max_passages, random.Random(cfg.seed))
-    monitor = None
-    if args.eval_json:  # held-out questions, unaugmented gold + distractor contexts: a monitor only
-        held = [r for r in read_rag(args.eval_json, "--eval_json") if r.get("entity") in train_data.by_name]
-        if set(r["entity"] for r in held) & set(train_data.train_names):
-            fail(f"--eval_json {args.eval_json}: shares entities with --rag_json (not held out)")
-        monitor = (ReaderData(passages, held, tok, cfg.max_passages, random.Random(1), augment=False),
-                   held[:args.eval_n])
-        # distractors of the monitor come from training entities only
-        monitor[0].train_names = train_data.train_names
+    monitor = heldout_monitor(passages, args.eval_json, train_data, args.eval_n) if args.eval_json else None
     model = build_demo_decoder(tok, cfg.preset).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"pretrain: Llama decoder '{cfg.preset}' with {n_params / 1e6:.2f}M parameters, vocab {len(tok)}, "

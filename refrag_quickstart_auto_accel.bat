@@ -5,7 +5,8 @@ REM   refrag_quickstart_auto_accel.bat          demo
 REM   refrag_quickstart_auto_accel.bat test     test suite
 REM Environment overrides: ENC_MODEL EMBED_MODEL DEC_MODEL TOPK K P CTX_MAX MAX_NEW PRETRAIN_STEPS
 REM   QUESTION TORCH_VERSION CUDA_INDEX (default https://download.pytorch.org/whl/cu128)
-REM   STEPS LR_RECON LR_NEXT LR_POLICY are read by the training chain (README, "Training").
+REM   STEPS LR_RECON LR_NEXT LR_FT TRAIN (0 skips the REFRAG training chain); LR_POLICY is reserved
+REM   for the selection-policy trainer (not in this release).
 setlocal EnableDelayedExpansion
 cd /d "%~dp0"
 
@@ -16,7 +17,11 @@ if "%CUDA_INDEX%"=="" set "CUDA_INDEX=https://download.pytorch.org/whl/cu128"
 if "%ENC_MODEL%"=="" set "ENC_MODEL=sentence-transformers/all-MiniLM-L6-v2"
 if "%EMBED_MODEL%"=="" set "EMBED_MODEL=%ENC_MODEL%"
 if "%TOPK%"=="" set "TOPK=8"
-if "%K%"=="" set "K=16"
+if "%K%"=="" set "K=8"
+if "%STEPS%"=="" set "STEPS=200"
+if "%LR_RECON%"=="" set "LR_RECON=2e-4"
+if "%LR_NEXT%"=="" set "LR_NEXT=5e-5"
+if "%LR_FT%"=="" set "LR_FT=2e-5"
 if "%P%"=="" set "P=0.25"
 if "%CTX_MAX%"=="" set "CTX_MAX=1024"
 if "%MAX_NEW%"=="" set "MAX_NEW=32"
@@ -59,9 +64,16 @@ if "%DEC%"=="" (
   )
 )
 python refrag.py index --corpus data/corpus_small.txt --index_dir runs/index --embed_model "%EMBED_MODEL%" --enc "%ENC_MODEL%" --dec "!DEC!" --k %K% || goto :error
-for %%M in (full refrag) do (
-  python refrag.py generate --index_dir runs/index --dec "!DEC!" --enc "%ENC_MODEL%" --question "%QUESTION%" --mode %%M --topk %TOPK% --k %K% --p %P% --ctx_max %CTX_MAX% --max_new %MAX_NEW% --out_dir runs/generate_%%M || goto :error
+set "LOAD="
+if not "%TRAIN%"=="0" (
+  python refrag.py cpt_recon --train_json data/cpt_train.jsonl --enc "%ENC_MODEL%" --dec "!DEC!" --k %K% --steps %STEPS% --lr %LR_RECON% --max_chunks 8 --out_dir runs/cpt_recon || goto :error
+  python refrag.py cpt_next --train_json data/cpt_train.jsonl --dec "!DEC!" --k %K% --steps %STEPS% --lr %LR_NEXT% --expand_frac 0.1 --max_chunks 16 --load_dir runs/cpt_recon --out_dir runs/cpt_next || goto :error
+  python refrag.py finetune --rag_json data/rag_train.jsonl --index_dir runs/index --dec "!DEC!" --k %K% --p 0.1 --steps %STEPS% --batch_size 4 --lr %LR_FT% --load_dir runs/cpt_next --out_dir runs/sft || goto :error
+  python refrag.py index --corpus data/corpus_small.txt --index_dir runs/index --embed_model "%EMBED_MODEL%" --enc runs/sft --dec runs/sft/decoder --k %K% || goto :error
+  set "LOAD=--load_dir runs/sft"
 )
+python refrag.py generate --index_dir runs/index --dec "!DEC!" --question "%QUESTION%" --mode full --topk %TOPK% --ctx_max %CTX_MAX% --max_new %MAX_NEW% --out_dir runs/generate_full || goto :error
+python refrag.py generate --index_dir runs/index --dec "!DEC!" --enc "%ENC_MODEL%" !LOAD! --question "%QUESTION%" --mode refrag --topk %TOPK% --k %K% --p %P% --ctx_max %CTX_MAX% --max_new %MAX_NEW% --out_dir runs/generate_refrag || goto :error
 python -c "import json;[print(m, round(json.load(open(f'runs/generate_{m}/generate.json'))['ttft_s']*1000,1), 'ms TTFT |', json.load(open(f'runs/generate_{m}/generate.json'))['answer']) for m in ('full','refrag')]"
 goto :eof
 

@@ -10,9 +10,11 @@
 #   ENC_MODEL [sentence-transformers/all-MiniLM-L6-v2]  chunk encoder
 #   EMBED_MODEL [sentence-transformers/all-MiniLM-L6-v2] retrieval embedding model
 #   DEC_MODEL [empty: pretrain the demo decoder into runs/demo_decoder]  e.g. meta-llama/Llama-3.2-1B
-#   TOPK [8] K [16] P [0.25] CTX_MAX [1024] MAX_NEW [32]       generation
+#   TOPK [8] K [8] P [0.25] CTX_MAX [1024] MAX_NEW [32]        generation (K also for training)
 #   PRETRAIN_STEPS [1500]                                        demo decoder training steps
-#   STEPS, LR_RECON, LR_NEXT, LR_POLICY                          training chain (see README, "Training")
+#   STEPS [200] LR_RECON [2e-4] LR_NEXT [5e-5] LR_FT [2e-5]      REFRAG training chain, steps per stage
+#   TRAIN [1]                                                    0 skips the chain (refrag mode then reads untrained embeddings)
+#   LR_POLICY                                                    reserved for the selection-policy trainer (not in this release)
 #   QUESTION ["Which river flows through City_191?"]  CORPUS [data/corpus_small.txt]
 #   ACCEL [auto: cuda|rocm|mps|cpu]  TORCH_VERSION [2.13.0]  PYTHON [python3]  VENV [.venv]
 set -euo pipefail
@@ -94,13 +96,29 @@ demo() {
         --eval_json data/rag_eval.jsonl --eval_n 100 --steps "${PRETRAIN_STEPS:-1500}" --out_dir "$dec"
     fi
   fi
+  local k=${K:-8} steps=${STEPS:-200} load=()
   python refrag.py index --corpus "$corpus" --index_dir runs/index --embed_model "$emb" --enc "$enc" \
-    --dec "$dec" --k "${K:-16}"
-  for mode in full refrag; do
-    python refrag.py generate --index_dir runs/index --dec "$dec" --enc "$enc" --question "$q" --mode "$mode" \
-      --topk "${TOPK:-8}" --k "${K:-16}" --p "${P:-0.25}" --ctx_max "${CTX_MAX:-1024}" \
-      --max_new "${MAX_NEW:-32}" --json --out_dir "runs/generate_$mode" > /dev/null
-  done
+    --dec "$dec" --k "$k"
+  if [ "${TRAIN:-1}" = 1 ]; then
+    # REFRAG training chain (paper section 3): reconstruction -> next-paragraph -> RAG fine-tuning
+    python refrag.py cpt_recon --train_json data/cpt_train.jsonl --enc "$enc" --dec "$dec" --k "$k" \
+      --steps "$steps" --lr "${LR_RECON:-2e-4}" --max_chunks 8 --out_dir runs/cpt_recon
+    python refrag.py cpt_next --train_json data/cpt_train.jsonl --dec "$dec" --k "$k" --steps "$steps" \
+      --lr "${LR_NEXT:-5e-5}" --expand_frac 0.1 --max_chunks 16 --load_dir runs/cpt_recon --out_dir runs/cpt_next
+    python refrag.py finetune --rag_json data/rag_train.jsonl --index_dir runs/index --dec "$dec" --k "$k" \
+      --p 0.1 --steps "$steps" --batch_size 4 --lr "${LR_FT:-2e-5}" --load_dir runs/cpt_next --out_dir runs/sft
+    # re-cache the chunk embeddings with the trained encoder
+    python refrag.py index --corpus "$corpus" --index_dir runs/index --embed_model "$emb" --enc runs/sft \
+      --dec runs/sft/decoder --k "$k"
+    load=(--load_dir runs/sft)
+  fi
+  # full: the decoder itself reading every retrieved token; refrag: the trained REFRAG checkpoint
+  python refrag.py generate --index_dir runs/index --dec "$dec" --question "$q" --mode full \
+    --topk "${TOPK:-8}" --ctx_max "${CTX_MAX:-1024}" --max_new "${MAX_NEW:-32}" --json \
+    --out_dir runs/generate_full > /dev/null
+  python refrag.py generate --index_dir runs/index --dec "$dec" --enc "$enc" ${load[@]+"${load[@]}"} --question "$q" \
+    --mode refrag --topk "${TOPK:-8}" --k "$k" --p "${P:-0.25}" --ctx_max "${CTX_MAX:-1024}" \
+    --max_new "${MAX_NEW:-32}" --json --out_dir runs/generate_refrag > /dev/null
   python - <<'EOF'
 import json
 print("\n[quickstart] question:", json.load(open("runs/generate_full/generate.json"))["question"])
@@ -109,7 +127,7 @@ for mode in ("full", "refrag"):
     r = json.load(open(f"runs/generate_{mode}/generate.json"))
     ttit = f"{r['ttit_s'] * 1000:9.1f}" if r["ttit_s"] is not None else "      n/a"
     print(f"{mode:8s} {r['ttft_s'] * 1000:9.1f} {ttit} {r['throughput_tok_s']:8.1f} {r['prompt_positions']:9d}  {r['answer']!r}")
-print("(refrag without a trained encoder/projector reads untrained chunk embeddings: see README, 'Training')")
+print("(full: the same decoder reading all retrieved tokens; with TRAIN=0 refrag reads untrained chunk embeddings)")
 EOF
 }
 

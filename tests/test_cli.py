@@ -292,3 +292,18 @@ def test_bench_times_full_and_refrag_and_writes_json_and_plot(tiny_dec_dir, tmp_
     full64 = next(r for r in recs if r["s"] == 64 and r["mode"] == "full")
     assert full64["kv_bytes"] == 2 * 2 * 2 * 8 * (64 + 32 + 3 - 1) * 4
     assert (out / "bench_ttft_speedup.png").stat().st_size > 1000
+
+
+def test_heldout_monitor_contexts_mix_gold_and_training_distractors(tok):
+    import random
+    passages = refrag.read_corpus(os.path.join(DATA, "corpus_small.txt"))
+    train = refrag.ReaderData(passages, refrag.read_rag(os.path.join(DATA, "rag_train.jsonl"), "--rag_json"),
+                              tok, 8, random.Random(0))
+    data, recs = refrag.heldout_monitor(passages, os.path.join(DATA, "rag_eval.jsonl"), train, 20)
+    held = {r["entity"] for r in recs}
+    for r in recs:
+        ids, mask = data.sample(r, n_ctx=6, n_questions=1)
+        text = tok.decode(ids[:mask.index(1)])
+        names = set(refrag.re.findall(r"(?:City|Alloy|Person|Event)_\d+(?![0-9])", text))
+        assert r["entity"] in names and len(names) == 6 and not (names - {r["entity"]}) & held
+        assert tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True).strip() == r["answers"][0]
