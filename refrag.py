@@ -120,6 +120,15 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        import platform
+        return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return str(device)
+
+
 def atomic_write_text(path: str, text: str):
     """Write to a temporary name in the same directory, then rename: never half a file."""
     d = os.path.dirname(os.path.abspath(path))
@@ -141,6 +150,8 @@ def write_json(path: str, obj):
 
 
 @contextlib.contextmanager
+
+
 def atomic_dir(path: str):
     """Yield a temporary directory beside `path`; on success it replaces `path` in one rename."""
     parent = os.path.dirname(os.path.abspath(path))
@@ -259,6 +270,8 @@ def progress(iterable=None, **kw):
 # ---- configs ----
 
 @dataclass
+
+
 class IndexConfig:
     corpus: str = "data/corpus_small.txt"  # one passage per line
     index_dir: str = DEFAULT_INDEX         # output directory (replaced atomically)
@@ -279,6 +292,8 @@ class IndexConfig:
 
 
 @dataclass
+
+
 class GenerateConfig:
     topk: int = 8                 # passages retrieved
     k: int = 16                   # decoder tokens per compressed chunk
@@ -329,6 +344,8 @@ DECODER_PRESETS = {  # Llama-architecture shapes; `tiny` is the demo reader, the
 
 
 @dataclass
+
+
 class PretrainConfig:
     steps: int = 3000            # optimizer steps
     batch_size: int = 8          # sequences per step
@@ -355,6 +372,38 @@ class PretrainConfig:
             fail(f"--dec_config {self.preset}: expected one of {', '.join(DECODER_PRESETS)}")
         if not 1 <= self.max_passages <= 32:
             fail(f"--max_passages {self.max_passages}: must be in 1..32")
+
+
+@dataclass
+
+
+class TrainConfig:
+    stage: str = "cpt_recon"     # cpt_recon | cpt_next | finetune
+    k: int = 8                   # tokens per chunk
+    steps: int = 200             # optimizer steps
+    lr: float = 2e-4             # peak LR (paper: 2e-4 recon, 5e-5 CPT, 2e-5 fine-tuning)
+    batch_size: int = 8          # samples per micro-batch per process
+    grad_accum: int = 1          # micro-batches per optimizer step (target batch = batch_size x grad_accum x processes)
+    warmup_frac: float = 0.04    # linear warm-up fraction (paper appendix B)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    expand_frac: float = 0.0     # cpt_next / finetune: fraction of chunks kept as raw tokens
+    max_o: int = 128             # cpt_next: continuation tokens at most
+    save_every: int = 0          # checkpoint every N steps (0: only at the end)
+    log_every: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.k < 1:
+            fail(f"--k {self.k}: must be at least 1")
+        if self.steps < 1:
+            fail(f"--steps {self.steps}: must be at least 1")
+        if self.lr <= 0:
+            fail(f"--lr {self.lr}: must be positive")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            fail("--batch_size/--grad_accum: must be at least 1")
+        if not 0 <= self.expand_frac <= 1:
+            fail(f"--expand_frac {self.expand_frac}: must be between 0 and 1")
 
 
 # ---- data ----
@@ -432,6 +481,35 @@ def split_chunks(ids: list[int] | np.ndarray, k: int) -> list[list[int]]:
     """A passage's decoder tokens cut into consecutive k-token chunks (the last may be shorter)."""
     ids = [int(x) for x in ids]
     return [ids[i:i + k] for i in range(0, len(ids), k)]
+
+
+# answer metrics (SQuAD-style), used by the trainers and by evaluate
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(pred: str, answers: list[str]) -> float:
+    p = normalize_answer(pred.split("\n")[0])
+    return float(bool(p) and any(p == normalize_answer(a) for a in answers))  # empty is never correct
+
+
+def token_f1(pred: str, answers: list[str]) -> float:
+    pt = normalize_answer(pred.split("\n")[0]).split()
+    if not pt:
+        return 0.0
+    best = 0.0
+    for a in answers:
+        at = normalize_answer(a).split()
+        common = sum((Counter(pt) & Counter(at)).values())
+        if common:
+            prec, rec = common / len(pt), common / len(at)
+            best = max(best, 2 * prec * rec / (prec + rec))
+    return best
 
 
 # ---- model: loading ----
@@ -568,6 +646,8 @@ def load_encoder(name: str, flag: str = "--enc") -> ChunkEncoder:
 
 
 @dataclass
+
+
 class Models:
     """Everything generate needs, loaded once."""
     tok: object
@@ -735,6 +815,8 @@ class PassageIndex:
 # ---- selection ----
 
 @torch.inference_mode()
+
+
 def chunk_perplexities(decoder, passages_ids: list, k: int, device: torch.device, pad_id: int) -> list[torch.Tensor]:
     """Per passage, the decoder's mean NLL of each k-token chunk, scored in one batched pass over
     the passages (question-independent, so it could be cached at indexing time). The first token
@@ -775,6 +857,8 @@ def select_expand(n_chunks: int, p: float, method: str, ppl: torch.Tensor | None
 # ---- generation and timing ----
 
 @dataclass
+
+
 class PromptLayout:
     """A prompt as decoder positions: tok_ids[t] >= 0 is a token, slot[t] >= 0 a compressed chunk."""
     tok_ids: torch.Tensor    # (T,) long, -1 at compressed positions
@@ -896,7 +980,17 @@ def check_question(tok, question: str):
         fail(f"--question: {n} tokens, longer than the 512-token limit")
 
 
+def _stream(stream, tok, generated, shown, eos) -> str:
+    text = tok.decode([t for t in generated if t not in eos], skip_special_tokens=True)
+    if text.startswith(shown):
+        stream.write(text[len(shown):])
+        stream.flush()
+    return text
+
+
 @torch.inference_mode()
+
+
 def run_generation(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex,
                    stream=None, keep_layout: bool = False) -> dict:
     """Answer one question and time it. The clock starts when the question is received and every
@@ -957,6 +1051,8 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
 
 
 @torch.inference_mode()
+
+
 def target_nll(decoder, projector, layout: PromptLayout, target: list[int]) -> float:
     """Mean NLL (nats/token) of `target` read after the prompt `layout` (answer log-perplexity for
     QA, continuation log-perplexity for long texts)."""
@@ -967,12 +1063,12 @@ def target_nll(decoder, projector, layout: PromptLayout, target: list[int]) -> f
     return float(F.cross_entropy(logits.float(), tgt))
 
 
-def _stream(stream, tok, generated, shown, eos) -> str:
-    text = tok.decode([t for t in generated if t not in eos], skip_special_tokens=True)
-    if text.startswith(shown):
-        stream.write(text[len(shown):])
-        stream.flush()
-    return text
+def check_index_tokenizer(index: PassageIndex, models: Models):
+    fp = tokenizer_fingerprint(models.tok)
+    if index.meta["tokenizer_fingerprint"] != fp:
+        fail(f"--index_dir {index.dir}: built with decoder tokenizer {index.meta['dec_tokenizer']} "
+             f"[{index.meta['tokenizer_fingerprint']}], but --dec loads a different one [{fp}]; "
+             f"rebuild the index with `refrag.py index --dec ...`")
 
 
 def cmd_generate(args):
@@ -1013,15 +1109,8 @@ def cmd_generate(args):
         write_json(os.path.join(args.out_dir, "generate.json"), rec)
 
 
-def check_index_tokenizer(index: PassageIndex, models: Models):
-    fp = tokenizer_fingerprint(models.tok)
-    if index.meta["tokenizer_fingerprint"] != fp:
-        fail(f"--index_dir {index.dir}: built with decoder tokenizer {index.meta['dec_tokenizer']} "
-             f"[{index.meta['tokenizer_fingerprint']}], but --dec loads a different one [{fp}]; "
-             f"rebuild the index with `refrag.py index --dec ...`")
-
-
 # ---- training loops ----
+# the demo reader (a small decoder trained from scratch), then the REFRAG stages
 
 def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
     """Linear warm-up then cosine decay to 10% of peak (paper appendix B: 4% warm-up, cosine)."""
@@ -1030,6 +1119,17 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
         return peak * (step + 1) / warm
     prog = (step - warm) / max(1, total - warm)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
+
+
+def qa_example(tok, passages: list[str], question: str, answer: str) -> tuple[list[int], list[int]]:
+    """(ids, is_answer mask) of a full-token prompt + answer under the shared template."""
+    prefix, sep, suffix = prompt_pieces(tok, question)
+    ids = list(prefix)
+    for i, p in enumerate(passages):
+        ids += (sep if i else []) + encode_text(tok, p)
+    ids += suffix
+    ans = answer_ids(tok, answer)
+    return ids + ans, [0] * len(ids) + [1] * len(ans)
 
 
 class ReaderData:
@@ -1130,17 +1230,6 @@ class ReaderData:
         return ids, mask
 
 
-def qa_example(tok, passages: list[str], question: str, answer: str) -> tuple[list[int], list[int]]:
-    """(ids, is_answer mask) of a full-token prompt + answer under the shared template."""
-    prefix, sep, suffix = prompt_pieces(tok, question)
-    ids = list(prefix)
-    for i, p in enumerate(passages):
-        ids += (sep if i else []) + encode_text(tok, p)
-    ids += suffix
-    ans = answer_ids(tok, answer)
-    return ids + ans, [0] * len(ids) + [1] * len(ans)
-
-
 def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
     T = max(len(x) for x, _ in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
@@ -1173,6 +1262,21 @@ def heldout_monitor(passages: list[str], eval_json: str, train_data: ReaderData,
 
 
 @torch.inference_mode()
+
+
+def greedy_answer(decoder, tok, prompt: list[int], device, max_new: int) -> str:
+    out = decoder(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
+    past, gen = out.past_key_values, [int(out.logits[0, -1].argmax())]
+    while len(gen) < max_new and gen[-1] != tok.eos_token_id:
+        out = decoder(input_ids=torch.tensor([[gen[-1]]], device=device), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        gen.append(int(out.logits[0, -1].argmax()))
+    return tok.decode([t for t in gen if t != tok.eos_token_id], skip_special_tokens=True).strip()
+
+
+@torch.inference_mode()
+
+
 def reader_exact_match(decoder, tok, data: ReaderData, recs: list[dict], device, max_new: int = 16) -> float:
     """Exact match of greedy answers with gold + distractor contexts (a training-time monitor; the
     real, retrieval-based figure comes from `evaluate`)."""
@@ -1184,17 +1288,6 @@ def reader_exact_match(decoder, tok, data: ReaderData, recs: list[dict], device,
         hits += exact_match(greedy_answer(decoder, tok, prompt, device, max_new), r["answers"])
     decoder.train()
     return hits / max(1, len(recs))
-
-
-@torch.inference_mode()
-def greedy_answer(decoder, tok, prompt: list[int], device, max_new: int) -> str:
-    out = decoder(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
-    past, gen = out.past_key_values, [int(out.logits[0, -1].argmax())]
-    while len(gen) < max_new and gen[-1] != tok.eos_token_id:
-        out = decoder(input_ids=torch.tensor([[gen[-1]]], device=device), past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        gen.append(int(out.logits[0, -1].argmax()))
-    return tok.decode([t for t in gen if t != tok.eos_token_id], skip_special_tokens=True).strip()
 
 
 def save_hf_model(model, tok, out_dir: str, extra: dict):
@@ -1410,36 +1503,6 @@ def next_sample(ids: list[int], split_s: int, o: int, n_chunks: int, k: int, p: 
     return {"pieces": [("tokens", bos)] + chunk_pieces(ctx, k, expand), "target": ids[split_s:split_s + o]}
 
 
-@dataclass
-class TrainConfig:
-    stage: str = "cpt_recon"     # cpt_recon | cpt_next | finetune
-    k: int = 8                   # tokens per chunk
-    steps: int = 200             # optimizer steps
-    lr: float = 2e-4             # peak LR (paper: 2e-4 recon, 5e-5 CPT, 2e-5 fine-tuning)
-    batch_size: int = 8          # samples per micro-batch per process
-    grad_accum: int = 1          # micro-batches per optimizer step (target batch = batch_size x grad_accum x processes)
-    warmup_frac: float = 0.04    # linear warm-up fraction (paper appendix B)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    expand_frac: float = 0.0     # cpt_next / finetune: fraction of chunks kept as raw tokens
-    max_o: int = 128             # cpt_next: continuation tokens at most
-    save_every: int = 0          # checkpoint every N steps (0: only at the end)
-    log_every: int = 20
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.k < 1:
-            fail(f"--k {self.k}: must be at least 1")
-        if self.steps < 1:
-            fail(f"--steps {self.steps}: must be at least 1")
-        if self.lr <= 0:
-            fail(f"--lr {self.lr}: must be positive")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            fail("--batch_size/--grad_accum: must be at least 1")
-        if not 0 <= self.expand_frac <= 1:
-            fail(f"--expand_frac {self.expand_frac}: must be between 0 and 1")
-
-
 def optimizer_state_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     """AdamW state as flat tensors (safetensors) + JSON (param groups): no pickle."""
     sd = opt.state_dict()
@@ -1553,6 +1616,8 @@ def fact_token_ids(tok, texts: list[str], max_df: float = 0.1) -> set[int]:
 
 
 @torch.inference_mode()
+
+
 def score_samples(model: RefragModel, samples: list[dict], tok, facts: set[int], batch_size: int = 8) -> dict:
     """Token accuracy and log-perplexity (mean NLL, nats/token) over the samples' targets, overall
     and on fact tokens."""
@@ -1808,33 +1873,6 @@ def cmd_finetune(args):
 
 # ---- evaluation and benchmarks ----
 
-def normalize_answer(s: str) -> str:
-    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
-
-
-def exact_match(pred: str, answers: list[str]) -> float:
-    p = normalize_answer(pred.split("\n")[0])
-    return float(bool(p) and any(p == normalize_answer(a) for a in answers))  # empty is never correct
-
-
-def token_f1(pred: str, answers: list[str]) -> float:
-    pt = normalize_answer(pred.split("\n")[0]).split()
-    if not pt:
-        return 0.0
-    best = 0.0
-    for a in answers:
-        at = normalize_answer(a).split()
-        common = sum((Counter(pt) & Counter(at)).values())
-        if common:
-            prec, rec = common / len(pt), common / len(at)
-            best = max(best, 2 * prec * rec / (prec + rec))
-    return best
-
-
 def chrf(pred: str, answers: list[str]) -> float:
     """Best sentence-level chrF (0-100, sacrebleu) against any gold answer; 0 for an empty prediction."""
     import sacrebleu
@@ -1863,6 +1901,8 @@ def config_key(c: dict) -> str:
 
 
 @torch.inference_mode()
+
+
 def cpt_layout_and_target(rec: dict, c: dict, models: Models, gen: torch.Generator) -> tuple[PromptLayout, list[int], dict]:
     """Long-text scoring (paper table 1): BOS + the first s tokens as context (raw, compressed, or
     absent), then the o continuation tokens as target."""
@@ -1885,6 +1925,23 @@ def cpt_layout_and_target(rec: dict, c: dict, models: Models, gen: torch.Generat
         expanded = select_expand(len(chunks[0]), c["p"], method, ppl, gen)
     layout = assemble_layout(bos, chunks, [], [], embs, expanded)
     return layout, tgt, {"prompt_positions": int(layout.tok_ids.numel())}
+
+
+def results_markdown(result: dict) -> str:
+    if result["kind"] == "qa":
+        head = "| mode | k | p | selection | EM | F1 | chrF | answer log-ppl | TTFT ms | TTIT ms | positions | answer in context |\n" \
+               "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        fmt = lambda s: (f"| {s['mode']} | {s['k'] or '-'} | {'-' if s['p'] is None else f'{s[chr(112)]:g}'} | "  # noqa: E731
+                         f"{s['selection'] or '-'} | {s['em']:.3f} | {s['f1']:.3f} | {s['chrf']:.1f} | "
+                         f"{s['answer_logppl']:.3f} | {s['ttft_s'] * 1000:.1f} | {s['ttit_s'] * 1000:.1f} | "
+                         f"{s['prompt_positions']:.0f} | {s['answer_in_context']:.3f} |")
+    else:
+        head = "| mode | k | p | selection | continuation log-ppl | positions |\n|---|---|---|---|---|---|\n"
+        fmt = lambda s: (f"| {s['mode']} | {s['k'] or '-'} | {'-' if s['p'] is None else f'{s[chr(112)]:g}'} | "  # noqa: E731
+                         f"{s['selection'] or '-'} | {s['logppl']:.4f} | {s['prompt_positions']:.0f} |")
+    return (f"Command: `{result['command']}`  \nDevice: {result['device']}; decoder {result['decoder']}; "
+            f"{result['results'][0]['n']} items of {result['eval_json']}\n\n" + head
+            + "\n".join(fmt(s) for s in result["results"]) + "\n")
 
 
 def cmd_evaluate(args):
@@ -1971,21 +2028,7 @@ def cmd_evaluate(args):
     print(f"evaluate: wrote {args.out}/results.json and results.md")
 
 
-def results_markdown(result: dict) -> str:
-    if result["kind"] == "qa":
-        head = "| mode | k | p | selection | EM | F1 | chrF | answer log-ppl | TTFT ms | TTIT ms | positions | answer in context |\n" \
-               "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-        fmt = lambda s: (f"| {s['mode']} | {s['k'] or '-'} | {'-' if s['p'] is None else f'{s[chr(112)]:g}'} | "  # noqa: E731
-                         f"{s['selection'] or '-'} | {s['em']:.3f} | {s['f1']:.3f} | {s['chrf']:.1f} | "
-                         f"{s['answer_logppl']:.3f} | {s['ttft_s'] * 1000:.1f} | {s['ttit_s'] * 1000:.1f} | "
-                         f"{s['prompt_positions']:.0f} | {s['answer_in_context']:.3f} |")
-    else:
-        head = "| mode | k | p | selection | continuation log-ppl | positions |\n|---|---|---|---|---|---|\n"
-        fmt = lambda s: (f"| {s['mode']} | {s['k'] or '-'} | {'-' if s['p'] is None else f'{s[chr(112)]:g}'} | "  # noqa: E731
-                         f"{s['selection'] or '-'} | {s['logppl']:.4f} | {s['prompt_positions']:.0f} |")
-    return (f"Command: `{result['command']}`  \nDevice: {result['device']}; decoder {result['decoder']}; "
-            f"{result['results'][0]['n']} items of {result['eval_json']}\n\n" + head
-            + "\n".join(fmt(s) for s in result["results"]) + "\n")
+
 
 ENCODER_PRESETS = {  # BERT/RoBERTa shapes for timing the encoder without downloading weights
     "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
@@ -2000,6 +2043,8 @@ def analytic_ttft_speedup(s: int, k: int, d: int) -> float:
 
 
 @contextlib.contextmanager
+
+
 def default_dtype_device(dtype: torch.dtype, device: torch.device):
     """Build modules directly on the device in the target dtype (a 7B model never exists in fp32 on the host)."""
     old = torch.get_default_dtype()
@@ -2040,6 +2085,8 @@ def kv_cache_bytes(cache) -> int:
 
 
 @torch.inference_mode()
+
+
 def time_request(decoder, make_inputs, o: int, device) -> dict:
     """One request: TTFT = building the decoder input (encoder/projector included for REFRAG) +
     prefill with last-position logits + the first token; then o-1 cached decode steps."""
@@ -2055,6 +2102,39 @@ def time_request(decoder, make_inputs, o: int, device) -> dict:
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     t2 = clock(device)
     return {"ttft_s": t1 - t0, "decode_s": t2 - t1, "kv_bytes": kv_cache_bytes(past)}
+
+
+def plot_bench(result: dict, path: str):
+    """TTFT speed-up vs context length for each k: measured (cached, uncached) beside the analytic curve."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: matplotlib not installed, no plot")
+        return
+    recs = [r for r in result["records"] if r["k"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, k in enumerate(sorted({r["k"] for r in recs})):
+        color = f"C{i}"
+        for mode, style in (("refrag_cached", "-o"), ("refrag_nocache", "--s")):
+            pts = sorted((r["s"], r["ttft_speedup"]) for r in recs if r["k"] == k and r["mode"] == mode)
+            if pts:
+                ax.plot(*zip(*pts), style, color=color, label=f"k={k} measured{'' if mode == 'refrag_cached' else ', no cache'}")
+        pts = sorted({(r["s"], r["analytic_ttft_speedup"]) for r in recs if r["k"] == k})
+        ax.plot(*zip(*pts), ":", color=color, label=f"k={k} analytic")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("context tokens s")
+    ax.set_ylabel("TTFT speed-up over full context")
+    ax.set_title(f"{result['decoder']}, {result['device']}, {result['dtype']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    plt.close(fig)
 
 
 def cmd_bench(args):
@@ -2157,46 +2237,6 @@ def cmd_bench(args):
     print(f"bench: wrote {os.path.join(args.out, 'bench.json')} and bench_ttft_speedup.png")
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        import platform
-        return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    return str(device)
-
-
-def plot_bench(result: dict, path: str):
-    """TTFT speed-up vs context length for each k: measured (cached, uncached) beside the analytic curve."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("bench: matplotlib not installed, no plot")
-        return
-    recs = [r for r in result["records"] if r["k"] is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, k in enumerate(sorted({r["k"] for r in recs})):
-        color = f"C{i}"
-        for mode, style in (("refrag_cached", "-o"), ("refrag_nocache", "--s")):
-            pts = sorted((r["s"], r["ttft_speedup"]) for r in recs if r["k"] == k and r["mode"] == mode)
-            if pts:
-                ax.plot(*zip(*pts), style, color=color, label=f"k={k} measured{'' if mode == 'refrag_cached' else ', no cache'}")
-        pts = sorted({(r["s"], r["analytic_ttft_speedup"]) for r in recs if r["k"] == k})
-        ax.plot(*zip(*pts), ":", color=color, label=f"k={k} analytic")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xlabel("context tokens s")
-    ax.set_ylabel("TTFT speed-up over full context")
-    ax.set_title(f"{result['decoder']}, {result['device']}, {result['dtype']}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    plt.close(fig)
 
 
 # ---- CLI ----
