@@ -1841,7 +1841,7 @@ def cmd_train(args, stage: str):
     if not acc.is_main_process:
         return
     print(f"{stage}: trained to step {min(cfg.steps, args.stop_after or cfg.steps)} in {time.perf_counter() - t0:.0f}s -> {args.out_dir}")
-    if args.eval_json and stage != "finetune" and (args.stop_after is None or args.stop_after >= cfg.steps):
+    if stage != "finetune" and args.eval_json and (args.stop_after is None or args.stop_after >= cfg.steps):
         ev = load_cpt_ids(args.eval_json, "--eval_json", tok)
         if stage == "cpt_recon":
             facts = fact_token_ids(tok, [r["text"] for r in train])
