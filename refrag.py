@@ -356,6 +356,8 @@ class PretrainConfig:
     max_passages: int = 8        # passages per training context: 1..max_passages
     context_weight: float = 0.1  # loss weight of non-answer tokens (answer tokens weigh 1)
     questions_per_context: int = 4  # questions asked after each training context
+    ctx_ramp: float = 0.6        # fraction of steps over which contexts grow from 1 to max_passages
+    copy_frac: float = 0.0       # fraction of batches that are synthetic copy sequences (copy_example)
     preset: str = "tiny"         # decoder shape, a key of DECODER_PRESETS
     seed: int = 0
     log_every: int = 50
@@ -1230,6 +1232,15 @@ class ReaderData:
         return ids, mask
 
 
+def copy_example(tok, rng: random.Random) -> tuple[list[int], list[int]]:
+    """BOS + m random tokens + the same m tokens again, the second copy as the target: the classic
+    task on which small transformers form the induction heads that reading from context needs."""
+    m = rng.randint(16, 96)
+    first = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    x = [rng.randrange(3, len(tok)) for _ in range(m)]
+    return first + x + x, [0] * (len(first) + m) + [1] * m
+
+
 def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
     T = max(len(x) for x, _ in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
@@ -1306,7 +1317,8 @@ def save_hf_model(model, tok, out_dir: str, extra: dict):
 
 def cmd_pretrain(args):
     cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_passages=args.max_passages,
-                         questions_per_context=args.questions_per_context,
+                         questions_per_context=args.questions_per_context, ctx_ramp=args.ctx_ramp,
+                         copy_frac=args.copy_frac,
                          preset=args.dec_config, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every)
     set_seed(cfg.seed)
     device = resolve_device(args.device)
@@ -1332,9 +1344,16 @@ def cmd_pretrain(args):
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_frac)
         for g in opt.param_groups:
             g["lr"] = lr
-        n_ctx = train_data.rng.randint(1, cfg.max_passages)  # one context size per batch: little padding
-        ids, ans, att = pad_batch([train_data.sample(n_ctx=n_ctx, n_questions=cfg.questions_per_context)
-                                   for _ in range(cfg.batch_size)], tok.pad_token_id)
+        # one context size per batch (little padding); the largest allowed grows from 1 passage to
+        # max_passages over the first ctx_ramp of the steps: find a fact first, then the right passage
+        grown = min(1.0, step / max(1, cfg.ctx_ramp * cfg.steps))
+        n_ctx = train_data.rng.randint(1, 1 + int(round(grown * (cfg.max_passages - 1))))
+        if train_data.rng.random() < cfg.copy_frac:  # synthetic copy batch: forms induction heads early
+            examples = [copy_example(tok, train_data.rng) for _ in range(cfg.batch_size)]
+        else:
+            examples = [train_data.sample(n_ctx=n_ctx, n_questions=cfg.questions_per_context)
+                        for _ in range(cfg.batch_size)]
+        ids, ans, att = pad_batch(examples, tok.pad_token_id)
         ids, ans, att = ids.to(device), ans.to(device), att.to(device)
         logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()        # (B, T-1, V)
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")      # (B, T-1)
@@ -1356,6 +1375,8 @@ def cmd_pretrain(args):
             if monitor and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
                 rec["heldout_em_oracle_ctx"] = reader_exact_match(model, tok, monitor[0], monitor[1], device)
                 print(f"step {step + 1:6d} | held-out exact match (gold + distractors) {rec['heldout_em_oracle_ctx']:.3f}", flush=True)
+                if not last:  # a usable decoder at every check, replaced atomically file by file
+                    save_hf_model(model, tok, args.out_dir, {"preset": cfg.preset, "steps": step + 1})
             append_jsonl(metrics_path, rec)
             t_log, n_tok = time.perf_counter(), 0
     model.eval()
@@ -2301,6 +2322,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr", type=float, default=1e-3)
     sp.add_argument("--max_passages", type=int, default=8)
     sp.add_argument("--questions_per_context", type=int, default=4)
+    sp.add_argument("--ctx_ramp", type=float, default=0.6, help="fraction of steps to grow contexts to --max_passages")
+    sp.add_argument("--copy_frac", type=float, default=0.0, help="fraction of batches of synthetic copy sequences")
     sp.add_argument("--log_every", type=int, default=50)
     sp.add_argument("--eval_every", type=int, default=500)
     sp.add_argument("--seed", type=int, default=0)
