@@ -10,7 +10,7 @@ Commands (run from the repository root; the demo data lives in data/):
 
     # 0. a small demo reader decoder, trained from scratch on the training split (CPU: minutes)
     python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl \
-        --eval_json data/rag_eval.jsonl --steps 3000 --out_dir runs/demo_decoder
+        --eval_json data/rag_eval.jsonl --steps 2000 --lr 1e-3 --copy_frac 0.2 --out_dir runs/demo_decoder
     # 1. FAISS index of the passages + cached chunk embeddings (k decoder tokens per chunk)
     python refrag.py index --corpus data/corpus_small.txt --index_dir runs/index --dec runs/demo_decoder --k 16
     # 2. answer a question: REFRAG (default), plain full-context RAG, or no context
@@ -347,7 +347,7 @@ DECODER_PRESETS = {  # Llama-architecture shapes; `tiny` is the demo reader, the
 
 
 class PretrainConfig:
-    steps: int = 3000            # optimizer steps
+    steps: int = 2000            # optimizer steps
     batch_size: int = 8          # sequences per step
     lr: float = 1e-3             # peak learning rate (AdamW, linear warm-up, cosine decay)
     warmup_frac: float = 0.04    # warm-up fraction (paper appendix B)
@@ -357,7 +357,7 @@ class PretrainConfig:
     context_weight: float = 0.1  # loss weight of non-answer tokens (answer tokens weigh 1)
     questions_per_context: int = 4  # questions asked after each training context
     ctx_ramp: float = 0.6        # fraction of steps over which contexts grow from 1 to max_passages
-    copy_frac: float = 0.0       # fraction of batches that are synthetic copy sequences (copy_example)
+    copy_frac: float = 0.2       # fraction of batches that are synthetic copy sequences (copy_example)
     preset: str = "tiny"         # decoder shape, a key of DECODER_PRESETS
     seed: int = 0
     log_every: int = 50
@@ -1348,7 +1348,8 @@ def cmd_pretrain(args):
         # max_passages over the first ctx_ramp of the steps: find a fact first, then the right passage
         grown = min(1.0, step / max(1, cfg.ctx_ramp * cfg.steps))
         n_ctx = train_data.rng.randint(1, 1 + int(round(grown * (cfg.max_passages - 1))))
-        if train_data.rng.random() < cfg.copy_frac:  # synthetic copy batch: forms induction heads early
+        is_copy = train_data.rng.random() < cfg.copy_frac
+        if is_copy:  # synthetic copy batch: forms induction heads early
             examples = [copy_example(tok, train_data.rng) for _ in range(cfg.batch_size)]
         else:
             examples = [train_data.sample(n_ctx=n_ctx, n_questions=cfg.questions_per_context)
@@ -1368,9 +1369,10 @@ def cmd_pretrain(args):
         if (step + 1) % cfg.log_every == 0 or last:
             ans_loss = ((nll.detach() * ans[:, 1:]).sum() / ans[:, 1:].sum().clamp(min=1)).item()
             dt = time.perf_counter() - t_log
-            rec = {"step": step + 1, "loss": loss.item(), "answer_loss": ans_loss, "lr": lr,
+            rec = {"step": step + 1, "batch": "copy" if is_copy else f"qa x{n_ctx}", "loss": loss.item(),
+                   "answer_loss": ans_loss, "lr": lr,
                    "ms_per_step": 1000 * dt / cfg.log_every, "tok_per_s": n_tok / dt}
-            print(f"step {step + 1:6d} | loss {rec['loss']:.4f} | answer {ans_loss:.4f} | lr {lr:.2e} | "
+            print(f"step {step + 1:6d} | {rec['batch']:6s} | loss {rec['loss']:.4f} | answer {ans_loss:.4f} | lr {lr:.2e} | "
                   f"{rec['ms_per_step']:.0f} ms/step | {rec['tok_per_s']:.0f} tok/s", flush=True)
             if monitor and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
                 rec["heldout_em_oracle_ctx"] = reader_exact_match(model, tok, monitor[0], monitor[1], device)
@@ -2317,13 +2319,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eval_n", type=int, default=100)
     sp.add_argument("--tokenizer", default="data/tokenizer.json")
     sp.add_argument("--dec_config", default="tiny", choices=sorted(DECODER_PRESETS))
-    sp.add_argument("--steps", type=int, default=3000)
+    sp.add_argument("--steps", type=int, default=2000)
     sp.add_argument("--batch_size", type=int, default=8)
     sp.add_argument("--lr", type=float, default=1e-3)
     sp.add_argument("--max_passages", type=int, default=8)
     sp.add_argument("--questions_per_context", type=int, default=4)
     sp.add_argument("--ctx_ramp", type=float, default=0.6, help="fraction of steps to grow contexts to --max_passages")
-    sp.add_argument("--copy_frac", type=float, default=0.0, help="fraction of batches of synthetic copy sequences")
+    sp.add_argument("--copy_frac", type=float, default=0.2, help="fraction of batches of synthetic copy sequences")
     sp.add_argument("--log_every", type=int, default=50)
     sp.add_argument("--eval_every", type=int, default=500)
     sp.add_argument("--seed", type=int, default=0)
