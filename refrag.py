@@ -150,8 +150,6 @@ def write_json(path: str, obj):
 
 
 @contextlib.contextmanager
-
-
 def atomic_dir(path: str):
     """Yield a temporary directory beside `path`; on success it replaces `path` in one rename."""
     parent = os.path.dirname(os.path.abspath(path))
@@ -270,8 +268,6 @@ def progress(iterable=None, **kw):
 # ---- configs ----
 
 @dataclass
-
-
 class IndexConfig:
     corpus: str = "data/corpus_small.txt"  # one passage per line
     index_dir: str = DEFAULT_INDEX         # output directory (replaced atomically)
@@ -292,8 +288,6 @@ class IndexConfig:
 
 
 @dataclass
-
-
 class GenerateConfig:
     topk: int = 8                 # passages retrieved
     k: int = 16                   # decoder tokens per compressed chunk
@@ -344,8 +338,6 @@ DECODER_PRESETS = {  # Llama-architecture shapes; `tiny` is the demo reader, the
 
 
 @dataclass
-
-
 class PretrainConfig:
     steps: int = 2000            # optimizer steps
     batch_size: int = 8          # sequences per step
@@ -377,8 +369,6 @@ class PretrainConfig:
 
 
 @dataclass
-
-
 class TrainConfig:
     stage: str = "cpt_recon"     # cpt_recon | cpt_next | finetune
     k: int = 8                   # tokens per chunk
@@ -648,8 +638,6 @@ def load_encoder(name: str, flag: str = "--enc") -> ChunkEncoder:
 
 
 @dataclass
-
-
 class Models:
     """Everything generate needs, loaded once."""
     tok: object
@@ -817,8 +805,6 @@ class PassageIndex:
 # ---- selection ----
 
 @torch.inference_mode()
-
-
 def chunk_perplexities(decoder, passages_ids: list, k: int, device: torch.device, pad_id: int) -> list[torch.Tensor]:
     """Per passage, the decoder's mean NLL of each k-token chunk, scored in one batched pass over
     the passages (question-independent, so it could be cached at indexing time). The first token
@@ -859,8 +845,6 @@ def select_expand(n_chunks: int, p: float, method: str, ppl: torch.Tensor | None
 # ---- generation and timing ----
 
 @dataclass
-
-
 class PromptLayout:
     """A prompt as decoder positions: tok_ids[t] >= 0 is a token, slot[t] >= 0 a compressed chunk."""
     tok_ids: torch.Tensor    # (T,) long, -1 at compressed positions
@@ -991,8 +975,6 @@ def _stream(stream, tok, generated, shown, eos) -> str:
 
 
 @torch.inference_mode()
-
-
 def run_generation(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex,
                    stream=None, keep_layout: bool = False) -> dict:
     """Answer one question and time it. The clock starts when the question is received and every
@@ -1053,8 +1035,6 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
 
 
 @torch.inference_mode()
-
-
 def target_nll(decoder, projector, layout: PromptLayout, target: list[int]) -> float:
     """Mean NLL (nats/token) of `target` read after the prompt `layout` (answer log-perplexity for
     QA, continuation log-perplexity for long texts)."""
@@ -1273,8 +1253,6 @@ def heldout_monitor(passages: list[str], eval_json: str, train_data: ReaderData,
 
 
 @torch.inference_mode()
-
-
 def greedy_answer(decoder, tok, prompt: list[int], device, max_new: int) -> str:
     out = decoder(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
     past, gen = out.past_key_values, [int(out.logits[0, -1].argmax())]
@@ -1286,8 +1264,6 @@ def greedy_answer(decoder, tok, prompt: list[int], device, max_new: int) -> str:
 
 
 @torch.inference_mode()
-
-
 def reader_exact_match(decoder, tok, data: ReaderData, recs: list[dict], device, max_new: int = 16) -> float:
     """Exact match of greedy answers with gold + distractor contexts (a training-time monitor; the
     real, retrieval-based figure comes from `evaluate`)."""
@@ -1639,8 +1615,6 @@ def fact_token_ids(tok, texts: list[str], max_df: float = 0.1) -> set[int]:
 
 
 @torch.inference_mode()
-
-
 def score_samples(model: RefragModel, samples: list[dict], tok, facts: set[int], batch_size: int = 8) -> dict:
     """Token accuracy and log-perplexity (mean NLL, nats/token) over the samples' targets, overall
     and on fact tokens."""
@@ -1924,8 +1898,6 @@ def config_key(c: dict) -> str:
 
 
 @torch.inference_mode()
-
-
 def cpt_layout_and_target(rec: dict, c: dict, models: Models, gen: torch.Generator) -> tuple[PromptLayout, list[int], dict]:
     """Long-text scoring (paper table 1): BOS + the first s tokens as context (raw, compressed, or
     absent), then the o continuation tokens as target."""
@@ -2066,8 +2038,6 @@ def analytic_ttft_speedup(s: int, k: int, d: int) -> float:
 
 
 @contextlib.contextmanager
-
-
 def default_dtype_device(dtype: torch.dtype, device: torch.device):
     """Build modules directly on the device in the target dtype (a 7B model never exists in fp32 on the host)."""
     old = torch.get_default_dtype()
@@ -2108,8 +2078,6 @@ def kv_cache_bytes(cache) -> int:
 
 
 @torch.inference_mode()
-
-
 def time_request(decoder, make_inputs, o: int, device) -> dict:
     """One request: TTFT = building the decoder input (encoder/projector included for REFRAG) +
     prefill with last-position logits + the first token; then o-1 cached decode steps."""
