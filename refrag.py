@@ -783,6 +783,18 @@ class PassageIndex:
         keep = ids[0] >= 0
         return [int(i) for i in ids[0][keep]], [float(s) for s in scores[0][keep]]
 
+    def fit(self, ranked: list[int], ctx_max: int) -> list[int]:
+        """Whole passages in rank order while their raw tokens fit in ctx_max (every mode and the
+        fine-tuning data use the same passages)."""
+        used, budget = [], ctx_max
+        for i in ranked:
+            n = int(self.tok_offsets[i + 1] - self.tok_offsets[i])
+            if n > budget:
+                break
+            used.append(i)
+            budget -= n
+        return used
+
     def passage_ids(self, i: int) -> np.ndarray:
         return self.tokens[self.tok_offsets[i]:self.tok_offsets[i + 1]]
 
@@ -868,24 +880,29 @@ def build_layout(segments: list[tuple[str, object]]) -> PromptLayout:
                         torch.stack(embs) if embs else torch.zeros(0, d))
 
 
-def assemble_layout(prefix: list[int], chunks: list[list[list[int]]], sep: list[int], suffix: list[int],
-                    chunk_embs: list | None, expanded: list[int]) -> PromptLayout:
-    """prefix, passages (each a list of k-token chunks) joined by sep, suffix. With chunk_embs, every
-    chunk not in `expanded` (global chunk indices) becomes one compressed position; without, all
-    chunks stay tokens (the full-context prompt)."""
-    segments = [("tokens", prefix)]
-    exp_set, j = set(expanded), 0
+def prompt_segments(prefix: list[int], chunks: list[list[list[int]]], sep: list[int], suffix: list[int],
+                    expanded: set[int] | None) -> list[tuple[str, object]]:
+    """The one prompt assembly shared by inference and training: prefix, passages (each a list of
+    k-token chunks) joined by sep, suffix. With `expanded` (global chunk indices kept as tokens),
+    every other chunk is ("chunk", (passage, chunk, ids)); with None, every chunk stays tokens."""
+    segments, j = [("tokens", prefix)], 0
     for pi, pchunks in enumerate(chunks):
         if pi:
             segments.append(("tokens", sep))
         for ci, c in enumerate(pchunks):
-            if chunk_embs is not None and j not in exp_set:
-                segments.append(("chunk", chunk_embs[pi][ci]))
-            else:
-                segments.append(("tokens", c))
+            compressed = expanded is not None and j not in expanded
+            segments.append(("chunk", (pi, ci, c)) if compressed else ("tokens", c))
             j += 1
     segments.append(("tokens", suffix))
-    return build_layout(segments)
+    return segments
+
+
+def assemble_layout(prefix: list[int], chunks: list[list[list[int]]], sep: list[int], suffix: list[int],
+                    chunk_embs: list | None, expanded: list[int]) -> PromptLayout:
+    """The decoder layout of prompt_segments: each compressed chunk is its embedding (one position);
+    without chunk_embs all chunks stay tokens (the full-context prompt)."""
+    segs = prompt_segments(prefix, chunks, sep, suffix, None if chunk_embs is None else set(expanded))
+    return build_layout([(kind, chunk_embs[v[0]][v[1]] if kind == "chunk" else v) for kind, v in segs])
 
 
 def layout_embeds(layout: PromptLayout, decoder, projector: Projector | None) -> torch.Tensor:
@@ -923,13 +940,7 @@ def prepare_prompt(question: str, cfg: GenerateConfig, models: Models, index: Pa
     if cfg.mode != "none":
         q = models.retriever.embed_texts([question], normalize=True).numpy()
         ranked, scores = index.search(q, cfg.topk)
-        budget = cfg.ctx_max
-        for i in ranked:  # whole passages in rank order while they fit in ctx_max raw tokens
-            n = int(index.tok_offsets[i + 1] - index.tok_offsets[i])
-            if n > budget:
-                break
-            used.append(i)
-            budget -= n
+        used = index.fit(ranked, cfg.ctx_max)
     passages_ids = [index.passage_ids(i) for i in used]
     marks["retrieve"] = clock(dev)
     cache, n_chunks, expanded, method, chunk_embs = "n/a", 0, [], "n/a", None
@@ -1794,17 +1805,10 @@ def cmd_train(args, stage: str):
         with torch.inference_mode():
             q_emb = retriever.embed_texts([r["question"] for r in qa], normalize=True,
                                           desc="retrieve" if acc.is_main_process else None).numpy()
-        contexts = []
-        for qi in range(len(qa)):  # the same passages generate would use: rank order within ctx_max
-            ranked, _ = index.search(q_emb[qi:qi + 1], args.topk)
-            used, budget = [], args.ctx_max
-            for i in ranked:
-                n = int(index.tok_offsets[i + 1] - index.tok_offsets[i])
-                if n > budget:
-                    break
-                used.append(index.passage_ids(i).tolist())
-                budget -= n
-            contexts.append(used)
+        contexts = []  # the same passages generate would use
+        for qi in range(len(qa)):
+            used = index.fit(index.search(q_emb[qi:qi + 1], args.topk)[0], args.ctx_max)
+            contexts.append([index.passage_ids(i).tolist() for i in used])
         del retriever
 
         def make_step_batch(step, micro):
@@ -1815,15 +1819,9 @@ def cmd_train(args, stage: str):
                 prefix, sep, suffix = prompt_pieces(tok, qa[qi]["question"])
                 chunks = [split_chunks(x, cfg.k) for x in contexts[qi]]
                 L = sum(len(c) for c in chunks)
-                expand = set(range(L)) if full_ft else set(rng.sample(range(L), int(round(cfg.expand_frac * L))))
-                pieces, j = [("tokens", prefix)], 0
-                for pi, pch in enumerate(chunks):
-                    if pi:
-                        pieces.append(("tokens", sep))
-                    for c in pch:
-                        pieces.append(("tokens" if j in expand else "chunk", c))
-                        j += 1
-                pieces.append(("tokens", suffix))
+                expand = None if full_ft else set(rng.sample(range(L), int(round(cfg.expand_frac * L))))
+                pieces = [(kind, v[2] if kind == "chunk" else v)
+                          for kind, v in prompt_segments(prefix, chunks, sep, suffix, expand)]
                 smp.append({"pieces": pieces, "target": answer_ids(tok, rng.choice(qa[qi]["answers"]))})
             return make_batch(smp, tok, tok.pad_token_id), {}
 

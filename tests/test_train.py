@@ -151,3 +151,21 @@ def test_finetune_trains_on_retrieved_contexts(tiny_dec_dir, tiny_index, small_c
     code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--load_dir", out,
                                 "--mode", mode, "--k", 16, "--question", rows[0]["question"], "--max_new", 3, "--json")
     assert code == 0, err
+
+
+def test_training_and_inference_prompts_are_the_same_layout(tok):
+    prefix, sep, suffix = refrag.prompt_pieces(tok, "Who led Event_7?")
+    passages = [refrag.encode_text(tok, "Event_7 was led by Tarn Velo. Event_7 lasted 9 days."),
+                refrag.encode_text(tok, "Event_70 took place in 1200.")]
+    chunks = [refrag.split_chunks(x, 4) for x in passages]
+    expanded = {1, 4}
+    embs = [[torch.zeros(3) for _ in c] for c in chunks]
+    layout = refrag.assemble_layout(prefix, chunks, sep, suffix, embs, sorted(expanded))
+    pieces = [(kind, v[2] if kind == "chunk" else v)
+              for kind, v in refrag.prompt_segments(prefix, chunks, sep, suffix, expanded)]
+    batch = refrag.make_batch([{"pieces": pieces, "target": [5]}], tok, tok.pad_token_id)
+    n = layout.tok_ids.numel()
+    assert batch["tok_ids"][0, :n].tolist() == layout.tok_ids.tolist()
+    assert ((batch["slot"][0, :n] >= 0) == (layout.slot >= 0)).all()
+    full = refrag.assemble_layout(prefix, chunks, sep, suffix, None, [])
+    assert (full.slot < 0).all() and full.tok_ids.tolist() == prefix + passages[0] + sep + passages[1] + suffix
