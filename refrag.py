@@ -3,24 +3,34 @@
 Retrieved passages are cut into k-token chunks; a light encoder turns each chunk into one vector,
 a projector maps it into the decoder's token-embedding space, and the decoder reads those L chunk
 embeddings instead of the s raw tokens (so its prompt is about s/k positions long). A selection
-step (random, perplexity heuristic, later an RL policy) expands a fraction p of the chunks back to
+step (random or a perplexity heuristic; an RL policy is future work) expands a fraction p of the chunks back to
 raw tokens. Chunk embeddings are computed once at indexing time and cached.
 
 Commands (run from the repository root; the demo data lives in data/):
 
-    # 0. a small demo reader decoder, trained from scratch on the training split (CPU: minutes)
+    # 0. a small demo decoder trained from scratch on the training split to read contexts
     python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl \
         --eval_json data/rag_eval.jsonl --steps 2000 --lr 1e-3 --copy_frac 0.2 --out_dir runs/demo_decoder
     # 1. FAISS index of the passages + cached chunk embeddings (k decoder tokens per chunk)
-    python refrag.py index --corpus data/corpus_small.txt --index_dir runs/index --dec runs/demo_decoder --k 16
+    python refrag.py index --corpus data/corpus_small.txt --index_dir runs/index --dec runs/demo_decoder --k 8,16,32
     # 2. answer a question: REFRAG (default), plain full-context RAG, or no context
     python refrag.py generate --index_dir runs/index --dec runs/demo_decoder \
         --question "Which river flows through City_191?" --topk 8 --k 16 --p 0.25 --ctx_max 1024 \
         --max_new 128 --temperature 0.0 [--heuristic ppl_desc] [--mode full|refrag|none] [--json]
-    # 3. exact match / F1 / timing over a QA file, one row per mode
+    # 3. REFRAG training (paper section 3): reconstruction, next-paragraph prediction, RAG fine-tuning
+    python refrag.py cpt_recon --train_json data/cpt_train.jsonl --dec runs/demo_decoder --k 8 \
+        --steps 1000 --lr 2e-4 --log_every 20 --out_dir runs/cpt_recon
+    python refrag.py cpt_next --train_json data/cpt_train.jsonl --dec runs/demo_decoder --k 8 \
+        --steps 400 --lr 5e-5 --expand_frac 0.1 --load_dir runs/cpt_recon --out_dir runs/cpt_next
+    python refrag.py finetune --rag_json data/rag_train.jsonl --index_dir runs/index --load_dir runs/cpt_next \
+        --k 8 --p 0.1 --out_dir runs/sft            # --mode full: the full-context baseline
+    # (any trainer: torchrun --nproc_per_node N refrag.py ...; --resume continues from --out_dir)
+    # 4. quality over a QA or long-text file, per mode x k x p x selection (resumable)
     python refrag.py evaluate --eval_json data/rag_eval.jsonl --index_dir runs/index \
-        --dec runs/demo_decoder --modes full,refrag,none --out runs/eval
-    # CPU smoke run of the whole pipeline on the small corpus (about a minute):
+        --dec runs/demo_decoder --modes full,refrag,none --k 8,16,32 --p 0 --out runs/eval
+    # 5. latency vs context length, full vs REFRAG, random-weight shapes allowed
+    python refrag.py bench --dec_config llama-220m --ctx 512,1024,2048,4096 --k 8,16,32 --out runs/bench
+    # CPU smoke run of the whole pipeline on the small corpus (about two minutes on 2 cores):
     python refrag.py pretrain --steps 20 --out_dir runs/smoke_dec && \
     python refrag.py index --index_dir runs/smoke_index --dec runs/smoke_dec && \
     python refrag.py generate --index_dir runs/smoke_index --dec runs/smoke_dec --question "Where does Person_233 work?"
