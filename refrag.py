@@ -695,9 +695,11 @@ def load_models(dec: str, enc: str, embed_model: str, load_dir: str | None, k: i
 # ---- index ----
 
 def build_faiss(emb: np.ndarray, index_type: str):
+    """(index, the type actually built): below 1,000 passages IVF/HNSW bring nothing, flat is exact."""
     import faiss
     n, d = emb.shape
     if index_type == "flat" or n < 1000:
+        index_type = "flat"
         index = faiss.IndexFlatIP(d)
     elif index_type == "ivf":
         nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
@@ -708,7 +710,7 @@ def build_faiss(emb: np.ndarray, index_type: str):
         index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = 64
     index.add(emb)
-    return index
+    return index, index_type
 
 
 def cmd_index(args):
@@ -728,14 +730,14 @@ def cmd_index(args):
         ids = [encode_text(dec_tok, p) for p in passages]
         caches = {k: encode_chunks(encoder, dec_tok, ids, k, cfg.batch_size, desc=f"encode chunks k={k}")
                   for k in cfg.ks}
-    index = build_faiss(emb, cfg.index_type)
+    index, built_type = build_faiss(emb, cfg.index_type)
     tok_offsets = np.cumsum([0] + [len(x) for x in ids]).astype(np.int64)
     enc_fp = module_fingerprint(encoder.model)
     with open(cfg.corpus, "rb") as fh:
         corpus_sha1 = hashlib.sha1(fh.read()).hexdigest()[:12]
     meta = {
         "format": INDEX_FORMAT, "n_passages": len(passages), "corpus": cfg.corpus, "corpus_sha1": corpus_sha1,
-        "embed_model": cfg.embed_model, "embed_dim": int(emb.shape[1]), "index_type": cfg.index_type,
+        "embed_model": cfg.embed_model, "embed_dim": int(emb.shape[1]), "index_type": built_type,
         "metric": "inner product of L2-normalised mean-pooled embeddings",
         "dec_tokenizer": cfg.dec, "tokenizer_fingerprint": tokenizer_fingerprint(dec_tok),
         "n_tokens": int(tok_offsets[-1]),
@@ -757,7 +759,7 @@ def cmd_index(args):
         write_json(os.path.join(tmp, "meta.json"), meta)
     cached = ", ".join(f"{n} chunks of k={k}" for k, n in meta["chunk_cache"]["n_chunks"].items())
     print(f"index: {len(passages)} passages, {meta['n_tokens']} decoder tokens, {cached} cached "
-          f"({encoder.dim}-d), {cfg.index_type} FAISS index -> {cfg.index_dir} ({time.perf_counter() - t0:.1f}s)")
+          f"({encoder.dim}-d), {built_type} FAISS index -> {cfg.index_dir} ({time.perf_counter() - t0:.1f}s)")
 
 
 class PassageIndex:

@@ -109,3 +109,16 @@ def test_metrics_normalisation_and_empty_answers():
     assert refrag.exact_match("", [""]) == 0.0 and refrag.exact_match("   ", ["x"]) == 0.0
     assert refrag.token_f1("University of Gestuve", ["University of Botabeand"]) == pytest.approx(2 / 3)
     assert refrag.token_f1("", ["x"]) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_faiss_index_types_find_the_nearest_passage(kind):
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((3000, 32)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    index, built = refrag.build_faiss(emb, kind)
+    assert built == kind
+    q = emb[[7, 1234, 2999]] + 0.01 * rng.standard_normal((3, 32)).astype(np.float32)
+    _, ids = index.search(q, 1)
+    assert ids[:, 0].tolist() == [7, 1234, 2999]
+    assert refrag.build_faiss(emb[:50], kind)[1] == "flat"  # small corpora: exact search
