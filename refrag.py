@@ -866,7 +866,7 @@ def select_expand(n_chunks: int, p: float, method: str, ppl: torch.Tensor | None
     return sorted(order[:t].tolist())
 
 
-# ---- generation and timing ----
+# ---- prompt layout (shared by inference and training) ----
 
 @dataclass
 class PromptLayout:
@@ -929,6 +929,8 @@ def layout_embeds(layout: PromptLayout, decoder, projector: Projector | None) ->
         x[comp.to(dev)] = proj[layout.slot[comp].to(dev)]
     return x.unsqueeze(0)
 
+
+# ---- generation and timing ----
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
     logits = logits.float().reshape(-1)
@@ -1114,8 +1116,7 @@ def cmd_generate(args):
         write_json(os.path.join(args.out_dir, "generate.json"), rec)
 
 
-# ---- training loops ----
-# the demo reader (a small decoder trained from scratch), then the REFRAG stages
+# ---- training: schedule and the demo decoder ----
 
 def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
     """Linear warm-up then cosine decay to 10% of peak (paper appendix B: 4% warm-up, cosine)."""
@@ -1384,6 +1385,8 @@ def cmd_pretrain(args):
     save_hf_model(model, tok, args.out_dir, {"preset": cfg.preset, "steps": cfg.steps})
     print(f"pretrain: done in {time.perf_counter() - t_start:.0f}s -> {args.out_dir}")
 
+
+# ---- training: REFRAG stages (curriculum, batches, checkpoints, the loop, held-out scores) ----
 
 # Table 8 of the paper: samples per curriculum stage (9 stages) for contexts of 1, 2, 4, ... chunks.
 # Rows for 64, 128 and 256 chunks are identical; larger sizes reuse that row. The absolute counts
