@@ -3,8 +3,9 @@
 Retrieved passages are cut into k-token chunks; a light encoder turns each chunk into one vector,
 a projector maps it into the decoder's token-embedding space, and the decoder reads those L chunk
 embeddings instead of the s raw tokens (so its prompt is about s/k positions long). A selection
-step (random or a perplexity heuristic; an RL policy is future work) expands a fraction p of the chunks back to
-raw tokens. Chunk embeddings are computed once at indexing time and cached.
+step (random, a perplexity heuristic, or a policy trained with GRPO / REINFORCE) expands a fraction
+p of the chunks back to raw tokens. Chunk embeddings (and, for the heuristics, chunk perplexities)
+are computed once at indexing time and cached.
 
 Commands (run from the repository root; the demo data lives in data/):
 
@@ -25,9 +26,15 @@ Commands (run from the repository root; the demo data lives in data/):
     python refrag.py finetune --rag_json data/rag_train.jsonl --index_dir runs/index --load_dir runs/cpt_next \
         --k 8 --p 0.1 --out_dir runs/sft            # --mode full: the full-context baseline
     # (any trainer: torchrun --nproc_per_node N refrag.py ...; --resume continues from --out_dir)
+    # 3b. selective expansion: cache chunk perplexities, train the policy (models frozen), use it
+    python refrag.py index --index_dir runs/index --enc runs/sft --dec runs/sft/decoder --k 16 --ppl
+    python refrag.py train_policy --rag_json data/rag_train.jsonl --index_dir runs/index --load_dir runs/sft \
+        --k 16 --p 0.25 --steps 300 --lr 1e-4 --algo grpo [--policy_query] --out_dir runs/policy
+    python refrag.py generate --index_dir runs/index --load_dir runs/policy --k 16 --p 0.25 --question "..."
     # 4. quality over a QA or long-text file, per mode x k x p x selection (resumable)
     python refrag.py evaluate --eval_json data/rag_eval.jsonl --index_dir runs/index \
         --dec runs/demo_decoder --modes full,refrag,none --k 8,16,32 --p 0 --out runs/eval
+    #    (--p 0,0.1,0.25 --heuristic random,ppl_desc,ppl_asc --policy runs/policy: the selection comparison)
     # 5. latency vs context length, full vs REFRAG, random-weight shapes allowed
     python refrag.py bench --dec_config llama-220m --ctx 512,1024,2048,4096 --k 8,16,32 --out runs/bench
     # CPU smoke run of the whole pipeline on the small corpus (about two minutes on 2 cores):
@@ -245,6 +252,16 @@ def module_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
+def weights_fingerprint(module: nn.Module) -> str:
+    """Identity of a set of weights that survives a dtype or device change: names, shapes and the
+    first 16 values of every tensor rounded to bfloat16 (an fp32 model and its bf16 load agree)."""
+    h = hashlib.sha1()
+    for name, t in module.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.detach().reshape(-1)[:16].to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def quiet_hf():
     """Hugging Face's per-load progress bars and hub warnings would drown the timing lines."""
     from transformers.utils import logging as hf_logging
@@ -287,6 +304,7 @@ class IndexConfig:
     ks: tuple = (16,)                      # chunk sizes to cache (tokens per chunk), one cache each
     index_type: str = "flat"               # flat (exact inner product), ivf or hnsw
     batch_size: int = 64                   # passages / chunks per encoder batch
+    ppl: bool = False                      # also cache each chunk's perplexity under --dec (heuristics)
 
     def __post_init__(self):
         if not self.ks or any(k < 1 for k in self.ks):
@@ -309,6 +327,7 @@ class GenerateConfig:
     mode: str = "refrag"          # refrag | full | none
     heuristic: str | None = None  # None (random when p > 0), ppl_desc, ppl_asc, random
     use_cache: bool = True        # use the index's cached chunk embeddings when they match
+    policy_sample: bool = False   # sample the policy's picks instead of taking its top-scoring chunks
     seed: int = 0                 # sampling / random selection seed
 
     def __post_init__(self):
@@ -360,6 +379,8 @@ class PretrainConfig:
     questions_per_context: int = 4  # questions asked after each training context
     ctx_ramp: float = 0.6        # fraction of steps over which contexts grow from 1 to max_passages
     copy_frac: float = 0.2       # fraction of batches that are synthetic copy sequences (copy_example)
+    copy_warmup: int = 0         # first steps made of copy batches only (induction heads form first)
+    single_steps: int = 0        # then this many steps with one passage per context (learn to read a fact)
     preset: str = "tiny"         # decoder shape, a key of DECODER_PRESETS
     seed: int = 0
     log_every: int = 50
@@ -406,6 +427,43 @@ class TrainConfig:
             fail("--batch_size/--grad_accum: must be at least 1")
         if not 0 <= self.expand_frac <= 1:
             fail(f"--expand_frac {self.expand_frac}: must be between 0 and 1")
+
+
+@dataclass
+class PolicyConfig:
+    k: int = 16                  # tokens per chunk (the policy is trained for one k)
+    p: float = 0.25              # fraction of chunks expanded: T' = round(p L) picks
+    steps: int = 300             # policy updates
+    lr: float = 1e-4             # AdamW learning rate of the policy
+    algo: str = "grpo"           # grpo (group advantage + PPO clipping) | reinforce (moving baseline)
+    group: int = 8               # G selections sampled per example
+    batch_size: int = 4          # examples per update
+    clip: float = 0.2            # PPO clipping epsilon
+    ppo_epochs: int = 2          # GRPO: gradient steps on each batch of samples (ratios vs the sampling policy)
+    baseline_decay: float = 0.9  # REINFORCE: moving-average baseline of the reward
+    query: bool = False          # query-aware policy (the question's embedding as an extra input)
+    d_model: int = 128           # policy transformer width (2 layers, as in the paper)
+    topk: int = 8                # passages retrieved per training question
+    ctx_max: int = 1024
+    max_o: int = 64              # long-text data: continuation tokens scored
+    log_every: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.k < 1:
+            fail(f"--k {self.k}: must be at least 1")
+        if not 0 < self.p < 1:
+            fail(f"--p {self.p}: the policy is trained for 0 < p < 1 (p = 0 and p = 1 leave nothing to choose)")
+        if self.steps < 1 or self.batch_size < 1:
+            fail("--steps/--batch_size: must be at least 1")
+        if self.lr <= 0:
+            fail(f"--lr {self.lr}: must be positive")
+        if self.algo not in ("grpo", "reinforce"):
+            fail(f"--algo {self.algo}: expected grpo or reinforce")
+        if self.group < 2:
+            fail(f"--group {self.group}: needs at least 2 samples per example")
+        if not 0 < self.clip < 1 or self.ppo_epochs < 1:
+            fail("--clip must be in (0, 1) and --ppo_epochs at least 1")
 
 
 # ---- data ----
@@ -659,6 +717,8 @@ class Models:
     dtype: torch.dtype
     enc_name: str
     enc_fingerprint: str
+    dec_fingerprint: str = ""
+    policy: nn.Module | None = None   # a SelectionPolicy when one is loaded
 
 
 def load_models(dec: str, enc: str, embed_model: str, load_dir: str | None, k: int,
@@ -689,141 +749,8 @@ def load_models(dec: str, enc: str, embed_model: str, load_dir: str | None, k: i
         and not (load_dir and os.path.isfile(os.path.join(load_dir, "encoder.safetensors")))
     retriever = encoder if same else ChunkEncoder(embed_model, "--embed_model").to(device=device, dtype=dtype).eval()
     return Models(tok=tok, decoder=decoder, encoder=encoder, projector=projector, retriever=retriever,
-                  device=device, dtype=dtype, enc_name=encoder.name if encoder else "", enc_fingerprint=enc_fp)
-
-
-# ---- index ----
-
-def build_faiss(emb: np.ndarray, index_type: str):
-    """(index, the type actually built): below 1,000 passages IVF/HNSW bring nothing, flat is exact."""
-    import faiss
-    n, d = emb.shape
-    if index_type == "flat" or n < 1000:
-        index_type = "flat"
-        index = faiss.IndexFlatIP(d)
-    elif index_type == "ivf":
-        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(emb)
-        index.nprobe = min(nlist, 16)
-    else:
-        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = 64
-    index.add(emb)
-    return index, index_type
-
-
-def cmd_index(args):
-    cfg = IndexConfig(corpus=args.corpus, index_dir=args.index_dir, embed_model=args.embed_model,
-                      enc=args.enc, dec=args.dec, ks=parse_ints(args.k, "--k"), index_type=args.index_type,
-                      batch_size=args.batch_size)
-    import faiss
-    passages = read_corpus(cfg.corpus)
-    device = resolve_device(args.device)
-    t0 = time.perf_counter()
-    dec_tok = load_tokenizer(cfg.dec)
-    retriever = ChunkEncoder(cfg.embed_model, "--embed_model").to(device).eval()
-    encoder = retriever if resolve_model_path(cfg.enc) == resolve_model_path(cfg.embed_model) \
-        else load_encoder(cfg.enc).to(device).eval()
-    with torch.inference_mode():
-        emb = retriever.embed_texts(passages, cfg.batch_size, normalize=True, desc="embed passages").numpy()
-        ids = [encode_text(dec_tok, p) for p in passages]
-        caches = {k: encode_chunks(encoder, dec_tok, ids, k, cfg.batch_size, desc=f"encode chunks k={k}")
-                  for k in cfg.ks}
-    index, built_type = build_faiss(emb, cfg.index_type)
-    tok_offsets = np.cumsum([0] + [len(x) for x in ids]).astype(np.int64)
-    enc_fp = module_fingerprint(encoder.model)
-    with open(cfg.corpus, "rb") as fh:
-        corpus_sha1 = hashlib.sha1(fh.read()).hexdigest()[:12]
-    meta = {
-        "format": INDEX_FORMAT, "n_passages": len(passages), "corpus": cfg.corpus, "corpus_sha1": corpus_sha1,
-        "embed_model": cfg.embed_model, "embed_dim": int(emb.shape[1]), "index_type": built_type,
-        "metric": "inner product of L2-normalised mean-pooled embeddings",
-        "dec_tokenizer": cfg.dec, "tokenizer_fingerprint": tokenizer_fingerprint(dec_tok),
-        "n_tokens": int(tok_offsets[-1]),
-        "chunk_cache": {"enc": cfg.enc, "enc_fingerprint": enc_fp,
-                        "dim": encoder.dim, "pooling": "mean", "dtype": "float32",
-                        "n_chunks": {str(k): sum(len(c) for c in caches[k]) for k in cfg.ks}},
-    }
-    with atomic_dir(cfg.index_dir) as tmp:
-        faiss.write_index(index, os.path.join(tmp, "faiss.index"))
-        with open(os.path.join(tmp, "passages.jsonl"), "w", encoding="utf-8") as fh:
-            for i, p in enumerate(passages):
-                fh.write(json.dumps({"id": i, "text": p}, ensure_ascii=False) + "\n")
-        np.save(os.path.join(tmp, "passage_tokens.npy"), np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]))
-        np.save(os.path.join(tmp, "passage_offsets.npy"), tok_offsets)
-        for k, chunk_emb in caches.items():
-            np.save(os.path.join(tmp, f"chunk_emb_k{k}.npy"), torch.cat(chunk_emb).numpy().astype(np.float32))
-            np.save(os.path.join(tmp, f"chunk_offsets_k{k}.npy"),
-                    np.cumsum([0] + [len(c) for c in chunk_emb]).astype(np.int64))
-        write_json(os.path.join(tmp, "meta.json"), meta)
-    cached = ", ".join(f"{n} chunks of k={k}" for k, n in meta["chunk_cache"]["n_chunks"].items())
-    print(f"index: {len(passages)} passages, {meta['n_tokens']} decoder tokens, {cached} cached "
-          f"({encoder.dim}-d), {built_type} FAISS index -> {cfg.index_dir} ({time.perf_counter() - t0:.1f}s)")
-
-
-class PassageIndex:
-    """A loaded index directory: FAISS, passage texts, decoder token ids, cached chunk embeddings."""
-
-    def __init__(self, index_dir: str):
-        import faiss
-        meta_path = os.path.join(index_dir, "meta.json")
-        if not os.path.isfile(meta_path):
-            fail(f"--index_dir {index_dir}: no index there (meta.json missing); run `refrag.py index` first")
-        with open(meta_path, encoding="utf-8") as fh:
-            self.meta = json.load(fh)
-        if self.meta.get("format") != INDEX_FORMAT:
-            fail(f"--index_dir {index_dir}: index format {self.meta.get('format')} is not {INDEX_FORMAT}; rebuild it")
-        self.dir = index_dir
-        self.faiss = faiss.read_index(os.path.join(index_dir, "faiss.index"))
-        with open(os.path.join(index_dir, "passages.jsonl"), encoding="utf-8") as fh:
-            self.texts = [json.loads(line)["text"] for line in fh]
-        load = lambda name: np.load(os.path.join(index_dir, name), allow_pickle=False, mmap_mode="r")  # noqa: E731
-        self.tokens, self.tok_offsets = load("passage_tokens.npy"), load("passage_offsets.npy")
-        self.caches = {}  # k -> (chunk embeddings (N_chunks, d_enc), per-passage offsets (n+1,))
-        n = self.meta["n_passages"]
-        for k, n_chunks in self.meta["chunk_cache"]["n_chunks"].items():
-            emb, off = load(f"chunk_emb_k{k}.npy"), load(f"chunk_offsets_k{k}.npy")
-            if emb.shape[0] != n_chunks or len(off) != n + 1:
-                fail(f"--index_dir {index_dir}: chunk cache k={k} does not match meta.json (corrupt index)")
-            self.caches[int(k)] = (emb, off)
-        if not (len(self.texts) == n == self.faiss.ntotal == len(self.tok_offsets) - 1):
-            fail(f"--index_dir {index_dir}: counts do not match meta.json (corrupt or half-written index)")
-
-    def search(self, q: np.ndarray, topk: int) -> tuple[list[int], list[float]]:
-        scores, ids = self.faiss.search(q.astype(np.float32), min(topk, self.faiss.ntotal))
-        keep = ids[0] >= 0
-        return [int(i) for i in ids[0][keep]], [float(s) for s in scores[0][keep]]
-
-    def fit(self, ranked: list[int], ctx_max: int) -> list[int]:
-        """Whole passages in rank order while their raw tokens fit in ctx_max (every mode and the
-        fine-tuning data use the same passages)."""
-        used, budget = [], ctx_max
-        for i in ranked:
-            n = int(self.tok_offsets[i + 1] - self.tok_offsets[i])
-            if n > budget:
-                break
-            used.append(i)
-            budget -= n
-        return used
-
-    def passage_ids(self, i: int) -> np.ndarray:
-        return self.tokens[self.tok_offsets[i]:self.tok_offsets[i + 1]]
-
-    def cached_chunks(self, i: int, k: int) -> np.ndarray:
-        emb, off = self.caches[k]
-        return emb[off[i]:off[i + 1]]  # (n_chunks, d_enc)
-
-    def cache_status(self, models: Models, k: int, use_cache: bool) -> str:
-        """'hit' when the cached chunk embeddings match this encoder and k, else why not."""
-        cc = self.meta["chunk_cache"]
-        if not use_cache:
-            return "off (--no_cache)"
-        if k not in self.caches:
-            return f"miss (index cached k={','.join(map(str, sorted(self.caches)))}, asked k={k})"
-        if cc["enc_fingerprint"] != models.enc_fingerprint:
-            return f"miss (index cached encoder {cc['enc']} [{cc['enc_fingerprint']}], loaded {models.enc_name} [{models.enc_fingerprint}])"
-        return "hit"
+                  device=device, dtype=dtype, enc_name=encoder.name if encoder else "", enc_fingerprint=enc_fp,
+                  dec_fingerprint=weights_fingerprint(decoder))
 
 
 # ---- selection ----
@@ -864,6 +791,282 @@ def select_expand(n_chunks: int, p: float, method: str, ppl: torch.Tensor | None
         return sorted(torch.randperm(n_chunks, generator=gen)[:t].tolist())
     order = torch.argsort(ppl, descending=(method == "ppl_desc"), stable=True)  # ppl_desc: expand high-ppl
     return sorted(order[:t].tolist())
+
+
+def sinusoid(n: int, d: int) -> torch.Tensor:
+    """(n, d) fixed sinusoidal position codes (any number of chunks, no table to outgrow)."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2, dtype=torch.float32) / d)
+    out = torch.zeros(n, d)
+    out[:, 0::2], out[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq[:d // 2])
+    return out
+
+
+class SelectionPolicy(nn.Module):
+    """The selective-expansion policy (paper section 3): a 2-layer transformer over the chunk
+    embeddings c_1..c_L (encoder outputs, with their positions) giving one logit per chunk; every
+    chunk sees every other. With query=True the question's embedding is one more input token (the
+    query-aware variant; the paper's policy does not see the question)."""
+
+    def __init__(self, d_enc: int, d_model: int = 128, n_layers: int = 2, n_heads: int = 4, query: bool = False,
+                 d_q: int | None = None):
+        super().__init__()
+        d_q = d_q or d_enc
+        self.shape = {"d_enc": d_enc, "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads,
+                      "query": query, "d_q": d_q}
+        self.norm = nn.LayerNorm(d_enc)
+        self.inp = nn.Linear(d_enc, d_model)
+        self.q_norm = nn.LayerNorm(d_q) if query else None
+        self.q_inp = nn.Linear(d_q, d_model) if query else None
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, 4 * d_model, dropout=0.0, batch_first=True, norm_first=True)
+        self.body = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, 1)
+
+    @property
+    def query(self) -> bool:
+        return self.shape["query"]
+
+    def forward(self, chunks: torch.Tensor, mask: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+        """chunks (B, L, d_enc), mask (B, L) True at real chunks, q (B, d_q) -> logits (B, L),
+        -inf at padding."""
+        B, L, _ = chunks.shape
+        x = self.inp(self.norm(chunks)) + sinusoid(L, self.shape["d_model"]).to(chunks.device)  # (B, L, d)
+        pad = ~mask
+        if self.query:
+            if q is None:
+                fail("policy: this is a query-aware policy (--policy_query) and needs the question")
+            x = torch.cat([self.q_inp(self.q_norm(q)).unsqueeze(1), x], 1)                      # (B, 1 + L, d)
+            pad = torch.cat([torch.zeros_like(pad[:, :1]), pad], 1)
+        h = self.body(x, src_key_padding_mask=pad)
+        h = h[:, 1:] if self.query else h
+        return self.head(h).squeeze(-1).float().masked_fill(~mask, float("-inf"))               # (B, L)
+
+
+def is_policy_dir(path: str | None) -> bool:
+    cfg = os.path.join(path or "", "config.json")
+    if not path or not os.path.isfile(cfg):
+        return False
+    with open(cfg, encoding="utf-8") as fh:
+        return json.load(fh).get("kind") == "refrag_policy"
+
+
+def model_fingerprints(models) -> dict:
+    """What a policy was trained against: decoder, chunk encoder, projector, question embedder."""
+    return {"decoder": models.dec_fingerprint, "encoder": weights_fingerprint(models.encoder.model),
+            "projector": weights_fingerprint(models.projector), "retriever": weights_fingerprint(models.retriever.model)}
+
+
+def load_policy(path: str, models, k: int, flag: str = "--load_dir") -> SelectionPolicy:
+    """A policy checkpoint, loaded strictly; it must have been trained against the models loaded
+    (same decoder, encoder, projector and question embedder weights) and for this k."""
+    if not is_policy_dir(path):
+        fail(f"{flag} {path}: not a policy checkpoint (no config.json with kind refrag_policy)")
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+        cfg = json.load(fh)
+    if int(cfg["k"]) != k:
+        fail(f"{flag} {path}: policy trained with k={cfg['k']}, but --k {k} was given")
+    if models.encoder is None:
+        fail(f"{flag} {path}: a policy selects chunks in refrag mode only")
+    have = model_fingerprints(models)
+    bad = [n for n, fp in cfg["fingerprints"].items() if have.get(n) != fp]
+    if bad:
+        fail(f"{flag} {path}: policy trained against other {', '.join(bad)} weights "
+             f"(base {cfg['base']}); load those models or retrain the policy")
+    policy = SelectionPolicy(**cfg["shape"])
+    load_state_strict(policy, os.path.join(path, "policy.safetensors"), flag)
+    return policy.to(models.device).eval()
+
+
+def policy_picks(logits: torch.Tensor, t: int, n: int = 1, gen: torch.Generator | None = None,
+                 sample: bool = True) -> torch.Tensor:
+    """(n, t) chunk indices in the order picked: one after another, each from a softmax over the
+    logits with the chunks already picked masked out (logits are not recomputed between picks).
+    Sampling uses the Gumbel-top-t trick, which draws exactly that sequential distribution; without
+    sampling the picks are the t highest logits in descending order."""
+    if not sample:
+        return torch.topk(logits, t).indices.unsqueeze(0).expand(n, -1)
+    u = torch.rand((n, logits.numel()), generator=gen).clamp(1e-12, 1 - 1e-12).to(logits.device)
+    return torch.topk(logits.unsqueeze(0) - torch.log(-torch.log(u)), t, dim=1).indices
+
+
+def picks_logprob(logits: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """(n, t) log-probabilities of each pick of `picks` under the sequential masked softmax of
+    `logits` (L,): the log-probability of exactly the actions taken."""
+    n, t = picks.shape
+    lg = logits.unsqueeze(0).expand(n, -1)
+    taken = torch.zeros_like(lg, dtype=torch.bool)
+    out = []
+    for j in range(t):
+        lp = torch.log_softmax(lg.masked_fill(taken, float("-inf")), -1)
+        out.append(lp.gather(1, picks[:, j:j + 1]).squeeze(1))
+        taken = taken.scatter(1, picks[:, j:j + 1], True)
+    return torch.stack(out, 1) if out else torch.zeros(n, 0, device=logits.device)
+
+
+# ---- index ----
+
+def build_faiss(emb: np.ndarray, index_type: str):
+    """(index, the type actually built): below 1,000 passages IVF/HNSW bring nothing, flat is exact."""
+    import faiss
+    n, d = emb.shape
+    if index_type == "flat" or n < 1000:
+        index_type = "flat"
+        index = faiss.IndexFlatIP(d)
+    elif index_type == "ivf":
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(emb)
+        index.nprobe = min(nlist, 16)
+    else:
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = 64
+    index.add(emb)
+    return index, index_type
+
+
+def cmd_index(args):
+    cfg = IndexConfig(corpus=args.corpus, index_dir=args.index_dir, embed_model=args.embed_model,
+                      enc=args.enc, dec=args.dec, ks=parse_ints(args.k, "--k"), index_type=args.index_type,
+                      batch_size=args.batch_size, ppl=args.ppl)
+    import faiss
+    passages = read_corpus(cfg.corpus)
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    dec_tok = load_tokenizer(cfg.dec)
+    retriever = ChunkEncoder(cfg.embed_model, "--embed_model").to(device).eval()
+    encoder = retriever if resolve_model_path(cfg.enc) == resolve_model_path(cfg.embed_model) \
+        else load_encoder(cfg.enc).to(device).eval()
+    with torch.inference_mode():
+        emb = retriever.embed_texts(passages, cfg.batch_size, normalize=True, desc="embed passages").numpy()
+        ids = [encode_text(dec_tok, p) for p in passages]
+        caches = {k: encode_chunks(encoder, dec_tok, ids, k, cfg.batch_size, desc=f"encode chunks k={k}")
+                  for k in cfg.ks}
+        ppls, dec_fp = {}, None
+        if cfg.ppl:  # question-independent, so the heuristics' perplexities are computed once here
+            decoder = load_decoder(cfg.dec, device, torch.float32)
+            dec_fp = weights_fingerprint(decoder)
+            for k in cfg.ks:
+                ppls[k] = [x for i in progress(range(0, len(ids), 16), desc=f"chunk perplexities k={k}", unit="batch")
+                           for x in chunk_perplexities(decoder, ids[i:i + 16], k, device, dec_tok.pad_token_id)]
+            del decoder
+    index, built_type = build_faiss(emb, cfg.index_type)
+    tok_offsets = np.cumsum([0] + [len(x) for x in ids]).astype(np.int64)
+    enc_fp = module_fingerprint(encoder.model)
+    with open(cfg.corpus, "rb") as fh:
+        corpus_sha1 = hashlib.sha1(fh.read()).hexdigest()[:12]
+    meta = {
+        "format": INDEX_FORMAT, "n_passages": len(passages), "corpus": cfg.corpus, "corpus_sha1": corpus_sha1,
+        "embed_model": cfg.embed_model, "embed_dim": int(emb.shape[1]), "index_type": built_type,
+        "metric": "inner product of L2-normalised mean-pooled embeddings",
+        "dec_tokenizer": cfg.dec, "tokenizer_fingerprint": tokenizer_fingerprint(dec_tok),
+        "n_tokens": int(tok_offsets[-1]),
+        "chunk_cache": {"enc": cfg.enc, "enc_fingerprint": enc_fp,
+                        "dim": encoder.dim, "pooling": "mean", "dtype": "float32",
+                        "n_chunks": {str(k): sum(len(c) for c in caches[k]) for k in cfg.ks}},
+        "ppl_cache": {"dec": cfg.dec, "dec_fingerprint": dec_fp, "ks": list(cfg.ks),
+                      "what": "mean NLL of each chunk's tokens, passage read alone"} if cfg.ppl else None,
+    }
+    with atomic_dir(cfg.index_dir) as tmp:
+        faiss.write_index(index, os.path.join(tmp, "faiss.index"))
+        with open(os.path.join(tmp, "passages.jsonl"), "w", encoding="utf-8") as fh:
+            for i, p in enumerate(passages):
+                fh.write(json.dumps({"id": i, "text": p}, ensure_ascii=False) + "\n")
+        np.save(os.path.join(tmp, "passage_tokens.npy"), np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]))
+        np.save(os.path.join(tmp, "passage_offsets.npy"), tok_offsets)
+        for k, chunk_emb in caches.items():
+            np.save(os.path.join(tmp, f"chunk_emb_k{k}.npy"), torch.cat(chunk_emb).numpy().astype(np.float32))
+            np.save(os.path.join(tmp, f"chunk_offsets_k{k}.npy"),
+                    np.cumsum([0] + [len(c) for c in chunk_emb]).astype(np.int64))
+        for k, ppl in ppls.items():
+            np.save(os.path.join(tmp, f"chunk_ppl_k{k}.npy"), torch.cat(ppl).numpy().astype(np.float32))
+        write_json(os.path.join(tmp, "meta.json"), meta)
+    cached = ", ".join(f"{n} chunks of k={k}" for k, n in meta["chunk_cache"]["n_chunks"].items())
+    print(f"index: {len(passages)} passages, {meta['n_tokens']} decoder tokens, {cached} cached "
+          f"({encoder.dim}-d){', chunk perplexities cached' if cfg.ppl else ''}, {built_type} FAISS index "
+          f"-> {cfg.index_dir} ({time.perf_counter() - t0:.1f}s)")
+
+
+class PassageIndex:
+    """A loaded index directory: FAISS, passage texts, decoder token ids, cached chunk embeddings."""
+
+    def __init__(self, index_dir: str):
+        import faiss
+        meta_path = os.path.join(index_dir, "meta.json")
+        if not os.path.isfile(meta_path):
+            fail(f"--index_dir {index_dir}: no index there (meta.json missing); run `refrag.py index` first")
+        with open(meta_path, encoding="utf-8") as fh:
+            self.meta = json.load(fh)
+        if self.meta.get("format") != INDEX_FORMAT:
+            fail(f"--index_dir {index_dir}: index format {self.meta.get('format')} is not {INDEX_FORMAT}; rebuild it")
+        self.dir = index_dir
+        self.faiss = faiss.read_index(os.path.join(index_dir, "faiss.index"))
+        with open(os.path.join(index_dir, "passages.jsonl"), encoding="utf-8") as fh:
+            self.texts = [json.loads(line)["text"] for line in fh]
+        load = lambda name: np.load(os.path.join(index_dir, name), allow_pickle=False, mmap_mode="r")  # noqa: E731
+        self.tokens, self.tok_offsets = load("passage_tokens.npy"), load("passage_offsets.npy")
+        self.caches = {}  # k -> (chunk embeddings (N_chunks, d_enc), per-passage offsets (n+1,))
+        n = self.meta["n_passages"]
+        for k, n_chunks in self.meta["chunk_cache"]["n_chunks"].items():
+            emb, off = load(f"chunk_emb_k{k}.npy"), load(f"chunk_offsets_k{k}.npy")
+            if emb.shape[0] != n_chunks or len(off) != n + 1:
+                fail(f"--index_dir {index_dir}: chunk cache k={k} does not match meta.json (corrupt index)")
+            self.caches[int(k)] = (emb, off)
+        self.ppl = {}  # k -> (N_chunks,) mean NLL per chunk under the indexing decoder
+        for k in (self.meta.get("ppl_cache") or {}).get("ks", []):
+            ppl = load(f"chunk_ppl_k{k}.npy")
+            if int(k) not in self.caches or ppl.shape[0] != self.caches[int(k)][0].shape[0]:
+                fail(f"--index_dir {index_dir}: perplexity cache k={k} does not match the chunk cache (corrupt index)")
+            self.ppl[int(k)] = ppl
+        if not (len(self.texts) == n == self.faiss.ntotal == len(self.tok_offsets) - 1):
+            fail(f"--index_dir {index_dir}: counts do not match meta.json (corrupt or half-written index)")
+
+    def search(self, q: np.ndarray, topk: int) -> tuple[list[int], list[float]]:
+        scores, ids = self.faiss.search(q.astype(np.float32), min(topk, self.faiss.ntotal))
+        keep = ids[0] >= 0
+        return [int(i) for i in ids[0][keep]], [float(s) for s in scores[0][keep]]
+
+    def fit(self, ranked: list[int], ctx_max: int) -> list[int]:
+        """Whole passages in rank order while their raw tokens fit in ctx_max (every mode and the
+        fine-tuning data use the same passages)."""
+        used, budget = [], ctx_max
+        for i in ranked:
+            n = int(self.tok_offsets[i + 1] - self.tok_offsets[i])
+            if n > budget:
+                break
+            used.append(i)
+            budget -= n
+        return used
+
+    def passage_ids(self, i: int) -> np.ndarray:
+        return self.tokens[self.tok_offsets[i]:self.tok_offsets[i + 1]]
+
+    def cached_chunks(self, i: int, k: int) -> np.ndarray:
+        emb, off = self.caches[k]
+        return emb[off[i]:off[i + 1]]  # (n_chunks, d_enc)
+
+    def ppl_status(self, models: Models, k: int) -> str:
+        """'hit' when chunk perplexities for k were cached at indexing time by this decoder."""
+        pc = self.meta.get("ppl_cache")
+        if not pc or k not in self.ppl:
+            return f"miss (no perplexities cached for k={k}; `refrag.py index --ppl` caches them)"
+        if pc["dec_fingerprint"] != models.dec_fingerprint:
+            return f"miss (cached by decoder {pc['dec']} [{pc['dec_fingerprint']}], loaded [{models.dec_fingerprint}])"
+        return "hit"
+
+    def cached_ppl(self, i: int, k: int) -> np.ndarray:
+        off = self.caches[k][1]
+        return self.ppl[k][off[i]:off[i + 1]]  # (n_chunks,)
+
+    def cache_status(self, models: Models, k: int, use_cache: bool) -> str:
+        """'hit' when the cached chunk embeddings match this encoder and k, else why not."""
+        cc = self.meta["chunk_cache"]
+        if not use_cache:
+            return "off (--no_cache)"
+        if k not in self.caches:
+            return f"miss (index cached k={','.join(map(str, sorted(self.caches)))}, asked k={k})"
+        if cc["enc_fingerprint"] != models.enc_fingerprint:
+            return f"miss (index cached encoder {cc['enc']} [{cc['enc_fingerprint']}], loaded {models.enc_name} [{models.enc_fingerprint}])"
+        return "hit"
 
 
 # ---- prompt layout (shared by inference and training) ----
@@ -944,42 +1147,96 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
 
+@dataclass
+class RetrievedContext:
+    """A question's retrieved context before selection: the prompt pieces, the passages as k-token
+    chunks, their chunk embeddings (refrag mode) and the question's retrieval embedding."""
+    prefix: list
+    sep: list
+    suffix: list
+    used: list                 # passage ids, in rank order, that fit ctx_max
+    ranked: list
+    scores: list
+    passages_ids: list
+    chunks: list               # per passage, its k-token chunks
+    chunk_embs: list | None    # per passage, (n_chunks, d_enc); None outside refrag mode
+    q_emb: torch.Tensor | None  # (d_q,) L2-normalised retrieval embedding of the question
+    cache: str = "n/a"
+
+    @property
+    def n_chunks(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+
+def retrieve_context(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex | None,
+                     marks: dict) -> RetrievedContext:
+    """Retrieve and encode (cache lookup or encoder); clock readings go into `marks`."""
+    dev, tok = models.device, models.tok
+    prefix, sep, suffix = prompt_pieces(tok, question)
+    ranked, scores, used, q = [], [], [], None
+    if cfg.mode != "none":
+        q = models.retriever.embed_texts([question], normalize=True)
+        ranked, scores = index.search(q.numpy(), cfg.topk)
+        used = index.fit(ranked, cfg.ctx_max)
+    passages_ids = [index.passage_ids(i) for i in used]
+    marks["retrieve"] = clock(dev)
+    ctx = RetrievedContext(prefix, sep, suffix, used, ranked, scores, passages_ids,
+                           [split_chunks(x, cfg.k) for x in passages_ids], None, q[0] if q is not None else None)
+    if cfg.mode == "refrag" and used:
+        ctx.cache = index.cache_status(models, cfg.k, cfg.use_cache)
+        if ctx.cache == "hit":
+            ctx.chunk_embs = [torch.from_numpy(np.array(index.cached_chunks(i, cfg.k))) for i in used]
+        else:
+            ctx.chunk_embs = encode_chunks(models.encoder, tok, passages_ids, cfg.k)
+    marks["encode"] = clock(dev)
+    return ctx
+
+
+def policy_inputs(ctx: RetrievedContext, policy: SelectionPolicy, device) -> tuple:
+    """(chunks (1, L, d_enc), mask (1, L), q (1, d_q) or None) for one context."""
+    c = torch.cat(ctx.chunk_embs).to(device=device, dtype=torch.float32).unsqueeze(0)
+    q = ctx.q_emb.to(device=device, dtype=torch.float32).unsqueeze(0) if policy.query else None
+    return c, torch.ones(c.shape[:2], dtype=torch.bool, device=device), q
+
+
+def select_chunks(ctx: RetrievedContext, cfg: GenerateConfig, models: Models, index: PassageIndex,
+                  gen: torch.Generator) -> tuple[list[int], str, str]:
+    """(expanded chunk indices, selection method, where chunk perplexities came from)."""
+    method = cfg.heuristic or ("policy" if models.policy is not None else "random")
+    n, t = ctx.n_chunks, int(round(cfg.p * ctx.n_chunks))
+    ppl_src = "n/a"
+    if t <= 0 or t >= n:
+        return select_expand(n, cfg.p, "random", None, gen), method, ppl_src
+    if method == "policy":
+        with torch.inference_mode():
+            logits = models.policy(*policy_inputs(ctx, models.policy, models.device))[0]
+        return sorted(policy_picks(logits, t, gen=gen, sample=cfg.policy_sample)[0].tolist()), method, ppl_src
+    ppl = None
+    if method.startswith("ppl"):
+        ppl_src = index.ppl_status(models, cfg.k)
+        if ppl_src == "hit":
+            ppl = torch.cat([torch.from_numpy(np.array(index.cached_ppl(i, cfg.k))) for i in ctx.used])
+        else:
+            ppl = torch.cat(chunk_perplexities(models.decoder, ctx.passages_ids, cfg.k, models.device,
+                                               models.tok.pad_token_id))
+    return select_expand(n, cfg.p, method, ppl, gen), method, ppl_src
+
+
 def prepare_prompt(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex | None,
                    gen: torch.Generator, marks: dict) -> tuple[PromptLayout, dict]:
     """Retrieve, encode (cache lookup or encoder), select, and lay out the prompt. Clock readings
     after each stage go into `marks`; the returned dict describes what was done."""
-    dev, tok = models.device, models.tok
-    prefix, sep, suffix = prompt_pieces(tok, question)
-    ranked, scores, used = [], [], []
-    if cfg.mode != "none":
-        q = models.retriever.embed_texts([question], normalize=True).numpy()
-        ranked, scores = index.search(q, cfg.topk)
-        used = index.fit(ranked, cfg.ctx_max)
-    passages_ids = [index.passage_ids(i) for i in used]
-    marks["retrieve"] = clock(dev)
-    cache, n_chunks, expanded, method, chunk_embs = "n/a", 0, [], "n/a", None
-    chunks = [split_chunks(x, cfg.k) for x in passages_ids]
-    if cfg.mode == "refrag" and used:
-        cache = index.cache_status(models, cfg.k, cfg.use_cache)
-        if cache == "hit":
-            chunk_embs = [torch.from_numpy(np.array(index.cached_chunks(i, cfg.k))) for i in used]
-        else:
-            chunk_embs = encode_chunks(models.encoder, tok, passages_ids, cfg.k)
-        marks["encode"] = clock(dev)
-        n_chunks = sum(len(c) for c in chunks)
-        method = cfg.heuristic or "random"
-        ppl = None
-        if method.startswith("ppl") and cfg.p > 0:
-            ppl = torch.cat(chunk_perplexities(models.decoder, passages_ids, cfg.k, dev, tok.pad_token_id))
-        expanded = select_expand(n_chunks, cfg.p, method, ppl, gen)
-        marks["select"] = clock(dev)
-    else:
-        marks["encode"] = marks["select"] = marks["retrieve"]
-    layout = assemble_layout(prefix, chunks, sep, suffix, chunk_embs, expanded)
-    info = {"selection": method, "chunk_cache": cache,
-            "retrieved": [{"id": i, "score": round(s, 4)} for i, s in zip(ranked, scores)],
-            "passages_used": used, "context_tokens": int(sum(len(x) for x in passages_ids)),
-            "n_chunks": n_chunks, "expanded": expanded, "prompt_positions": int(layout.tok_ids.numel())}
+    ctx = retrieve_context(question, cfg, models, index, marks)
+    expanded, method, ppl_src = [], "n/a", "n/a"
+    if cfg.mode == "refrag" and ctx.used:
+        expanded, method, ppl_src = select_chunks(ctx, cfg, models, index, gen)
+    marks["select"] = clock(models.device)
+    layout = assemble_layout(ctx.prefix, ctx.chunks, ctx.sep, ctx.suffix, ctx.chunk_embs, expanded)
+    info = {"selection": method, "chunk_cache": ctx.cache, "ppl_cache": ppl_src,
+            "retrieved": [{"id": i, "score": round(s, 4)} for i, s in zip(ctx.ranked, ctx.scores)],
+            "passages_used": ctx.used, "context_tokens": int(sum(len(x) for x in ctx.passages_ids)),
+            "n_chunks": ctx.n_chunks if cfg.mode == "refrag" else 0, "expanded": expanded,
+            "prompt_positions": int(layout.tok_ids.numel())}
     return layout, info
 
 
@@ -1059,15 +1316,32 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
     }
 
 
+def targets_nll(decoder, projector, layouts: list[PromptLayout], targets: list[list[int]]) -> torch.Tensor:
+    """(N,) mean NLL (nats/token) of each target read after its prompt layout, in one right-padded
+    batch (padding after a row cannot change its causal logits). Gradients flow when asked for."""
+    emb_layer = decoder.get_input_embeddings()
+    dev = emb_layer.weight.device
+    rows = [torch.cat([layout_embeds(lay, decoder, projector)[0], emb_layer(torch.tensor(t, device=dev))])
+            for lay, t in zip(layouts, targets)]                                        # each (T_i + n_i, d)
+    T = max(r.shape[0] for r in rows)
+    x = torch.zeros(len(rows), T, rows[0].shape[-1], dtype=rows[0].dtype, device=dev)
+    att = torch.zeros(len(rows), T, dtype=torch.long, device=dev)
+    for b, r in enumerate(rows):
+        x[b, :r.shape[0]], att[b, :r.shape[0]] = r, 1
+    h = decoder.base_model(inputs_embeds=x, attention_mask=att).last_hidden_state       # (N, T, d)
+    out = []
+    for b, (lay, t) in enumerate(zip(layouts, targets)):
+        P = lay.tok_ids.numel()
+        logits = decoder.get_output_embeddings()(h[b, P - 1:P - 1 + len(t)]).float()    # (n_i, V)
+        out.append(F.cross_entropy(logits, torch.tensor(t, device=dev)))
+    return torch.stack(out)
+
+
 @torch.inference_mode()
 def target_nll(decoder, projector, layout: PromptLayout, target: list[int]) -> float:
     """Mean NLL (nats/token) of `target` read after the prompt `layout` (answer log-perplexity for
     QA, continuation log-perplexity for long texts)."""
-    x = layout_embeds(layout, decoder, projector)                                       # (1, T, d)
-    tgt = torch.tensor(target, device=x.device)
-    x = torch.cat([x, decoder.get_input_embeddings()(tgt).unsqueeze(0)], 1)             # (1, T + n, d)
-    logits = decoder(inputs_embeds=x, logits_to_keep=len(target) + 1).logits[0, :-1]    # (n, V)
-    return float(F.cross_entropy(logits.float(), tgt))
+    return float(targets_nll(decoder, projector, [layout], [target])[0])
 
 
 def check_index_tokenizer(index: PassageIndex, models: Models):
@@ -1081,16 +1355,25 @@ def check_index_tokenizer(index: PassageIndex, models: Models):
 def cmd_generate(args):
     cfg = GenerateConfig(topk=args.topk, k=args.k, p=args.p, ctx_max=args.ctx_max, max_new=args.max_new,
                          temperature=args.temperature, top_p=args.top_p, mode=args.mode,
-                         heuristic=args.heuristic, use_cache=not args.no_cache, seed=args.seed)
+                         heuristic=args.heuristic, use_cache=not args.no_cache,
+                         policy_sample=args.policy_sample, seed=args.seed)
     if not args.question.strip():
         fail("--question: empty question")
     index = PassageIndex(args.index_dir)
     device = resolve_device(args.device)
-    models = load_models(dec=args.dec, enc=args.enc, embed_model=index.meta["embed_model"],
-                         load_dir=args.load_dir, k=cfg.k, device=device,
+    load_dir, dec, enc, policy_dir = args.load_dir, args.dec, args.enc, args.policy
+    if is_policy_dir(load_dir):  # a policy checkpoint names the models it was trained against
+        policy_dir = load_dir
+        with open(os.path.join(load_dir, "config.json"), encoding="utf-8") as fh:
+            base = json.load(fh)["base"]
+        load_dir, dec, enc = base["load_dir"], base["dec"], base["enc"]
+    models = load_models(dec=dec, enc=enc, embed_model=index.meta["embed_model"],
+                         load_dir=load_dir, k=cfg.k, device=device,
                          dtype=resolve_dtype(args.dtype, device), need_encoder=(cfg.mode == "refrag"),
                          seed=args.seed)
     check_index_tokenizer(index, models)
+    if policy_dir and cfg.mode == "refrag":
+        models.policy = load_policy(policy_dir, models, cfg.k, "--policy" if args.policy else "--load_dir")
     status = index.cache_status(models, cfg.k, cfg.use_cache) if cfg.mode == "refrag" else "hit"
     if status.startswith("miss (index cached encoder"):
         print(f"warning: the index's cached chunk embeddings come from another encoder than the one loaded; "
@@ -1141,13 +1424,20 @@ def qa_example(tok, passages: list[str], question: str, answer: str) -> tuple[li
 class ReaderData:
     """Training contexts for the demo reader: for a training question, its gold passage plus
     distractors (same-kind passages renamed to near-identical names, e.g. City_41 for City_410),
-    shuffled. Entity names are renamed to fresh ids and the answer swapped for another value of the
-    same fact, so the decoder cannot answer from memory and must learn to read (the held-out
-    questions can only be answered that way)."""
+    shuffled. Entity names are renamed to fresh ids and the answer swapped, mostly for a freshly
+    invented value of the same form (a number of as many digits, a made-up name), otherwise for
+    another value of the same fact: the decoder can neither answer from memory nor profit from
+    guessing a likely value, and must learn to read (the held-out questions can only be answered
+    that way)."""
+
+    ONSETS = ["b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "br", "kr", "sh", "th"]
+    VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "ei"]
+    CODAS = ["", "", "n", "r", "s", "l", "m", "th", "sk"]
 
     def __init__(self, passages: list[str], rag: list[dict], tok, max_passages: int, rng: random.Random,
                  augment: bool = True):
         self.tok, self.rng, self.max_passages, self.augment = tok, rng, max_passages, augment
+        self.fresh_names = False  # invented names split into rare BPE pieces; the pools' names are whole tokens
         self.by_name = {}
         for p in passages:
             name = p.split(" ", 1)[0]
@@ -1171,6 +1461,24 @@ class ReaderData:
         for r in self.rag:
             self.values.setdefault((r["entity"].split("_")[0], r.get("fact")), set()).add(r["answers"][0])
         self.values = {k: sorted(v) for k, v in self.values.items()}
+
+    def _word(self) -> str:
+        n = self.rng.randint(2, 3)
+        w = "".join(self.rng.choice(self.ONSETS) + self.rng.choice(self.VOWELS) for _ in range(n))
+        return (w + self.rng.choice(self.CODAS)).capitalize()
+
+    def _fresh_value(self, value: str, pool: list[str]) -> str:
+        """A new value shaped like `value`: digits for digits, invented capitalised names for names;
+        phrases from small closed lists (industries, outcomes...) come from their pool."""
+        if re.fullmatch(r"[0-9]+", value):
+            n = len(value)
+            return str(self.rng.randint(10 ** (n - 1), 10 ** n - 1)) if n > 1 else str(self.rng.randint(2, 9))
+        if re.fullmatch(r"[0-9]+\.[0-9]", value):
+            return f"{self.rng.randint(20, 199) / 10:.1f}"
+        words = value.split()
+        if self.fresh_names and words and all(w[:1].isupper() or w in ("of", "and") for w in words):
+            return " ".join(w if w in ("University", "of", "and", "Prize") else self._word() for w in words)
+        return self.rng.choice(pool) if pool else value
 
     def _fresh_id(self, kind: str, near: int | None = None) -> int:
         for _ in range(100):
@@ -1212,8 +1520,9 @@ class ReaderData:
                 j = names.index(q["entity"])
                 pool = self.values.get((q["entity"].split("_")[0], q.get("fact")), [])
                 pat = r"\b" + re.escape(answers[qi]) + r"\b"
-                if pool and self.rng.random() < 0.8 and re.search(pat, texts[j]):
-                    new_answer = self.rng.choice(pool)
+                u = self.rng.random()
+                if u < 0.9 and re.search(pat, texts[j]):
+                    new_answer = self._fresh_value(answers[qi], pool) if u < 0.7 or not pool else self.rng.choice(pool)
                     texts[j] = re.sub(pat, new_answer, texts[j])
                     answers[qi] = new_answer
             new_gold = self._fresh_id(kind)
@@ -1239,7 +1548,7 @@ class ReaderData:
 def copy_example(tok, rng: random.Random) -> tuple[list[int], list[int]]:
     """BOS + m random tokens + the same m tokens again, the second copy as the target: the classic
     task on which small transformers form the induction heads that reading from context needs."""
-    m = rng.randint(16, 96)
+    m = 32
     first = [tok.bos_token_id] if tok.bos_token_id is not None else []
     x = [rng.randrange(3, len(tok)) for _ in range(m)]
     return first + x + x, [0] * (len(first) + m) + [1] * m
@@ -1318,7 +1627,7 @@ def save_hf_model(model, tok, out_dir: str, extra: dict):
 def cmd_pretrain(args):
     cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_passages=args.max_passages,
                          questions_per_context=args.questions_per_context, ctx_ramp=args.ctx_ramp,
-                         copy_frac=args.copy_frac,
+                         copy_frac=args.copy_frac, copy_warmup=args.copy_warmup, single_steps=args.single_steps,
                          preset=args.dec_config, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every)
     set_seed(cfg.seed)
     device = resolve_device(args.device)
@@ -1346,19 +1655,21 @@ def cmd_pretrain(args):
             g["lr"] = lr
         # one context size per batch (little padding); the largest allowed grows from 1 passage to
         # max_passages over the first ctx_ramp of the steps: find a fact first, then the right passage
-        grown = min(1.0, step / max(1, cfg.ctx_ramp * cfg.steps))
+        start = cfg.copy_warmup + cfg.single_steps  # contexts grow from 1 to max_passages after this step
+        grown = min(1.0, max(0, step - start) / max(1, cfg.ctx_ramp * (cfg.steps - start)))
         n_ctx = train_data.rng.randint(1, 1 + int(round(grown * (cfg.max_passages - 1))))
-        is_copy = train_data.rng.random() < cfg.copy_frac
+        is_copy = step < cfg.copy_warmup or train_data.rng.random() < cfg.copy_frac
         if is_copy:  # synthetic copy batch: forms induction heads early
-            examples = [copy_example(tok, train_data.rng) for _ in range(cfg.batch_size)]
-        else:
-            examples = [train_data.sample(n_ctx=n_ctx, n_questions=cfg.questions_per_context)
-                        for _ in range(cfg.batch_size)]
+            examples = [copy_example(tok, train_data.rng) for _ in range(2 * cfg.batch_size)]  # short ones
+        else:  # about as many tokens per batch at every context size: fewer, longer, denser examples
+            examples = [train_data.sample(n_ctx=n_ctx, n_questions=cfg.questions_per_context * (1 + n_ctx // 2))
+                        for _ in range(max(2, cfg.batch_size // n_ctx))]
         ids, ans, att = pad_batch(examples, tok.pad_token_id)
         ids, ans, att = ids.to(device), ans.to(device), att.to(device)
         logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()        # (B, T-1, V)
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")      # (B, T-1)
-        w = (ans[:, 1:] * (1 - cfg.context_weight) + cfg.context_weight) * att[:, 1:]
+        ctx_w = 0.0 if is_copy else cfg.context_weight  # random tokens cannot be predicted; only the copy can
+        w = (ans[:, 1:] * (1 - ctx_w) + ctx_w) * att[:, 1:]
         loss = (nll * w).sum() / w.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1881,6 +2192,204 @@ def cmd_finetune(args):
     cmd_train(args, "finetune")
 
 
+# ---- training: the selection policy (GRPO / REINFORCE, models frozen) ----
+
+def policy_contexts(args, cfg: PolicyConfig, models: Models, index: PassageIndex, path: str, flag: str) -> list[dict]:
+    """Training or held-out examples for the policy: a RetrievedContext (QA: retrieved top-k passages
+    as in generate; long text: the s tokens before the split) and the target whose log-perplexity
+    is the reward (the gold answer, or x_s+1:s+o)."""
+    tok = models.tok
+    gcfg = GenerateConfig(topk=cfg.topk, k=cfg.k, p=cfg.p, ctx_max=cfg.ctx_max, mode="refrag")
+    first = read_jsonl(path, flag)[0][1]
+    out = []
+    if "split" not in first:
+        for r in progress(read_rag(path, flag), desc="retrieve + encode", unit="q"):
+            ctx = retrieve_context(r["question"], gcfg, models, index, {})
+            if ctx.n_chunks >= 2:
+                out.append({"ctx": ctx, "target": answer_ids(tok, r["answers"][0]), "id": r["id"]})
+        return out
+    if cfg.query:
+        fail(f"{flag} {path}: long-text records have no question for a query-aware policy (--policy_query)")
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    for r in progress(load_cpt_ids(path, flag, tok), desc="encode", unit="text"):
+        ctx_ids = r["ids"][max(0, r["s"] - cfg.ctx_max):r["s"]]
+        chunks = [split_chunks(ctx_ids, cfg.k)]
+        embs = encode_chunks(models.encoder, tok, [ctx_ids], cfg.k)
+        ctx = RetrievedContext(bos, [], [], [], [], [], [ctx_ids], chunks, embs, None, "n/a (long text)")
+        if ctx.n_chunks >= 2:
+            out.append({"ctx": ctx, "target": r["ids"][r["s"]:r["s"] + min(r["o"], cfg.max_o)], "id": r["id"]})
+    return out
+
+
+def policy_batch_logits(policy: SelectionPolicy, exs: list[dict], device) -> torch.Tensor:
+    """(B, L_max) logits for a batch of contexts, -inf past each context's chunks."""
+    L = max(e["ctx"].n_chunks for e in exs)
+    d = exs[0]["ctx"].chunk_embs[0].shape[-1]
+    c = torch.zeros(len(exs), L, d, device=device)
+    mask = torch.zeros(len(exs), L, dtype=torch.bool, device=device)
+    for b, e in enumerate(exs):
+        emb = torch.cat(e["ctx"].chunk_embs).to(device=device, dtype=torch.float32)
+        c[b, :emb.shape[0]], mask[b, :emb.shape[0]] = emb, True
+    q = torch.stack([e["ctx"].q_emb for e in exs]).to(device) if policy.query else None
+    return policy(c, mask, q)
+
+
+@torch.inference_mode()
+def selection_rewards(models: Models, ex: dict, selections: list[list[int]], max_batch: int = 16) -> torch.Tensor:
+    """Reward of each selection: minus the log-perplexity of the true target under the mixed
+    (expanded + compressed) prompt, scored by the frozen decoder."""
+    ctx = ex["ctx"]
+    layouts = [assemble_layout(ctx.prefix, ctx.chunks, ctx.sep, ctx.suffix, ctx.chunk_embs, sel) for sel in selections]
+    nll = [targets_nll(models.decoder, models.projector, layouts[i:i + max_batch], [ex["target"]] * len(layouts[i:i + max_batch]))
+           for i in range(0, len(layouts), max_batch)]
+    return -torch.cat(nll).float().cpu()
+
+
+def policy_eval(policy: SelectionPolicy, models: Models, index: PassageIndex | None, exs: list[dict],
+                cfg: PolicyConfig, seed: int) -> dict:
+    """Held-out answer (or continuation) log-perplexity at p with the policy's deterministic picks,
+    random picks and the perplexity heuristics, plus all-compressed and all-expanded."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = {m: [] for m in ("policy", "random", "ppl_desc", "ppl_asc", "p=0", "p=1")}
+    for ex in exs:
+        ctx, L = ex["ctx"], ex["ctx"].n_chunks
+        t = int(round(cfg.p * L))
+        with torch.inference_mode():
+            logits = policy(*policy_inputs(ctx, policy, models.device))[0]
+        status = index.ppl_status(models, cfg.k) if index is not None and ctx.used else "miss"
+        if status == "hit":
+            ppl = torch.cat([torch.from_numpy(np.array(index.cached_ppl(i, cfg.k))) for i in ctx.used])
+        else:
+            ppl = torch.cat(chunk_perplexities(models.decoder, ctx.passages_ids, cfg.k, models.device, models.tok.pad_token_id))
+        sels = [sorted(policy_picks(logits, t, sample=False)[0].tolist()), select_expand(L, cfg.p, "random", None, gen),
+                select_expand(L, cfg.p, "ppl_desc", ppl, gen), select_expand(L, cfg.p, "ppl_asc", ppl, gen),
+                [], list(range(L))]
+        for m, r in zip(scores, selection_rewards(models, ex, sels)):
+            scores[m].append(-float(r))
+    return {m: float(np.mean(v)) for m, v in scores.items()} | {"n": len(exs), "p": cfg.p, "k": cfg.k}
+
+
+def save_policy(out_dir: str, policy: SelectionPolicy, cfg: PolicyConfig, base: dict, fingerprints: dict, step: int):
+    from safetensors.torch import save_file
+    with atomic_dir(out_dir) as tmp:
+        for keep in ("metrics.jsonl", "run_config.json", "eval.json"):
+            if os.path.isfile(os.path.join(out_dir, keep)):
+                shutil.copy2(os.path.join(out_dir, keep), os.path.join(tmp, keep))
+        save_file({k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()},
+                  os.path.join(tmp, "policy.safetensors"))
+        write_json(os.path.join(tmp, "config.json"), {
+            "kind": "refrag_policy", "shape": policy.shape, "k": cfg.k, "p": cfg.p, "algo": cfg.algo,
+            "step": step, "base": base, "fingerprints": fingerprints, "train_config": dataclasses.asdict(cfg)})
+
+
+def policy_step(policy: SelectionPolicy, opt, exs: list[dict], reward_fn, cfg: PolicyConfig,
+                gen: torch.Generator, state: dict) -> dict:
+    """One policy update on a batch of contexts; reward_fn(example, selections) -> (G,) rewards.
+    GRPO: G sampled pick sequences per example, advantage (r - mean r) / std r within the group,
+    PPO-clipped ratio of each pick's probability against the sampling policy, ppo_epochs updates.
+    REINFORCE: advantage r - b (b: moving average of the reward kept in `state`), one update, with
+    the log-probability of exactly the picks sampled."""
+    device = next(policy.parameters()).device
+    with torch.no_grad():
+        old_logits = policy_batch_logits(policy, exs, device)
+    picks, old_lp, rewards = [], [], []
+    for b, ex in enumerate(exs):
+        L = ex["ctx"].n_chunks
+        t = min(L - 1, max(1, int(round(cfg.p * L))))
+        pk = policy_picks(old_logits[b, :L], t, n=cfg.group, gen=gen)                        # (G, t)
+        picks.append(pk)
+        old_lp.append(picks_logprob(old_logits[b, :L], pk))                                   # (G, t)
+        rewards.append(reward_fn(ex, [sorted(x) for x in pk.tolist()]))                       # (G,)
+    r = torch.stack(rewards).float()                                                           # (B, G)
+    if cfg.algo == "grpo":
+        adv, epochs = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6), cfg.ppo_epochs
+    else:
+        base = state.get("baseline", float(r.mean()))
+        adv, epochs = r - base, 1
+        state["baseline"] = cfg.baseline_decay * base + (1 - cfg.baseline_decay) * float(r.mean())
+    adv = adv.to(device)
+    clipped = 0.0
+    for _ in range(epochs):
+        logits = policy_batch_logits(policy, exs, device)
+        losses = []
+        for b, ex in enumerate(exs):
+            lp = picks_logprob(logits[b, :ex["ctx"].n_chunks], picks[b])                      # (G, t)
+            if cfg.algo == "grpo":
+                ratio, a = torch.exp(lp - old_lp[b]), adv[b].unsqueeze(1)
+                losses.append(-torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a).mean())
+                clipped += float(((ratio - 1).abs() > cfg.clip).float().mean()) / (len(exs) * epochs)
+            else:
+                losses.append(-(adv[b] * lp.sum(1)).mean())
+        loss = torch.stack(losses).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+    probs = torch.softmax(old_logits, -1)
+    entropy = float(-(probs * torch.log(probs.clamp(min=1e-12))).sum(-1).mean())
+    return {"reward": float(r.mean()), "reward_std": float(r.std(1).mean()), "entropy": entropy, "clipped": clipped}
+
+
+def cmd_train_policy(args):
+    """Train the selection policy (policy_step) with the decoder, encoder and projector frozen;
+    reward: minus the log-perplexity of the true target under the mixed input."""
+    cfg = PolicyConfig(k=args.k, p=args.p, steps=args.steps, lr=args.lr, algo=args.algo, group=args.group,
+                       batch_size=args.batch_size, clip=args.clip, ppo_epochs=args.ppo_epochs,
+                       query=args.policy_query, topk=args.topk, ctx_max=args.ctx_max, log_every=args.log_every,
+                       seed=args.seed)
+    device = resolve_device(args.device)
+    index = PassageIndex(args.index_dir)
+    models = load_models(dec=args.dec, enc=args.enc, embed_model=index.meta["embed_model"], load_dir=args.load_dir,
+                         k=cfg.k, device=device, dtype=resolve_dtype(args.dtype, device), seed=args.seed)
+    check_index_tokenizer(index, models)
+    for m in (models.decoder, models.encoder, models.projector, models.retriever):
+        m.requires_grad_(False)
+    print(f"train_policy: chunk cache {index.cache_status(models, cfg.k, True)}; "
+          f"chunk perplexities {index.ppl_status(models, cfg.k)}")
+    train = policy_contexts(args, cfg, models, index, args.train_json, "--train_json")
+    held = policy_contexts(args, cfg, models, index, args.eval_json, "--eval_json")[:args.eval_n] if args.eval_json else []
+    if not train:
+        fail(f"--train_json {args.train_json}: no example with at least 2 chunks at k={cfg.k}")
+    set_seed(cfg.seed)
+    policy = SelectionPolicy(models.encoder.dim, d_model=cfg.d_model, query=cfg.query,
+                             d_q=models.retriever.dim).to(device)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    base = {"load_dir": args.load_dir, "dec": args.dec, "enc": args.enc, "embed_model": index.meta["embed_model"]}
+    fps = model_fingerprints(models)
+    os.makedirs(args.out_dir, exist_ok=True)
+    write_run_info(args.out_dir, args)
+    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
+    if os.path.isfile(metrics_path):
+        os.remove(metrics_path)
+    print(f"train_policy: {cfg.algo}, {'query-aware ' if cfg.query else ''}policy with "
+          f"{sum(p.numel() for p in policy.parameters()) / 1e3:.0f}k parameters, {len(train)} training examples, "
+          f"k={cfg.k}, p={cfg.p}, G={cfg.group}, batch {cfg.batch_size}")
+    if held:
+        ev = policy_eval(policy, models, index, held, cfg, cfg.seed)
+        print("train_policy: held-out log-ppl before training: " + " | ".join(f"{m} {ev[m]:.4f}" for m in ev if m not in ("n", "p", "k")))
+    rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    state, t0, log = {}, time.perf_counter(), []
+    reward_fn = lambda ex, sels: selection_rewards(models, ex, sels)  # noqa: E731
+    for step in range(cfg.steps):
+        exs = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
+        log.append(policy_step(policy, opt, exs, reward_fn, cfg, gen, state))
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            rec = {"step": step + 1, **{m: float(np.mean([x[m] for x in log])) for m in log[0]},
+                   "s_per_step": (time.perf_counter() - t0) / len(log)}
+            print(f"step {step + 1:5d} | reward {rec['reward']:.4f} (group std {rec['reward_std']:.4f}) | "
+                  f"first-pick entropy {rec['entropy']:.3f} | clipped {rec['clipped']:.3f} | {rec['s_per_step']:.2f} s/step", flush=True)
+            append_jsonl(metrics_path, rec)
+            log, t0 = [], time.perf_counter()
+    result = {}
+    if held:
+        result = policy_eval(policy, models, index, held, cfg, cfg.seed)
+        print("train_policy: held-out log-ppl after training:  " + " | ".join(
+            f"{m} {result[m]:.4f}" for m in result if m not in ("n", "p", "k")))
+        write_json(os.path.join(args.out_dir, "eval.json"), {"eval_json": args.eval_json, **result})
+    save_policy(args.out_dir, policy.eval(), cfg, base, fps, cfg.steps)
+    print(f"train_policy: saved {args.out_dir}")
+
+
 # ---- evaluation and benchmarks ----
 
 def chrf(pred: str, answers: list[str]) -> float:
@@ -1972,7 +2481,6 @@ def cmd_evaluate(args):
     data = read_cpt(args.eval_json, "--eval_json") if kind == "cpt" else read_rag(args.eval_json, "--eval_json")
     if args.limit:
         data = data[:args.limit]
-    configs = eval_configs(modes, ks, ps, selections)
     if args.load_dir and "refrag" in modes:
         for k in ks:  # a checkpoint is trained for one k
             load_refrag_checkpoint(args.load_dir, k)
@@ -1984,6 +2492,15 @@ def cmd_evaluate(args):
                          need_encoder="refrag" in modes, seed=args.seed)
     if index:
         check_index_tokenizer(index, models)
+    policies = {}  # selection name -> (policy, its k)
+    for d in args.policy:
+        with open(os.path.join(d, "config.json"), encoding="utf-8") as fh:
+            pk = int(json.load(fh).get("k", 0)) if is_policy_dir(d) else ks[0]
+        if pk not in ks:
+            fail(f"--policy {d}: trained with k={pk}, not one of --k {args.k}")
+        policies["policy:" + os.path.basename(os.path.normpath(d))] = (load_policy(d, models, pk, "--policy"), pk)
+    configs = [c for c in eval_configs(modes, ks, ps, selections + list(policies))
+               if c["selection"] not in policies or policies[c["selection"]][1] == c["k"]]
     os.makedirs(args.out, exist_ok=True)
     write_run_info(args.out, args)
     rows_path = os.path.join(args.out, "rows.jsonl")
@@ -1995,9 +2512,10 @@ def cmd_evaluate(args):
     summaries = []
     for c in configs:
         key = config_key(c)
+        models.policy = policies[c["selection"]][0] if c["selection"] in policies else None
+        heuristic = None if c["selection"] in (None, "none") or c["selection"] in policies else c["selection"]
         cfg = GenerateConfig(topk=args.topk, k=c["k"] or ks[0], p=c["p"] or 0.0, ctx_max=args.ctx_max,
-                             max_new=args.max_new, mode=c["mode"],
-                             heuristic=None if c["selection"] in (None, "none") else c["selection"], seed=args.seed)
+                             max_new=args.max_new, mode=c["mode"], heuristic=heuristic, seed=args.seed)
         todo = [r for r in data if (key, r["id"]) not in done]
         if todo and kind == "qa":
             run_generation(todo[0]["question"], cfg, models, index)  # warm-up, discarded
@@ -2268,6 +2786,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", default="16", help="chunk size(s) to cache, e.g. 16 or 8,16,32")
     sp.add_argument("--index_type", default="flat", choices=["flat", "ivf", "hnsw"])
     sp.add_argument("--batch_size", type=int, default=64)
+    sp.add_argument("--ppl", action="store_true",
+                    help="also cache chunk perplexities under --dec (the ppl heuristics then cost a lookup)")
     sp.add_argument("--device", default="auto")
     sp.set_defaults(func=cmd_index)
 
@@ -2275,7 +2795,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--index_dir", default=DEFAULT_INDEX)
     sp.add_argument("--question", required=True)
     add_model_args(sp)
-    sp.add_argument("--load_dir", default=None, help="refrag checkpoint (trained encoder/projector)")
+    sp.add_argument("--load_dir", default=None,
+                    help="refrag checkpoint (trained encoder/projector), or a policy checkpoint (its models + policy)")
+    sp.add_argument("--policy", default=None, help="selection policy checkpoint (train_policy) to use with --load_dir")
+    sp.add_argument("--policy_sample", action="store_true", help="sample the policy's picks instead of its top chunks")
     sp.add_argument("--mode", default="refrag", choices=["refrag", "full", "none"])
     sp.add_argument("--topk", type=int, default=8)
     sp.add_argument("--k", type=int, default=16)
@@ -2307,6 +2830,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--questions_per_context", type=int, default=4)
     sp.add_argument("--ctx_ramp", type=float, default=0.6, help="fraction of steps to grow contexts to --max_passages")
     sp.add_argument("--copy_frac", type=float, default=0.2, help="fraction of batches of synthetic copy sequences")
+    sp.add_argument("--copy_warmup", type=int, default=0, help="first steps of copy batches only")
+    sp.add_argument("--single_steps", type=int, default=0, help="then steps with one passage per context")
     sp.add_argument("--log_every", type=int, default=50)
     sp.add_argument("--eval_every", type=int, default=500)
     sp.add_argument("--seed", type=int, default=0)
@@ -2350,6 +2875,31 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out_dir", default=f"runs/{name}")
         sp.set_defaults(func=fn)
 
+    sp = sub.add_parser("train_policy", help="train the selective-expansion policy (GRPO or REINFORCE)")
+    sp.add_argument("--rag_json", "--train_json", dest="train_json", default="data/rag_train.jsonl",
+                    help="QA (reward: gold answer log-ppl) or long texts with a split (reward: continuation log-ppl)")
+    sp.add_argument("--eval_json", default="data/rag_eval.jsonl", help="held-out examples scored before and after ('' to skip)")
+    sp.add_argument("--eval_n", type=int, default=100)
+    sp.add_argument("--index_dir", default=DEFAULT_INDEX)
+    add_model_args(sp)
+    sp.add_argument("--load_dir", default=None, help="refrag checkpoint the policy selects for (frozen)")
+    sp.add_argument("--k", type=int, default=16)
+    sp.add_argument("--p", type=float, default=0.25)
+    sp.add_argument("--topk", type=int, default=8)
+    sp.add_argument("--ctx_max", type=int, default=1024)
+    sp.add_argument("--steps", type=int, default=300)
+    sp.add_argument("--lr", type=float, default=1e-4)
+    sp.add_argument("--algo", default="grpo", choices=["grpo", "reinforce"])
+    sp.add_argument("--group", type=int, default=8, help="selections sampled per example (G)")
+    sp.add_argument("--batch_size", type=int, default=4, help="examples per update")
+    sp.add_argument("--clip", type=float, default=0.2, help="PPO clipping epsilon")
+    sp.add_argument("--ppo_epochs", type=int, default=2)
+    sp.add_argument("--policy_query", action="store_true", help="query-aware policy: the question's embedding is an input")
+    sp.add_argument("--log_every", type=int, default=20)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out_dir", default="runs/policy")
+    sp.set_defaults(func=cmd_train_policy)
+
     sp = sub.add_parser("evaluate", help="exact match / F1 / timing over a QA file")
     sp.add_argument("--eval_json", default="data/rag_eval.jsonl")
     sp.add_argument("--index_dir", default=DEFAULT_INDEX)
@@ -2362,6 +2912,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ctx_max", type=int, default=1024)
     sp.add_argument("--max_new", type=int, default=24)
     sp.add_argument("--heuristic", default="random", help="selections when p > 0: comma list of random, ppl_desc, ppl_asc")
+    sp.add_argument("--policy", action="append", default=[],
+                    help="a policy checkpoint to compare when p > 0 (repeatable); must match --load_dir's models")
     sp.add_argument("--limit", type=int, default=0, help="only the first N questions")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", default="runs/eval")

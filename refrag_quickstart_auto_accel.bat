@@ -5,8 +5,8 @@ REM   refrag_quickstart_auto_accel.bat          demo
 REM   refrag_quickstart_auto_accel.bat test     test suite
 REM Environment overrides: ENC_MODEL EMBED_MODEL DEC_MODEL TOPK K P CTX_MAX MAX_NEW PRETRAIN_STEPS
 REM   QUESTION TORCH_VERSION CUDA_INDEX (default https://download.pytorch.org/whl/cu128)
-REM   STEPS LR_RECON LR_NEXT LR_FT TRAIN (0 skips the REFRAG training chain); LR_POLICY is reserved
-REM   for the selection-policy trainer (not in this release).
+REM   STEPS LR_RECON LR_NEXT LR_FT TRAIN (0 skips the REFRAG training chain), LR_POLICY POLICY_STEPS
+REM   (the selection policy trained after fine-tuning).
 setlocal EnableDelayedExpansion
 cd /d "%~dp0"
 
@@ -22,6 +22,8 @@ if "%STEPS%"=="" set "STEPS=100"
 if "%LR_RECON%"=="" set "LR_RECON=2e-4"
 if "%LR_NEXT%"=="" set "LR_NEXT=5e-5"
 if "%LR_FT%"=="" set "LR_FT=2e-5"
+if "%LR_POLICY%"=="" set "LR_POLICY=1e-4"
+if "%POLICY_STEPS%"=="" set "POLICY_STEPS=%STEPS%"
 if "%P%"=="" set "P=0.25"
 if "%CTX_MAX%"=="" set "CTX_MAX=1024"
 if "%MAX_NEW%"=="" set "MAX_NEW=32"
@@ -69,8 +71,9 @@ if not "%TRAIN%"=="0" (
   python refrag.py cpt_recon --train_json data/cpt_train.jsonl --enc "%ENC_MODEL%" --dec "!DEC!" --k %K% --steps %STEPS% --lr %LR_RECON% --max_chunks 8 --out_dir runs/cpt_recon || goto :error
   python refrag.py cpt_next --train_json data/cpt_train.jsonl --dec "!DEC!" --k %K% --steps %STEPS% --lr %LR_NEXT% --expand_frac 0.1 --max_chunks 16 --load_dir runs/cpt_recon --out_dir runs/cpt_next || goto :error
   python refrag.py finetune --rag_json data/rag_train.jsonl --index_dir runs/index --dec "!DEC!" --k %K% --p 0.1 --steps %STEPS% --batch_size 4 --lr %LR_FT% --load_dir runs/cpt_next --out_dir runs/sft || goto :error
-  python refrag.py index --corpus data/corpus_small.txt --index_dir runs/index --embed_model "%EMBED_MODEL%" --enc runs/sft --dec runs/sft/decoder --k %K% || goto :error
-  set "LOAD=--load_dir runs/sft"
+  python refrag.py index --corpus data/corpus_small.txt --index_dir runs/index --embed_model "%EMBED_MODEL%" --enc runs/sft --dec runs/sft/decoder --k %K% --ppl || goto :error
+  python refrag.py train_policy --rag_json data/rag_train.jsonl --eval_json data/rag_eval.jsonl --eval_n 20 --index_dir runs/index --load_dir runs/sft --k %K% --p %P% --steps %POLICY_STEPS% --lr %LR_POLICY% --out_dir runs/policy || goto :error
+  set "LOAD=--load_dir runs/policy"
 )
 python refrag.py generate --index_dir runs/index --dec "!DEC!" --question "%QUESTION%" --mode full --topk %TOPK% --ctx_max %CTX_MAX% --max_new %MAX_NEW% --out_dir runs/generate_full || goto :error
 python refrag.py generate --index_dir runs/index --dec "!DEC!" --enc "%ENC_MODEL%" !LOAD! --question "%QUESTION%" --mode refrag --topk %TOPK% --k %K% --p %P% --ctx_max %CTX_MAX% --max_new %MAX_NEW% --out_dir runs/generate_refrag || goto :error

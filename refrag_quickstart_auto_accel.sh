@@ -14,7 +14,7 @@
 #   PRETRAIN_STEPS [600]                                        demo decoder training steps
 #   STEPS [100] LR_RECON [2e-4] LR_NEXT [5e-5] LR_FT [2e-5]      REFRAG training chain, steps per stage
 #   TRAIN [1]                                                    0 skips the chain (refrag mode then reads untrained embeddings)
-#   LR_POLICY                                                    reserved for the selection-policy trainer (not in this release)
+#   LR_POLICY [1e-4] POLICY_STEPS [STEPS]                        selection policy (GRPO) trained after the chain
 #   QUESTION ["Which river flows through City_191?"]  CORPUS [data/corpus_small.txt]
 #   ACCEL [auto: cuda|rocm|mps|cpu]  TORCH_VERSION [2.13.0]  PYTHON [python3]  VENV [.venv]
 set -euo pipefail
@@ -108,9 +108,14 @@ demo() {
     python refrag.py finetune --rag_json data/rag_train.jsonl --index_dir runs/index --dec "$dec" --k "$k" \
       --p 0.1 --steps "$steps" --batch_size 4 --lr "${LR_FT:-2e-5}" --load_dir runs/cpt_next --out_dir runs/sft
     # re-cache the chunk embeddings with the trained encoder
+    # (and the chunk perplexities of the fine-tuned decoder, for the ppl heuristics)
     python refrag.py index --corpus "$corpus" --index_dir runs/index --embed_model "$emb" --enc runs/sft \
-      --dec runs/sft/decoder --k "$k"
-    load=(--load_dir runs/sft)
+      --dec runs/sft/decoder --k "$k" --ppl
+    # selective expansion policy (GRPO), the models frozen
+    python refrag.py train_policy --rag_json data/rag_train.jsonl --eval_json data/rag_eval.jsonl --eval_n 20 \
+      --index_dir runs/index --load_dir runs/sft --k "$k" --p "${P:-0.25}" --steps "${POLICY_STEPS:-$steps}" \
+      --lr "${LR_POLICY:-1e-4}" --out_dir runs/policy
+    load=(--load_dir runs/policy)
   fi
   # full: the decoder itself reading every retrieved token; refrag: the trained REFRAG checkpoint
   python refrag.py generate --index_dir runs/index --dec "$dec" --question "$q" --mode full \
