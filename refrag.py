@@ -368,8 +368,8 @@ DECODER_PRESETS = {  # Llama-architecture shapes; `tiny` is the demo reader, the
 
 @dataclass
 class PretrainConfig:
-    steps: int = 2000            # optimizer steps
-    batch_size: int = 8          # sequences per step
+    steps: int = 1800            # optimizer steps
+    batch_size: int = 16         # sequences per step (one-passage contexts; fewer, denser ones for longer contexts)
     lr: float = 1e-3             # peak learning rate (AdamW, linear warm-up, cosine decay)
     warmup_frac: float = 0.04    # warm-up fraction (paper appendix B)
     weight_decay: float = 0.1
@@ -377,10 +377,10 @@ class PretrainConfig:
     max_passages: int = 8        # passages per training context: 1..max_passages
     context_weight: float = 0.1  # loss weight of non-answer tokens (answer tokens weigh 1)
     questions_per_context: int = 4  # questions asked after each training context
-    ctx_ramp: float = 0.6        # fraction of steps over which contexts grow from 1 to max_passages
-    copy_frac: float = 0.2       # fraction of batches that are synthetic copy sequences (copy_example)
-    copy_warmup: int = 0         # first steps made of copy batches only (induction heads form first)
-    single_steps: int = 0        # then this many steps with one passage per context (learn to read a fact)
+    ctx_ramp: float = 0.4        # fraction of the later steps over which contexts grow from 1 to max_passages
+    copy_frac: float = 0.1       # fraction of batches that are synthetic copy sequences (copy_example)
+    copy_warmup: int = 150       # first steps made of copy batches only (induction heads form first)
+    single_steps: int = 450      # then this many steps with one passage per context (learn to read a fact)
     preset: str = "tiny"         # decoder shape, a key of DECODER_PRESETS
     seed: int = 0
     log_every: int = 50
@@ -1636,7 +1636,12 @@ def cmd_pretrain(args):
     train = read_rag(args.rag_json, "--rag_json")
     train_data = ReaderData(passages, train, tok, cfg.max_passages, random.Random(cfg.seed))
     monitor = heldout_monitor(passages, args.eval_json, train_data, args.eval_n) if args.eval_json else None
-    model = build_demo_decoder(tok, cfg.preset).to(device)
+    if args.init_from:  # continue training a decoder (same tokenizer) instead of starting from scratch
+        if tokenizer_fingerprint(load_tokenizer(args.init_from, "--init_from")) != tokenizer_fingerprint(tok):
+            fail(f"--init_from {args.init_from}: its tokenizer differs from --tokenizer {args.tokenizer}")
+        model = load_decoder(args.init_from, device, torch.float32, "--init_from").train()
+    else:
+        model = build_demo_decoder(tok, cfg.preset).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"pretrain: Llama decoder '{cfg.preset}' with {n_params / 1e6:.2f}M parameters, vocab {len(tok)}, "
           f"{len(train_data.rag)} training questions over {len(train_data.train_names)} entities, device {device}")
@@ -2527,7 +2532,8 @@ def cmd_evaluate(args):
                 row = {"config": key, "id": r["id"], "answer": g["answer"], "gold": r["answers"],
                        "em": exact_match(g["answer"], r["answers"]), "f1": token_f1(g["answer"], r["answers"]),
                        "chrf": chrf(g["answer"], r["answers"]), "answer_logppl": nll,
-                       "ttft_s": g["ttft_s"], "ttit_s": g["ttit_s"], "throughput_tok_s": g["throughput_tok_s"],
+                       "ttft_s": g["ttft_s"], "select_s": g["ttft_breakdown"]["select_s"],
+                       "ttit_s": g["ttit_s"], "throughput_tok_s": g["throughput_tok_s"],
                        "prompt_positions": g["prompt_positions"],
                        "answer_in_context": float(any(a in index.texts[i] for i in g["passages_used"] for a in r["answers"]))}
             else:
@@ -2823,15 +2829,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eval_n", type=int, default=100)
     sp.add_argument("--tokenizer", default="data/tokenizer.json")
     sp.add_argument("--dec_config", default="tiny", choices=sorted(DECODER_PRESETS))
-    sp.add_argument("--steps", type=int, default=2000)
-    sp.add_argument("--batch_size", type=int, default=8)
+    sp.add_argument("--init_from", default=None, help="continue from this decoder directory instead of a fresh one")
+    sp.add_argument("--steps", type=int, default=1800)
+    sp.add_argument("--batch_size", type=int, default=16)
     sp.add_argument("--lr", type=float, default=1e-3)
     sp.add_argument("--max_passages", type=int, default=8)
     sp.add_argument("--questions_per_context", type=int, default=4)
-    sp.add_argument("--ctx_ramp", type=float, default=0.6, help="fraction of steps to grow contexts to --max_passages")
-    sp.add_argument("--copy_frac", type=float, default=0.2, help="fraction of batches of synthetic copy sequences")
-    sp.add_argument("--copy_warmup", type=int, default=0, help="first steps of copy batches only")
-    sp.add_argument("--single_steps", type=int, default=0, help="then steps with one passage per context")
+    sp.add_argument("--ctx_ramp", type=float, default=0.4,
+                    help="fraction of the steps after --single_steps over which contexts grow to --max_passages (0: at once)")
+    sp.add_argument("--copy_frac", type=float, default=0.1, help="fraction of batches of synthetic copy sequences")
+    sp.add_argument("--copy_warmup", type=int, default=150, help="first steps of copy batches only (induction heads)")
+    sp.add_argument("--single_steps", type=int, default=450, help="then steps with one passage per context")
     sp.add_argument("--log_every", type=int, default=50)
     sp.add_argument("--eval_every", type=int, default=500)
     sp.add_argument("--seed", type=int, default=0)

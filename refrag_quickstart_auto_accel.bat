@@ -27,7 +27,7 @@ if "%POLICY_STEPS%"=="" set "POLICY_STEPS=%STEPS%"
 if "%P%"=="" set "P=0.25"
 if "%CTX_MAX%"=="" set "CTX_MAX=1024"
 if "%MAX_NEW%"=="" set "MAX_NEW=32"
-if "%PRETRAIN_STEPS%"=="" set "PRETRAIN_STEPS=600"
+if "%PRETRAIN_STEPS%"=="" set "PRETRAIN_STEPS=1800"
 if "%QUESTION%"=="" set "QUESTION=Which river flows through City_191?"
 
 if not exist .venv (

@@ -11,7 +11,7 @@
 #   EMBED_MODEL [sentence-transformers/all-MiniLM-L6-v2] retrieval embedding model
 #   DEC_MODEL [empty: pretrain the demo decoder into runs/demo_decoder]  e.g. meta-llama/Llama-3.2-1B
 #   TOPK [8] K [8] P [0.25] CTX_MAX [1024] MAX_NEW [32]        generation (K also for training)
-#   PRETRAIN_STEPS [600]                                        demo decoder training steps
+#   PRETRAIN_STEPS [1800]                                       demo decoder training steps (about 30 min on 2 CPU cores)
 #   STEPS [100] LR_RECON [2e-4] LR_NEXT [5e-5] LR_FT [2e-5]      REFRAG training chain, steps per stage
 #   TRAIN [1]                                                    0 skips the chain (refrag mode then reads untrained embeddings)
 #   LR_POLICY [1e-4] POLICY_STEPS [STEPS]                        selection policy (GRPO) trained after the chain
@@ -93,7 +93,7 @@ demo() {
       echo "[quickstart] reusing $dec (FORCE_PRETRAIN=1 retrains it)"
     else
       python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl \
-        --eval_json data/rag_eval.jsonl --eval_n 100 --steps "${PRETRAIN_STEPS:-600}" --out_dir "$dec"
+        --eval_json data/rag_eval.jsonl --eval_n 100 --steps "${PRETRAIN_STEPS:-1800}" --out_dir "$dec"
     fi
   fi
   local k=${K:-8} steps=${STEPS:-100} load=()
