@@ -10,8 +10,9 @@ are computed once at indexing time and cached.
 Commands (run from the repository root; the demo data lives in data/):
 
     # 0. a small demo decoder trained from scratch on the training split to read contexts
+    #    (copy warm-up, then one-passage contexts, then up to 8 passages; 28 min on 2 CPU cores)
     python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl \
-        --eval_json data/rag_eval.jsonl --steps 2000 --lr 1e-3 --copy_frac 0.2 --out_dir runs/demo_decoder
+        --eval_json data/rag_eval.jsonl --steps 1800 --out_dir runs/demo_decoder
     # 1. FAISS index of the passages + cached chunk embeddings (k decoder tokens per chunk)
     python refrag.py index --corpus data/corpus_small.txt --index_dir runs/index --dec runs/demo_decoder --k 8,16,32
     # 2. answer a question: REFRAG (default), plain full-context RAG, or no context
@@ -1393,7 +1394,8 @@ def cmd_generate(args):
         print(f"[{rec['mode']}] TTFT {rec['ttft_s'] * 1000:.1f} ms ({bd} ms) | TTIT {ttit} | "
               f"{rec['throughput_tok_s']:.1f} tok/s | prompt {rec['prompt_positions']} positions from "
               f"{rec['context_tokens']} context tokens | chunks {rec['n_chunks']}, expanded {len(rec['expanded'])} "
-              f"({rec['selection']}) | cache {rec['chunk_cache']}", file=sys.stderr)
+              f"({rec['selection']}) | cache {rec['chunk_cache']}"
+              + (f" | perplexities {rec['ppl_cache']}" if rec["ppl_cache"] != "n/a" else ""), file=sys.stderr)
     if args.out_dir:
         write_run_info(args.out_dir, args)
         write_json(os.path.join(args.out_dir, "generate.json"), rec)
