@@ -1193,6 +1193,15 @@ def retrieve_context(question: str, cfg: GenerateConfig, models: Models, index: 
     return ctx
 
 
+def context_perplexities(ctx: RetrievedContext, models: Models, index: PassageIndex | None, k: int) -> tuple[torch.Tensor, str]:
+    """(L,) chunk perplexities of a context, from the index's cache when it holds them for this
+    decoder and k, else one batched decoder pass; and where they came from."""
+    status = index.ppl_status(models, k) if index is not None and ctx.used else "miss (not index passages)"
+    if status == "hit":
+        return torch.cat([torch.from_numpy(np.array(index.cached_ppl(i, k))) for i in ctx.used]), status
+    return torch.cat(chunk_perplexities(models.decoder, ctx.passages_ids, k, models.device, models.tok.pad_token_id)), status
+
+
 def policy_inputs(ctx: RetrievedContext, policy: SelectionPolicy, device) -> tuple:
     """(chunks (1, L, d_enc), mask (1, L), q (1, d_q) or None) for one context."""
     c = torch.cat(ctx.chunk_embs).to(device=device, dtype=torch.float32).unsqueeze(0)
@@ -1214,12 +1223,7 @@ def select_chunks(ctx: RetrievedContext, cfg: GenerateConfig, models: Models, in
         return sorted(policy_picks(logits, t, gen=gen, sample=cfg.policy_sample)[0].tolist()), method, ppl_src
     ppl = None
     if method.startswith("ppl"):
-        ppl_src = index.ppl_status(models, cfg.k)
-        if ppl_src == "hit":
-            ppl = torch.cat([torch.from_numpy(np.array(index.cached_ppl(i, cfg.k))) for i in ctx.used])
-        else:
-            ppl = torch.cat(chunk_perplexities(models.decoder, ctx.passages_ids, cfg.k, models.device,
-                                               models.tok.pad_token_id))
+        ppl, ppl_src = context_perplexities(ctx, models, index, cfg.k)
     return select_expand(n, cfg.p, method, ppl, gen), method, ppl_src
 
 
@@ -2263,11 +2267,7 @@ def policy_eval(policy: SelectionPolicy, models: Models, index: PassageIndex | N
         t = int(round(cfg.p * L))
         with torch.inference_mode():
             logits = policy(*policy_inputs(ctx, policy, models.device))[0]
-        status = index.ppl_status(models, cfg.k) if index is not None and ctx.used else "miss"
-        if status == "hit":
-            ppl = torch.cat([torch.from_numpy(np.array(index.cached_ppl(i, cfg.k))) for i in ctx.used])
-        else:
-            ppl = torch.cat(chunk_perplexities(models.decoder, ctx.passages_ids, cfg.k, models.device, models.tok.pad_token_id))
+        ppl = context_perplexities(ctx, models, index, cfg.k)[0]
         sels = [sorted(policy_picks(logits, t, sample=False)[0].tolist()), select_expand(L, cfg.p, "random", None, gen),
                 select_expand(L, cfg.p, "ppl_desc", ppl, gen), select_expand(L, cfg.p, "ppl_asc", ppl, gen),
                 [], list(range(L))]
