@@ -754,7 +754,7 @@ def load_models(dec: str, enc: str, embed_model: str, load_dir: str | None, k: i
                   dec_fingerprint=weights_fingerprint(decoder))
 
 
-# ---- selection ----
+# ---- selection: perplexity heuristics, the policy network and its checkpoints ----
 
 @torch.inference_mode()
 def chunk_perplexities(decoder, passages_ids: list, k: int, device: torch.device, pad_id: int) -> list[torch.Tensor]:
