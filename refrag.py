@@ -1430,20 +1430,15 @@ def qa_example(tok, passages: list[str], question: str, answer: str) -> tuple[li
 class ReaderData:
     """Training contexts for the demo reader: for a training question, its gold passage plus
     distractors (same-kind passages renamed to near-identical names, e.g. City_41 for City_410),
-    shuffled. Entity names are renamed to fresh ids and the answer swapped, mostly for a freshly
-    invented value of the same form (a number of as many digits, a made-up name), otherwise for
-    another value of the same fact: the decoder can neither answer from memory nor profit from
-    guessing a likely value, and must learn to read (the held-out questions can only be answered
-    that way)."""
-
-    ONSETS = ["b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "br", "kr", "sh", "th"]
-    VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "ei"]
-    CODAS = ["", "", "n", "r", "s", "l", "m", "th", "sk"]
+    shuffled. Entity names are renamed to fresh ids and the answer swapped: numbers for fresh
+    numbers of the same shape, other values for another value of the same fact (invented names
+    were tried and dropped: they split into rare BPE pieces, while the pools' names are whole
+    tokens). The decoder can neither answer from memory nor profit from guessing a likely number,
+    and must learn to read (the held-out questions can only be answered that way)."""
 
     def __init__(self, passages: list[str], rag: list[dict], tok, max_passages: int, rng: random.Random,
                  augment: bool = True):
         self.tok, self.rng, self.max_passages, self.augment = tok, rng, max_passages, augment
-        self.fresh_names = False  # invented names split into rare BPE pieces; the pools' names are whole tokens
         self.by_name = {}
         for p in passages:
             name = p.split(" ", 1)[0]
@@ -1468,22 +1463,14 @@ class ReaderData:
             self.values.setdefault((r["entity"].split("_")[0], r.get("fact")), set()).add(r["answers"][0])
         self.values = {k: sorted(v) for k, v in self.values.items()}
 
-    def _word(self) -> str:
-        n = self.rng.randint(2, 3)
-        w = "".join(self.rng.choice(self.ONSETS) + self.rng.choice(self.VOWELS) for _ in range(n))
-        return (w + self.rng.choice(self.CODAS)).capitalize()
-
     def _fresh_value(self, value: str, pool: list[str]) -> str:
-        """A new value shaped like `value`: digits for digits, invented capitalised names for names;
-        phrases from small closed lists (industries, outcomes...) come from their pool."""
+        """A new value shaped like `value`: fresh digits for numbers; anything else comes from the
+        pool of that fact's values."""
         if re.fullmatch(r"[0-9]+", value):
             n = len(value)
             return str(self.rng.randint(10 ** (n - 1), 10 ** n - 1)) if n > 1 else str(self.rng.randint(2, 9))
         if re.fullmatch(r"[0-9]+\.[0-9]", value):
             return f"{self.rng.randint(20, 199) / 10:.1f}"
-        words = value.split()
-        if self.fresh_names and words and all(w[:1].isupper() or w in ("of", "and") for w in words):
-            return " ".join(w if w in ("University", "of", "and", "Prize") else self._word() for w in words)
         return self.rng.choice(pool) if pool else value
 
     def _fresh_id(self, kind: str, near: int | None = None) -> int:
