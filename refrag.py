@@ -843,12 +843,17 @@ class SelectionPolicy(nn.Module):
         return self.head(h).squeeze(-1).float().masked_fill(~mask, float("-inf"))               # (B, L)
 
 
-def is_policy_dir(path: str | None) -> bool:
+def policy_config(path: str | None, flag: str = "--load_dir") -> dict | None:
+    """The config.json of a policy checkpoint, or None when `path` is not one."""
     cfg = os.path.join(path or "", "config.json")
     if not path or not os.path.isfile(cfg):
-        return False
-    with open(cfg, encoding="utf-8") as fh:
-        return json.load(fh).get("kind") == "refrag_policy"
+        return None
+    try:
+        with open(cfg, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except ValueError as e:
+        fail(f"{flag} {cfg}: invalid JSON ({e})")
+    return data if isinstance(data, dict) and data.get("kind") == "refrag_policy" else None
 
 
 def model_fingerprints(models) -> dict:
@@ -860,10 +865,9 @@ def model_fingerprints(models) -> dict:
 def load_policy(path: str, models, k: int, flag: str = "--load_dir") -> SelectionPolicy:
     """A policy checkpoint, loaded strictly; it must have been trained against the models loaded
     (same decoder, encoder, projector and question embedder weights) and for this k."""
-    if not is_policy_dir(path):
+    cfg = policy_config(path, flag)
+    if cfg is None:
         fail(f"{flag} {path}: not a policy checkpoint (no config.json with kind refrag_policy)")
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
-        cfg = json.load(fh)
     if int(cfg["k"]) != k:
         fail(f"{flag} {path}: policy trained with k={cfg['k']}, but --k {k} was given")
     if models.encoder is None:
@@ -1367,10 +1371,9 @@ def cmd_generate(args):
     index = PassageIndex(args.index_dir)
     device = resolve_device(args.device)
     load_dir, dec, enc, policy_dir = args.load_dir, args.dec, args.enc, args.policy
-    if is_policy_dir(load_dir):  # a policy checkpoint names the models it was trained against
-        policy_dir = load_dir
-        with open(os.path.join(load_dir, "config.json"), encoding="utf-8") as fh:
-            base = json.load(fh)["base"]
+    pcfg = policy_config(load_dir)
+    if pcfg:  # a policy checkpoint names the models it was trained against
+        policy_dir, base = load_dir, pcfg["base"]
         load_dir, dec, enc = base["load_dir"], base["dec"], base["enc"]
     models = load_models(dec=dec, enc=enc, embed_model=index.meta["embed_model"],
                          load_dir=load_dir, k=cfg.k, device=device,
@@ -2488,8 +2491,10 @@ def cmd_evaluate(args):
         check_index_tokenizer(index, models)
     policies = {}  # selection name -> (policy, its k)
     for d in args.policy:
-        with open(os.path.join(d, "config.json"), encoding="utf-8") as fh:
-            pk = int(json.load(fh).get("k", 0)) if is_policy_dir(d) else ks[0]
+        pcfg = policy_config(d, "--policy")
+        if pcfg is None:
+            fail(f"--policy {d}: not a policy checkpoint (no config.json with kind refrag_policy)")
+        pk = int(pcfg["k"])
         if pk not in ks:
             fail(f"--policy {d}: trained with k={pk}, not one of --k {args.k}")
         policies["policy:" + os.path.basename(os.path.normpath(d))] = (load_policy(d, models, pk, "--policy"), pk)
@@ -2934,7 +2939,164 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", default="auto")
     sp.add_argument("--out", default="runs/bench")
     sp.set_defaults(func=cmd_bench)
+
+    sp = sub.add_parser("chain", help="the whole training chain in one command, timed: index, cpt_recon, cpt_next, "
+                                      "finetune and its full-context baseline, evaluate")
+    sp.add_argument("--corpus", default="data/corpus_small.txt")
+    sp.add_argument("--train_json", default="data/cpt_train.jsonl")
+    sp.add_argument("--eval_json", default="data/cpt_eval.jsonl")
+    sp.add_argument("--rag_json", default="data/rag_train.jsonl")
+    sp.add_argument("--rag_eval", default="data/rag_eval.jsonl")
+    sp.add_argument("--embed_model", default=MINILM_ID)
+    sp.add_argument("--enc", default=MINILM_ID)
+    sp.add_argument("--dec", default=DEFAULT_DEC)
+    sp.add_argument("--k", type=int, default=8)
+    sp.add_argument("--p", type=float, default=0.1, help="fine-tuning and evaluation expansion fraction")
+    sp.add_argument("--topk", type=int, default=8)
+    sp.add_argument("--recon_steps", type=int, default=800)
+    sp.add_argument("--next_steps", type=int, default=300)
+    sp.add_argument("--ft_steps", type=int, default=100)
+    sp.add_argument("--lr_recon", type=float, default=2e-4)
+    sp.add_argument("--lr_next", type=float, default=5e-5)
+    sp.add_argument("--lr_ft", type=float, default=1e-4,
+                    help="fine-tuning LR (the paper's 2e-5 is for long runs; 100 steps need more)")
+    sp.add_argument("--batch_size", type=int, default=8)
+    sp.add_argument("--recon_tokens", type=int, default=64, help="longest reconstruction context in tokens")
+    sp.add_argument("--next_tokens", type=int, default=256, help="longest next-paragraph context in tokens")
+    sp.add_argument("--no_baseline", action="store_true", help="skip the full-context fine-tuning baseline")
+    sp.add_argument("--eval_limit", type=int, default=0, help="evaluate on the first N questions only")
+    sp.add_argument("--resume", action="store_true", help="skip the stages chain.json records as done")
+    sp.add_argument("--log_every", type=int, default=50)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--out_dir", default="runs/chain")
+    sp.set_defaults(func=cmd_chain)
     return ap
+
+
+# ---- the training chain in one command ----
+
+def chain_stages(a: argparse.Namespace) -> list[tuple[str, list]]:
+    """(name, refrag.py argv) for every stage of the chain, in order."""
+    o = lambda name: os.path.join(a.out_dir, name)  # noqa: E731
+    dev, seed = ["--device", a.device], ["--seed", a.seed]
+    common = ["--k", a.k, "--batch_size", a.batch_size, "--log_every", a.log_every, *seed, *dev]
+    stages = [
+        ("index", ["index", "--corpus", a.corpus, "--index_dir", o("index"), "--embed_model", a.embed_model,
+                   "--enc", a.enc, "--dec", a.dec, "--k", a.k, *dev]),
+        ("cpt_recon", ["cpt_recon", "--train_json", a.train_json, "--eval_json", a.eval_json, "--enc", a.enc,
+                       "--dec", a.dec, "--steps", a.recon_steps, "--lr", a.lr_recon,
+                       "--max_chunks", max(1, a.recon_tokens // a.k), *common, "--out_dir", o("cpt_recon")]),
+        ("cpt_next", ["cpt_next", "--train_json", a.train_json, "--eval_json", a.eval_json,
+                      "--load_dir", o("cpt_recon"), "--steps", a.next_steps, "--lr", a.lr_next, "--expand_frac", 0.1,
+                      "--max_chunks", max(1, a.next_tokens // a.k), *common, "--out_dir", o("cpt_next")]),
+        ("finetune", ["finetune", "--rag_json", a.rag_json, "--index_dir", o("index"), "--load_dir", o("cpt_next"),
+                      "--p", a.p, "--topk", a.topk, "--steps", a.ft_steps, "--lr", a.lr_ft, *common,
+                      "--out_dir", o("sft")]),
+    ]
+    if not a.no_baseline:
+        stages.append(("finetune_full", ["finetune", "--mode", "full", "--rag_json", a.rag_json, "--index_dir",
+                                         o("index"), "--dec", a.dec, "--topk", a.topk, "--steps", a.ft_steps,
+                                         "--lr", a.lr_ft, *common, "--out_dir", o("sft_full")]))
+    stages.append(("index_sft", ["index", "--corpus", a.corpus, "--index_dir", o("index_sft"), "--embed_model",
+                                 a.embed_model, "--enc", o("sft"), "--dec", o("sft/decoder"), "--k", a.k, *dev]))
+    limit = ["--limit", a.eval_limit] if a.eval_limit else []
+    stages.append(("evaluate", ["evaluate", "--eval_json", a.rag_eval, "--index_dir", o("index_sft"), "--load_dir",
+                                o("sft"), "--modes", "full,refrag", "--topk", a.topk, "--k", a.k,
+                                "--p", f"0,{a.p:g}", "--heuristic", "random", *limit, *seed, *dev,
+                                "--out", o("eval")]))
+    if not a.no_baseline:
+        stages.append(("evaluate_full", ["evaluate", "--eval_json", a.rag_eval, "--index_dir", o("index"), "--dec",
+                                         o("sft_full/decoder"), "--modes", "full", "--topk", a.topk, *limit, *seed,
+                                         *dev, "--out", o("eval_full")]))
+    return [(name, [str(x) for x in argv]) for name, argv in stages]
+
+
+def chain_summary(a: argparse.Namespace, done: dict) -> dict:
+    """The headline numbers of a finished chain, read back from what its stages wrote."""
+    def load(*parts):
+        path = os.path.join(a.out_dir, *parts)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    out = {}
+    recon, nxt = load("cpt_recon", "eval.json"), load("cpt_next", "eval.json")
+    if recon:
+        out["recon"] = {n: {key: r[key] for key in ("acc", "acc_nocontext", "fact_acc", "fact_acc_nocontext")}
+                        for n, r in recon["results"].items()}
+    if nxt:
+        out["next_logppl"] = nxt["results"]
+    ev, base = load("eval", "results.json"), load("eval_full", "results.json")
+    if ev:
+        out["qa"] = [{key: r[key] for key in ("mode", "k", "p", "selection", "em", "f1", "answer_logppl", "ttft_s")}
+                     for r in ev["results"]]
+    if ev and base:
+        ft = base["results"][0]["em"]
+        out["em_full_ft_baseline"] = ft
+        for r in ev["results"]:
+            if r["mode"] == "refrag" and r["p"] == a.p:
+                out["em_refrag"] = r["em"]
+                out["em_ratio_to_baseline"] = r["em"] / ft if ft else None
+    train = [n for n in done if not n.startswith("evaluate")]
+    out["train_s"] = sum(done[n]["seconds"] for n in train)
+    out["eval_s"] = sum(done[n]["seconds"] for n in done if n.startswith("evaluate"))
+    return out
+
+
+def cmd_chain(args):
+    """Run the stages one after another in this process, timing each; chain.json (rewritten after
+    every stage) records each stage's command and seconds, so --resume skips what is done."""
+    if args.k < 1 or not 0 <= args.p <= 1:
+        fail(f"--k {args.k} / --p {args.p}: need k >= 1 and 0 <= p <= 1")
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, "chain.json")
+    done = {}
+    if args.resume and os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            done = json.load(fh).get("stages", {})
+    record = {"command": " ".join(sys.argv), "device": device_name(resolve_device(args.device)),
+              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "stages": {}}
+    parser, saved_argv = build_parser(), sys.argv
+    stages = chain_stages(args)
+    for i, (name, argv) in enumerate(stages, 1):
+        prev = done.get(name)
+        if prev and prev["argv"] == argv:
+            print(f"chain: [{i}/{len(stages)}] {name} done earlier ({prev['seconds']:.0f}s), skipped", flush=True)
+            record["stages"][name] = prev
+            continue
+        print(f"chain: [{i}/{len(stages)}] {name}: refrag.py {' '.join(argv)}", flush=True)
+        stage_args = parser.parse_args(argv)
+        if args.resume and name in ("cpt_recon", "cpt_next", "finetune", "finetune_full"):
+            stage_args.resume = True  # a stage killed mid-way continues from its last checkpoint
+        sys.argv = ["refrag.py", *argv]  # what the stage records as its command
+        t0 = time.perf_counter()
+        try:
+            stage_args.func(stage_args)
+        except RefragError as e:
+            raise RefragError(f"chain stage {name}: {e}") from None
+        finally:
+            sys.argv = saved_argv
+        record["stages"][name] = {"argv": argv, "seconds": round(time.perf_counter() - t0, 1)}
+        write_json(path, record)
+        print(f"chain: {name} took {record['stages'][name]['seconds']:.0f}s", flush=True)
+    record["summary"] = chain_summary(args, record["stages"])
+    write_json(path, record)
+    sm = record["summary"]
+    print("chain: stage times: " + ", ".join(f"{n} {r['seconds']:.0f}s" for n, r in record["stages"].items()))
+    print(f"chain: training {sm['train_s'] / 60:.1f} min, evaluation {sm['eval_s'] / 60:.1f} min -> {path}")
+    for n, r in sm.get("recon", {}).items():
+        print(f"chain: reconstruction {n} chunk(s): token acc {r['acc']:.3f} (no context {r['acc_nocontext']:.3f}), "
+              f"fact tokens {r['fact_acc'] or 0:.3f} ({r['fact_acc_nocontext'] or 0:.3f})")
+    if "next_logppl" in sm:
+        print("chain: next-paragraph log-ppl: " + ", ".join(f"{key} {v:.3f}" for key, v in sm["next_logppl"].items()))
+    for r in sm.get("qa", []):
+        what = "full" if r["mode"] == "full" else f"refrag p={r['p']:g} {r['selection']}"
+        print(f"chain: QA {what}: EM {r['em']:.3f}, answer log-ppl {r['answer_logppl']:.3f}, TTFT {r['ttft_s'] * 1000:.1f} ms")
+    if "em_full_ft_baseline" in sm:
+        ratio = sm.get("em_ratio_to_baseline")
+        print(f"chain: full-context fine-tuned baseline EM {sm['em_full_ft_baseline']:.3f}; refrag p={args.p:g} / baseline = "
+              + ("n/a" if ratio is None else f"{ratio:.2f}"))
 
 
 def main(argv=None):

@@ -220,3 +220,10 @@ def test_evaluate_compares_policy_with_heuristics(tiny_dec_dir, tiny_index, smal
     keys = [r["selection"] for r in load_json(out / "results.json")["results"] if r["mode"] == "refrag"]
     assert keys == ["none", "random", "ppl_desc", "policy:policy"]
     assert "policy:policy" in (out / "results.md").read_text()
+    code, _, err = run_cli("evaluate", "--eval_json", qa, "--index_dir", tiny_index, "--dec", tiny_dec_dir,
+                           "--modes", "refrag", "--k", 16, "--p", "0.25", "--policy", tmp_path, "--out", out)
+    assert code == 2 and "not a policy checkpoint" in err
+    (pol / "config.json").write_text("{broken")
+    code, _, err = run_cli("evaluate", "--eval_json", qa, "--index_dir", tiny_index, "--dec", tiny_dec_dir,
+                           "--modes", "refrag", "--k", 16, "--p", "0.25", "--policy", pol, "--out", out)
+    assert code == 2 and "invalid JSON" in err and "config.json" in err

@@ -169,3 +169,36 @@ def test_training_and_inference_prompts_are_the_same_layout(tok):
     assert ((batch["slot"][0, :n] >= 0) == (layout.slot >= 0)).all()
     full = refrag.assemble_layout(prefix, chunks, sep, suffix, None, [])
     assert (full.slot < 0).all() and full.tok_ids.tolist() == prefix + passages[0] + sep + passages[1] + suffix
+
+
+def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpus, tmp_path):
+    names = {line.split(" ", 1)[0] for line in open(small_corpus, encoding="utf-8")}
+    qa = tmp_path / "qa.jsonl"
+    with open(os.path.join(DATA, "rag_train.jsonl"), encoding="utf-8") as fh:
+        qa.write_text("".join(json.dumps(r) + "\n" for r in map(json.loads, fh) if r["entity"] in names))
+    cpt = tmp_path / "cpt.jsonl"
+    with open(os.path.join(DATA, "cpt_eval.jsonl"), encoding="utf-8") as fh:
+        cpt.write_text("".join(next(fh) for _ in range(4)))
+    out = tmp_path / "chain"
+    argv = ["chain", "--corpus", small_corpus, "--train_json", cpt, "--eval_json", cpt, "--rag_json", qa,
+            "--rag_eval", qa, "--dec", tiny_dec_dir, "--k", 16, "--p", 0.25, "--topk", 2, "--recon_steps", 2,
+            "--next_steps", 2, "--ft_steps", 2, "--batch_size", 2, "--recon_tokens", 32, "--next_tokens", 32,
+            "--eval_limit", 2, "--out_dir", out]
+    code, stdout, err = run_cli(*argv)
+    assert code == 0, err
+    rec = json.load(open(out / "chain.json"))
+    assert list(rec["stages"]) == ["index", "cpt_recon", "cpt_next", "finetune", "finetune_full", "index_sft",
+                                   "evaluate", "evaluate_full"]
+    assert all(s["seconds"] > 0 for s in rec["stages"].values())
+    sm = rec["summary"]
+    assert set(sm["recon"]) == {"1", "2"} and set(sm["next_logppl"]) >= {"compressed", "full", "none"}
+    assert [(r["mode"], r["p"]) for r in sm["qa"]] == [("full", None), ("refrag", 0.0), ("refrag", 0.25)]
+    assert 0 <= sm["em_full_ft_baseline"] <= 1 and "em_refrag" in sm
+    assert sm["train_s"] > 0 and sm["eval_s"] > 0
+    # every stage trained from the previous one and recorded its own command line
+    assert json.load(open(out / "cpt_next" / "config.json"))["trained"] == ["encoder", "projector", "decoder"]
+    assert json.load(open(out / "sft" / "run_config.json"))["argv"][1] == "finetune"
+    assert "chain: full-context fine-tuned baseline EM" in stdout
+    code, stdout, err = run_cli(*argv, "--resume")
+    assert code == 0, err
+    assert stdout.count("done earlier") == 8 and json.load(open(out / "chain.json"))["stages"] == rec["stages"]
