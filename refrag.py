@@ -27,6 +27,8 @@ Commands (run from the repository root; the demo data lives in data/):
     python refrag.py finetune --rag_json data/rag_train.jsonl --index_dir runs/index --load_dir runs/cpt_next \
         --k 8 --p 0.1 --out_dir runs/sft            # --mode full: the full-context baseline
     # (any trainer: torchrun --nproc_per_node N refrag.py ...; --resume continues from --out_dir)
+    # or all of step 3 in one timed, resumable command (+ the full-context baseline and evaluate):
+    python refrag.py chain --dec runs/demo_decoder --k 8 --out_dir runs/chain
     # 3b. selective expansion: cache chunk perplexities, train the policy (models frozen), use it
     python refrag.py index --index_dir runs/index --enc runs/sft --dec runs/sft/decoder --k 16 --ppl
     python refrag.py train_policy --rag_json data/rag_train.jsonl --index_dir runs/index --load_dir runs/sft \
@@ -2953,7 +2955,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=int, default=8)
     sp.add_argument("--p", type=float, default=0.1, help="fine-tuning and evaluation expansion fraction")
     sp.add_argument("--topk", type=int, default=8)
-    sp.add_argument("--recon_steps", type=int, default=800)
+    sp.add_argument("--recon_steps", type=int, default=600)
     sp.add_argument("--next_steps", type=int, default=300)
     sp.add_argument("--ft_steps", type=int, default=100)
     sp.add_argument("--lr_recon", type=float, default=2e-4)
