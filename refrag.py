@@ -1973,7 +1973,8 @@ def score_samples(model: RefragModel, samples: list[dict], tok, facts: set[int],
 
 def eval_recon(model: RefragModel, records: list[dict], tok, k: int, facts: set[int], max_chunks: int) -> dict:
     """Reconstruction on held-out texts per number of chunks, beside the same decoder with no
-    context (it predicts the same tokens from BOS and its own prefix only)."""
+    context (it predicts the same tokens from BOS and its own prefix only) and with the raw tokens
+    in place of the chunk embeddings (what a lossless compression could reach: the ceiling)."""
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     out = {}
     n = 1
@@ -1985,7 +1986,10 @@ def eval_recon(model: RefragModel, records: list[dict], tok, k: int, facts: set[
                                          for x in xs], tok, facts)
         no_ctx = score_samples(model, [{"pieces": [("tokens", bos or x[:1])], "target": x if bos else x[1:]}
                                        for x in xs], tok, facts)
-        out[str(n)] = {"texts": len(xs), **with_ctx, **{f"{key}_nocontext": v for key, v in no_ctx.items() if key != "n_tokens"}}
+        raw = score_samples(model, [{"pieces": [("tokens", bos + x)], "target": x} for x in xs], tok, facts)
+        out[str(n)] = {"texts": len(xs), **with_ctx,
+                       **{f"{key}_nocontext": v for key, v in no_ctx.items() if key != "n_tokens"},
+                       **{f"{key}_rawtokens": v for key, v in raw.items() if key != "n_tokens"}}
         n *= 2
     return out
 
@@ -2060,7 +2064,8 @@ def cmd_train(args, stage: str):
         if acc.is_main_process:
             print(f"{stage}: loaded {src} (stage {ckpt.get('stage')}, step {ckpt.get('step')}, trained {ckpt.get('trained')})")
     model = RefragModel(encoder, projector, decoder)
-    trained = ["decoder"] if full_ft else (["encoder", "projector"] if stage == "cpt_recon" else ["encoder", "projector", "decoder"])
+    frozen_dec = stage == "cpt_recon" and not getattr(args, "train_decoder", False)
+    trained = ["decoder"] if full_ft else (["encoder", "projector"] if frozen_dec else ["encoder", "projector", "decoder"])
     for name, module in (("encoder", encoder), ("projector", projector), ("decoder", decoder)):
         module.requires_grad_(name in trained)
     if getattr(encoder.model, "pooler", None) is not None:  # unused by mean pooling; DDP needs every trained param used
@@ -2171,10 +2176,12 @@ def cmd_train(args, stage: str):
             facts = fact_token_ids(tok, [r["text"] for r in train])
             res = eval_recon(raw, ev, tok, cfg.k, facts, max_chunks)
             print(f"{stage}: held-out reconstruction ({args.eval_json}):")
-            print("  chunks | token acc (no context) | fact-token acc (no context) | log-ppl (no context)")
+            print("  chunks | token acc (no context, raw tokens) | fact-token acc (no context, raw tokens) | "
+                  "log-ppl (no context, raw tokens)")
             for n, r in res.items():
-                print(f"  {int(n):6d} | {r['acc']:.3f} ({r['acc_nocontext']:.3f}) | "
-                      f"{r['fact_acc'] or 0:.3f} ({r['fact_acc_nocontext'] or 0:.3f}) | {r['logppl']:.3f} ({r['logppl_nocontext']:.3f})")
+                print(f"  {int(n):6d} | {r['acc']:.3f} ({r['acc_nocontext']:.3f}, {r['acc_rawtokens']:.3f}) | "
+                      f"{r['fact_acc'] or 0:.3f} ({r['fact_acc_nocontext'] or 0:.3f}, {r['fact_acc_rawtokens'] or 0:.3f}) | "
+                      f"{r['logppl']:.3f} ({r['logppl_nocontext']:.3f}, {r['logppl_rawtokens']:.3f})")
         else:
             res = eval_next(raw, ev, tok, cfg.k, cfg.expand_frac, cfg.max_o, cfg.seed)
             print(f"{stage}: held-out next-paragraph log-perplexity ({args.eval_json}): "
@@ -2862,6 +2869,10 @@ def build_parser() -> argparse.ArgumentParser:
                 sp.add_argument("--max_o", type=int, default=128, help="continuation tokens at most")
             sp.add_argument("--max_chunks", type=int, default=0,
                             help="largest context in chunks for the curriculum (0: what the data allows)")
+            if name == "cpt_recon":
+                sp.add_argument("--train_decoder", action="store_true",
+                                help="also train the decoder (not the paper's recipe, which freezes it: a diagnostic "
+                                     "for decoders too small to read chunk embeddings frozen)")
         sp.add_argument("--enc", default=MINILM_ID)
         sp.add_argument("--dec", default=DEFAULT_DEC)
         sp.add_argument("--load_dir", default=None, help="start from this refrag checkpoint (strict)")
@@ -3025,7 +3036,8 @@ def chain_summary(a: argparse.Namespace, done: dict) -> dict:
     out = {}
     recon, nxt = load("cpt_recon", "eval.json"), load("cpt_next", "eval.json")
     if recon:
-        out["recon"] = {n: {key: r[key] for key in ("acc", "acc_nocontext", "fact_acc", "fact_acc_nocontext")}
+        out["recon"] = {n: {key: r.get(key) for key in ("acc", "acc_nocontext", "acc_rawtokens", "fact_acc",
+                                                         "fact_acc_nocontext", "fact_acc_rawtokens")}
                         for n, r in recon["results"].items()}
     if nxt:
         out["next_logppl"] = nxt["results"]
@@ -3088,8 +3100,9 @@ def cmd_chain(args):
     print("chain: stage times: " + ", ".join(f"{n} {r['seconds']:.0f}s" for n, r in record["stages"].items()))
     print(f"chain: training {sm['train_s'] / 60:.1f} min, evaluation {sm['eval_s'] / 60:.1f} min -> {path}")
     for n, r in sm.get("recon", {}).items():
-        print(f"chain: reconstruction {n} chunk(s): token acc {r['acc']:.3f} (no context {r['acc_nocontext']:.3f}), "
-              f"fact tokens {r['fact_acc'] or 0:.3f} ({r['fact_acc_nocontext'] or 0:.3f})")
+        print(f"chain: reconstruction {n} chunk(s): token acc {r['acc']:.3f} (no context {r['acc_nocontext']:.3f}, "
+              f"raw tokens {r['acc_rawtokens']:.3f}), fact tokens {r['fact_acc'] or 0:.3f} "
+              f"({r['fact_acc_nocontext'] or 0:.3f}, {r['fact_acc_rawtokens'] or 0:.3f})")
     if "next_logppl" in sm:
         print("chain: next-paragraph log-ppl: " + ", ".join(f"{key} {v:.3f}" for key, v in sm["next_logppl"].items()))
     for r in sm.get("qa", []):

@@ -79,6 +79,14 @@ def test_cpt_recon_resume_matches_uninterrupted_run(tiny_dec_dir, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_cpt_recon_train_decoder_diagnostic_saves_the_decoder(tiny_dec_dir, tmp_path):
+    out = tmp_path / "recon_dec"
+    code, _, err = run_cli(*train_args(tiny_dec_dir, out, "--steps", 1, "--train_decoder"))
+    assert code == 0, err
+    assert json.load(open(out / "config.json"))["trained"] == ["encoder", "projector", "decoder"]
+    assert (out / "decoder" / "model.safetensors").exists()
+
+
 def test_checkpoint_loads_strictly_into_generate(tiny_dec_dir, tiny_index, tmp_path):
     ck = tmp_path / "ck"
     assert run_cli(*train_args(tiny_dec_dir, ck, "--steps", 1, "--k", 16))[0] == 0
@@ -192,6 +200,7 @@ def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpu
     assert all(s["seconds"] > 0 for s in rec["stages"].values())
     sm = rec["summary"]
     assert set(sm["recon"]) == {"1", "2"} and set(sm["next_logppl"]) >= {"compressed", "full", "none"}
+    assert all(0 <= r["acc_rawtokens"] <= 1 for r in sm["recon"].values())  # the ceiling: raw tokens as context
     assert [(r["mode"], r["p"]) for r in sm["qa"]] == [("full", None), ("refrag", 0.0), ("refrag", 0.25)]
     assert 0 <= sm["em_full_ft_baseline"] <= 1 and "em_refrag" in sm
     assert sm["train_s"] > 0 and sm["eval_s"] > 0
