@@ -3114,6 +3114,8 @@ def cmd_chain(args):
               + ("n/a" if ratio is None else f"{ratio:.2f}"))
 
 
+# ---- entry point ----
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     quiet_hf()
