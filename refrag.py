@@ -3099,10 +3099,11 @@ def cmd_chain(args):
     sm = record["summary"]
     print("chain: stage times: " + ", ".join(f"{n} {r['seconds']:.0f}s" for n, r in record["stages"].items()))
     print(f"chain: training {sm['train_s'] / 60:.1f} min, evaluation {sm['eval_s'] / 60:.1f} min -> {path}")
+    f3 = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731  (no fact tokens, or an older eval.json)
     for n, r in sm.get("recon", {}).items():
-        print(f"chain: reconstruction {n} chunk(s): token acc {r['acc']:.3f} (no context {r['acc_nocontext']:.3f}, "
-              f"raw tokens {r['acc_rawtokens']:.3f}), fact tokens {r['fact_acc'] or 0:.3f} "
-              f"({r['fact_acc_nocontext'] or 0:.3f}, {r['fact_acc_rawtokens'] or 0:.3f})")
+        print(f"chain: reconstruction {n} chunk(s): token acc {f3(r['acc'])} (no context {f3(r['acc_nocontext'])}, "
+              f"raw tokens {f3(r['acc_rawtokens'])}), fact tokens {f3(r['fact_acc'])} "
+              f"({f3(r['fact_acc_nocontext'])}, {f3(r['fact_acc_rawtokens'])})")
     if "next_logppl" in sm:
         print("chain: next-paragraph log-ppl: " + ", ".join(f"{key} {v:.3f}" for key, v in sm["next_logppl"].items()))
     for r in sm.get("qa", []):
