@@ -384,9 +384,6 @@ class PretrainConfig:
     copy_frac: float = 0.1       # fraction of batches that are synthetic copy sequences (copy_example)
     copy_warmup: int = 150       # first steps made of copy batches only (induction heads form first)
     single_steps: int = 450      # then this many steps with one passage per context (learn to read a fact)
-    snippet_steps: int = 0       # then this many steps of snippet contexts (tell entities apart by name)
-    snippet_frac: float = 0.0    # afterwards, this fraction of batches are snippet contexts
-    recall_frac: float = 0.0     # fraction of batches of synthetic look-ups (ReaderData.recall_sample)
     preset: str = "tiny"         # decoder shape, a key of DECODER_PRESETS
     seed: int = 0
     log_every: int = 50
@@ -1495,14 +1492,11 @@ class ReaderData:
     def _rename(text: str, old: str, new: str) -> str:
         return re.sub(re.escape(old) + r"(?![0-9])", new, text)
 
-    def sample(self, rec: dict | None = None, n_ctx: int | None = None, n_questions: int = 1,
-               snippets: bool = False) -> tuple[list[int], list[int]]:
+    def sample(self, rec: dict | None = None, n_ctx: int | None = None,
+               n_questions: int = 1) -> tuple[list[int], list[int]]:
         """One (ids, is_answer) example: n_ctx passages (random 1..max_passages when None), then
         the question about `rec` in the inference template, then up to n_questions - 1 further
-        questions about entities of the same context (more supervision per context token).
-        snippets: each passage is cut to the sentences that state the asked facts (its own, or the
-        same fact about its entity), so that many entities state the same fact in a short context
-        and only the entity's name tells the answer apart (see snippet_texts)."""
+        questions about entities of the same context (more supervision per context token)."""
         r = rec or self.rng.choice(self.rag)
         gold_name = r["entity"]
         kind = gold_name.split("_")[0]
@@ -1540,8 +1534,6 @@ class ReaderData:
             texts = [self._rename(t, o, nn_) for t, o, nn_ in zip(texts, names, new_names)]
             rename = dict(zip(names, new_names))
             questions = [self._rename(qt, q["entity"], rename[q["entity"]]) for qt, q in zip(questions, qs)]
-        if snippets:
-            texts = self.snippet_texts(texts, [names.index(q["entity"]) for q in qs], answers)
         order = list(range(len(texts)))
         self.rng.shuffle(order)
         ids, mask = qa_example(self.tok, [texts[i] for i in order], questions[0], answers[0])
@@ -1549,54 +1541,6 @@ class ReaderData:
             q_ids, a_ids = encode_text(self.tok, QUESTION_SUFFIX.format(question=qt)), answer_ids(self.tok, a)
             ids, mask = ids + q_ids + a_ids, mask + [0] * len(q_ids) + [1] * len(a_ids)
         return ids, mask
-
-
-    def recall_sample(self, n_ctx: int, n_questions: int) -> tuple[list[int], list[int]]:
-        """A synthetic look-up (associative recall): n_ctx lines 'Kind_N: value.' with near-identical
-        names and values of one fact, then questions 'Kind_N?' answered by that line's value. It
-        isolates the step that multi-passage reading needs: find the asked name, copy what it says."""
-        kind, fact = self.rng.choice(sorted(self.values))
-        pool = self.values[(kind, fact)]
-        gold = self._fresh_id(kind)
-        ids_ = [gold]
-        while len(ids_) < n_ctx:
-            n = self._fresh_id(kind, near=gold if self.rng.random() < 0.7 else None)
-            if n not in ids_:
-                ids_.append(n)
-        self.rng.shuffle(ids_)
-        values = [self._fresh_value(self.rng.choice(pool), pool) for _ in ids_]
-        lines = [f"{kind}_{n}: {v}." for n, v in zip(ids_, values)]
-        asked = self.rng.sample(range(n_ctx), min(n_ctx, n_questions))
-        ids, mask = qa_example(self.tok, ["\n".join(lines)], f"{kind}_{ids_[asked[0]]}?", values[asked[0]])
-        for i in asked[1:]:
-            q_ids = encode_text(self.tok, QUESTION_SUFFIX.format(question=f"{kind}_{ids_[i]}?"))
-            a_ids = answer_ids(self.tok, values[i])
-            ids, mask = ids + q_ids + a_ids, mask + [0] * len(q_ids) + [1] * len(a_ids)
-        return ids, mask
-
-    def snippet_texts(self, texts: list[str], asked: list[int], answers: list[str]) -> list[str]:
-        """Cut every passage to a few sentences: the sentence stating each asked answer in the
-        passage asked about; in every passage, the sentence most like each of those (the same
-        fact template, found by word overlap with entity names and numbers left out); and one
-        random sentence half of the time. Every asked answer stays in the context."""
-        sents = [re.split(r"(?<=[.!?])\s+", t.strip()) for t in texts]
-        shape = lambda x: {w for w in re.findall(r"[A-Za-z]+", x) if not ENTITY_RE.match(w)} - {"Alloy", "City", "Person", "Event"}
-        targets = []
-        for j, a in zip(asked, answers):
-            hit = [i for i, x in enumerate(sents[j]) if re.search(r"\b" + re.escape(a) + r"\b", x)]
-            targets.append((j, hit[0] if hit else None))
-        out = []
-        for j, ss in enumerate(sents):
-            keep = {i for jj, i in targets if jj == j and i is not None}
-            for jj, i in targets:
-                if i is None or jj == j:
-                    continue
-                want = shape(sents[jj][i])
-                keep.add(max(range(len(ss)), key=lambda n: len(shape(ss[n]) & want) / (1 + len(shape(ss[n]) | want))))
-            if not keep or self.rng.random() < 0.5:
-                keep.add(self.rng.randrange(len(ss)))
-            out.append(" ".join(ss[i] for i in sorted(keep)))
-        return out
 
 
 def copy_example(tok, rng: random.Random) -> tuple[list[int], list[int]]:
@@ -1682,7 +1626,6 @@ def cmd_pretrain(args):
     cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_passages=args.max_passages,
                          questions_per_context=args.questions_per_context, ctx_ramp=args.ctx_ramp,
                          copy_frac=args.copy_frac, copy_warmup=args.copy_warmup, single_steps=args.single_steps,
-                         snippet_steps=args.snippet_steps, snippet_frac=args.snippet_frac, recall_frac=args.recall_frac,
                          preset=args.dec_config, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every)
     set_seed(cfg.seed)
     device = resolve_device(args.device)
@@ -1715,22 +1658,12 @@ def cmd_pretrain(args):
             g["lr"] = lr
         # one context size per batch (little padding); the largest allowed grows from 1 passage to
         # max_passages over the first ctx_ramp of the steps: find a fact first, then the right passage
-        single_end = cfg.copy_warmup + cfg.single_steps
-        start = single_end + cfg.snippet_steps  # contexts grow from 1 to max_passages after this step
+        start = cfg.copy_warmup + cfg.single_steps  # contexts grow from 1 to max_passages after this step
         grown = min(1.0, max(0, step - start) / max(1, cfg.ctx_ramp * (cfg.steps - start)))
         n_ctx = train_data.rng.randint(1, 1 + int(round(grown * (cfg.max_passages - 1))))
         is_copy = step < cfg.copy_warmup or train_data.rng.random() < cfg.copy_frac
-        is_snip = not is_copy and (single_end <= step < start or (step >= start and train_data.rng.random() < cfg.snippet_frac))
-        is_recall = not is_copy and not is_snip and train_data.rng.random() < cfg.recall_frac
         if is_copy:  # synthetic copy batch: forms induction heads early
             examples = [copy_example(tok, train_data.rng) for _ in range(2 * cfg.batch_size)]  # short ones
-        elif is_recall:  # synthetic look-ups: 2..4*max_passages names, a question about every other one
-            n_ctx = train_data.rng.randint(2, 4 * cfg.max_passages)
-            examples = [train_data.recall_sample(n_ctx, max(1, n_ctx // 2)) for _ in range(2 * cfg.batch_size)]
-        elif is_snip:  # 2..2*max_passages entities stating the same facts, a sentence or two each
-            n_ctx = train_data.rng.randint(2, 2 * cfg.max_passages)
-            examples = [train_data.sample(n_ctx=n_ctx, n_questions=cfg.questions_per_context * (1 + n_ctx // 4), snippets=True)
-                        for _ in range(max(2, 4 * cfg.batch_size // n_ctx))]
         else:  # about as many tokens per batch at every context size: fewer, longer, denser examples
             examples = [train_data.sample(n_ctx=n_ctx, n_questions=cfg.questions_per_context * (1 + n_ctx // 2))
                         for _ in range(max(2, cfg.batch_size // n_ctx))]
@@ -1750,7 +1683,7 @@ def cmd_pretrain(args):
         if (step + 1) % cfg.log_every == 0 or last:
             ans_loss = ((nll.detach() * ans[:, 1:]).sum() / ans[:, 1:].sum().clamp(min=1)).item()
             dt = time.perf_counter() - t_log
-            rec = {"step": step + 1, "batch": "copy" if is_copy else f"{'sn' if is_snip else 'kv' if is_recall else 'qa'} x{n_ctx}", "loss": loss.item(),
+            rec = {"step": step + 1, "batch": "copy" if is_copy else f"qa x{n_ctx}", "loss": loss.item(),
                    "answer_loss": ans_loss, "lr": lr,
                    "ms_per_step": 1000 * dt / cfg.log_every, "tok_per_s": n_tok / dt}
             print(f"step {step + 1:6d} | {rec['batch']:6s} | loss {rec['loss']:.4f} | answer {ans_loss:.4f} | lr {lr:.2e} | "
@@ -2920,11 +2853,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--copy_frac", type=float, default=0.1, help="fraction of batches of synthetic copy sequences")
     sp.add_argument("--copy_warmup", type=int, default=150, help="first steps of copy batches only (induction heads)")
     sp.add_argument("--single_steps", type=int, default=450, help="then steps with one passage per context")
-    sp.add_argument("--snippet_steps", type=int, default=0,
-                    help="then steps of snippet contexts: many entities state the same fact, a sentence or two each")
-    sp.add_argument("--snippet_frac", type=float, default=0.0, help="afterwards, fraction of batches of snippet contexts")
-    sp.add_argument("--recall_frac", type=float, default=0.0,
-                    help="fraction of batches of synthetic look-ups ('Kind_N: value.' lines, then 'Kind_N?')")
     sp.add_argument("--log_every", type=int, default=50)
     sp.add_argument("--eval_every", type=int, default=500)
     sp.add_argument("--seed", type=int, default=0)

@@ -198,8 +198,9 @@ def test_evaluate_scores_a_grid_and_resumes(tiny_index, tiny_dec_dir, tmp_path, 
                     "refrag k=16 p=0 sel=none", "refrag k=16 p=0.5 sel=random", "refrag k=16 p=0.5 sel=ppl_desc", "none"]
     for s in res["results"]:
         assert s["n"] == 3 and 0 <= s["em"] <= 1 and 0 <= s["chrf"] <= 100 and s["ttft_s"] > 0
-        assert s["answer_logppl"] > 0
+        assert s["answer_logppl"] > 0 and 0 <= s["wrong_passage"] <= 1 - s["em"]
     assert res["results"][0]["answer_in_context"] == 1.0  # retrieval found every gold passage
+    assert res["results"][-1]["wrong_passage"] == 0.0  # no context, no passage to copy from
     full, k8, k16 = (res["results"][i]["prompt_positions"] for i in (0, 1, 4))
     assert k16 < k8 < full
     md = open(tmp_path / "ev" / "results.md").read()
@@ -229,16 +230,15 @@ def test_evaluate_cpt_perplexity_orders_context_modes(tiny_dec_dir, tmp_path):
 def test_pretrain_runs_and_saves_a_loadable_decoder(tmp_path):
     out = tmp_path / "dec"
     code, stdout, err = run_cli("pretrain", "--steps", 4, "--batch_size", 2, "--max_passages", 2, "--log_every", 1,
-                                "--copy_warmup", 1, "--single_steps", 1, "--snippet_steps", 1, "--copy_frac", 0,
+                                "--copy_warmup", 1, "--single_steps", 1, "--copy_frac", 0,
                                 "--eval_json", os.path.join(DATA, "rag_eval.jsonl"), "--eval_n", 2,
                                 "--dec_config", "tiny", "--out_dir", out)
     assert code == 0, err
     assert "held-out exact match" in stdout
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(np.isfinite(m["loss"]) for m in metrics)
-    # copy warm-up, one-passage contexts, snippet contexts, then contexts of up to --max_passages
-    assert [m["batch"] for m in metrics[:2]] == ["copy", "qa x1"] and metrics[2]["batch"].startswith("sn x")
-    assert metrics[3]["batch"] in ("qa x1", "qa x2")
+    # copy warm-up, then one-passage contexts, then contexts of up to --max_passages
+    assert [m["batch"] for m in metrics[:2]] == ["copy", "qa x1"] and metrics[3]["batch"] in ("qa x1", "qa x2")
     dec = refrag.load_decoder(str(out), torch.device("cpu"), torch.float32)
     assert dec.config.hidden_size == 256 and (out / "model.safetensors").exists()
     assert not any(p.startswith(".tmp") for p in os.listdir(out))
@@ -266,30 +266,6 @@ def test_reader_data_never_uses_held_out_entities_and_renames(tok):
         assert not names & held
         answer = tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True).strip()
         assert answer in tok.decode(ids[:mask.index(1)])  # the answer is readable from the context
-
-
-def test_snippet_contexts_keep_every_answer_and_the_same_fact_about_each_entity(tok):
-    import random
-    passages = refrag.read_corpus(os.path.join(DATA, "corpus_small.txt"))
-    data = refrag.ReaderData(passages, refrag.read_rag(os.path.join(DATA, "rag_train.jsonl"), "--rag_json"),
-                             tok, 8, random.Random(0))
-    # a hand-made context: the river sentence is asked about; every other city states its river too
-    texts = ["City_5 is a city in Aa. The Bb River flows through City_5. City_5 was founded in 1200.",
-             "City_50 was founded in 1300. City_50 is a city in Cc. The Dd River flows through City_50.",
-             "City_505 is a city in Ee. The Ff River flows through City_505. About 9000 people live in City_505."]
-    cut = data.snippet_texts(texts, [1], ["Dd"])
-    assert "The Dd River flows through City_50." in cut[1]
-    assert "The Bb River flows through City_5." in cut[0] and "The Ff River flows through City_505." in cut[2]
-    assert all(len(c) < len(t) for c, t in zip(cut, texts))
-    for _ in range(30):  # sampled snippet contexts: shorter than whole passages, every asked answer readable
-        ids, mask = data.sample(n_ctx=6, n_questions=4, snippets=True)
-        full_ids, _ = data.sample(n_ctx=6, n_questions=4)
-        text = tok.decode(ids)
-        ctx = text.split("\nQuestion:")[0]
-        assert len(set(refrag.re.findall(r"(?:City|Alloy|Person|Event)_\d+(?![0-9])", ctx))) == 6
-        for block in text.split("\nQuestion: ")[1:]:
-            answer = block.split("\nAnswer:")[1].replace("</s>", "").strip()
-            assert answer in ctx
 
 
 def test_index_caches_several_k(tmp_path, tiny_dec_dir, small_corpus):

@@ -109,6 +109,11 @@ def test_metrics_normalisation_and_empty_answers():
     assert refrag.exact_match("", [""]) == 0.0 and refrag.exact_match("   ", ["x"]) == 0.0
     assert refrag.token_f1("University of Gestuve", ["University of Botabeand"]) == pytest.approx(2 / 3)
     assert refrag.token_f1("", ["x"]) == 0.0
+    ctx = ["The Bb River flows through City_5.", "The Dd River flows through City_50."]
+    assert refrag.wrong_passage_answer("Bb", ["Dd"], ctx) == 1.0  # the river of City_5, asked about City_50
+    assert refrag.wrong_passage_answer("Dd", ["Dd"], ctx) == 0.0  # right
+    assert refrag.wrong_passage_answer("Zz", ["Dd"], ctx) == 0.0  # wrong, but from nowhere in the context
+    assert refrag.wrong_passage_answer("B", ["Dd"], ctx) == 0.0   # a fragment is not a copied answer
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
