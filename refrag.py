@@ -2460,17 +2460,23 @@ def wrong_passage_answer(answer: str, gold: list[str], passages: list[str]) -> f
 
 
 def results_markdown(result: dict) -> str:
+    def num(x, fmt=".3f", scale=1.0):
+        return "-" if x is None else format(x * scale, fmt)
+
+    def cfg(s):
+        return f"| {s['mode']} | {s['k'] or '-'} | {num(s['p'], 'g')} | {s['selection'] or '-'} |"
+
     if result["kind"] == "qa":
-        head = ("| mode | k | p | selection | EM | F1 | chrF | answer log-ppl | TTFT ms | TTIT ms | positions | "
-                "answer in context | answer from another passage |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-        fmt = lambda s: (f"| {s['mode']} | {s['k'] or '-'} | {'-' if s['p'] is None else f'{s[chr(112)]:g}'} | "  # noqa: E731
-                         f"{s['selection'] or '-'} | {s['em']:.3f} | {s['f1']:.3f} | {s['chrf']:.1f} | "
-                         f"{s['answer_logppl']:.3f} | {s['ttft_s'] * 1000:.1f} | {s['ttit_s'] * 1000:.1f} | "
-                         f"{s['prompt_positions']:.0f} | {s['answer_in_context']:.3f} | {s.get('wrong_passage', float('nan')):.3f} |")
+        cols = ["EM", "F1", "chrF", "answer log-ppl", "TTFT ms", "TTIT ms", "positions", "answer in context",
+                "EM, answer in top passage", "EM, answer lower", "answer from another passage"]
+        fmt = lambda s: cfg(s) + " " + " | ".join([  # noqa: E731
+            num(s["em"]), num(s["f1"]), num(s["chrf"], ".1f"), num(s["answer_logppl"]), num(s["ttft_s"], ".1f", 1000),
+            num(s["ttit_s"], ".1f", 1000), num(s["prompt_positions"], ".0f"), num(s["answer_in_context"]),
+            num(s.get("em_answer_top")), num(s.get("em_answer_lower")), num(s.get("wrong_passage"))]) + " |"
     else:
-        head = "| mode | k | p | selection | continuation log-ppl | positions |\n|---|---|---|---|---|---|\n"
-        fmt = lambda s: (f"| {s['mode']} | {s['k'] or '-'} | {'-' if s['p'] is None else f'{s[chr(112)]:g}'} | "  # noqa: E731
-                         f"{s['selection'] or '-'} | {s['logppl']:.4f} | {s['prompt_positions']:.0f} |")
+        cols = ["continuation log-ppl", "positions"]
+        fmt = lambda s: cfg(s) + f" {num(s['logppl'], '.4f')} | {num(s['prompt_positions'], '.0f')} |"  # noqa: E731
+    head = "| mode | k | p | selection | " + " | ".join(cols) + " |\n" + "|---" * (4 + len(cols)) + "|\n"
     return (f"Command: `{result['command']}`  \nDevice: {result['device']}; decoder {result['decoder']}; "
             f"{result['results'][0]['n']} items of {result['eval_json']}\n\n" + head
             + "\n".join(fmt(s) for s in result["results"]) + "\n")
@@ -2541,14 +2547,20 @@ def cmd_evaluate(args):
             if kind == "qa":
                 g = run_generation(r["question"], cfg, models, index, keep_layout=True)
                 nll = target_nll(models.decoder, models.projector, g["layout"], answer_ids(models.tok, r["answers"][0]))
+                em = exact_match(g["answer"], r["answers"])
+                holds = [j for j, i in enumerate(g["passages_used"]) if any(a in index.texts[i] for a in r["answers"])]
                 row = {"config": key, "id": r["id"], "answer": g["answer"], "gold": r["answers"],
-                       "em": exact_match(g["answer"], r["answers"]), "f1": token_f1(g["answer"], r["answers"]),
+                       "em": em, "f1": token_f1(g["answer"], r["answers"]),
                        "chrf": chrf(g["answer"], r["answers"]), "answer_logppl": nll,
                        "ttft_s": g["ttft_s"], "select_s": g["ttft_breakdown"]["select_s"],
                        "ttit_s": g["ttit_s"], "throughput_tok_s": g["throughput_tok_s"],
                        "prompt_positions": g["prompt_positions"],
-                       "answer_in_context": float(any(a in index.texts[i] for i in g["passages_used"] for a in r["answers"])),
-                       "wrong_passage": wrong_passage_answer(g["answer"], r["answers"], [index.texts[i] for i in g["passages_used"]])}
+                       "answer_in_context": float(bool(holds)),
+                       "wrong_passage": wrong_passage_answer(g["answer"], r["answers"], [index.texts[i] for i in g["passages_used"]]),
+                       # EM split by where the answer was retrieved: a reader that leans on rank order
+                       # does well only when the top passage holds it
+                       "em_answer_top": em if holds and holds[0] == 0 else None,
+                       "em_answer_lower": em if holds and holds[0] > 0 else None}
             else:
                 layout, tgt, info = cpt_layout_and_target(r, c, models, gen)
                 row = {"config": key, "id": r["id"], "logppl": target_nll(models.decoder, models.projector, layout, tgt),
@@ -2557,8 +2569,8 @@ def cmd_evaluate(args):
             append_jsonl(rows_path, row)
         rows = [done[(key, r["id"])] for r in data]
         metric_keys = [m for m in rows[0] if m not in ("config", "id", "answer", "gold")]
-        summary = dict(c, n=len(rows), **{m: float(np.mean([x[m] for x in rows if x.get(m) is not None] or [np.nan]))
-                                           for m in metric_keys})
+        vals = {m: [x[m] for x in rows if x.get(m) is not None] for m in metric_keys}
+        summary = dict(c, n=len(rows), **{m: float(np.mean(v)) if v else None for m, v in vals.items()})
         summaries.append(summary)
         if kind == "qa":
             print(f"{key:34s} | EM {summary['em']:.3f} | F1 {summary['f1']:.3f} | chrF {summary['chrf']:5.1f} | "

@@ -201,6 +201,8 @@ def test_evaluate_scores_a_grid_and_resumes(tiny_index, tiny_dec_dir, tmp_path, 
         assert s["answer_logppl"] > 0 and 0 <= s["wrong_passage"] <= 1 - s["em"]
     assert res["results"][0]["answer_in_context"] == 1.0  # retrieval found every gold passage
     assert res["results"][-1]["wrong_passage"] == 0.0  # no context, no passage to copy from
+    assert res["results"][-1]["em_answer_top"] is None and res["results"][-1]["em_answer_lower"] is None
+    assert res["results"][0]["em_answer_top"] is not None or res["results"][0]["em_answer_lower"] is not None
     full, k8, k16 = (res["results"][i]["prompt_positions"] for i in (0, 1, 4))
     assert k16 < k8 < full
     md = open(tmp_path / "ev" / "results.md").read()
