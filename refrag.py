@@ -318,6 +318,11 @@ class IndexConfig:
             fail(f"--batch_size {self.batch_size}: must be at least 1")
 
 
+# non-learned selections: random chunks, the highest / lowest perplexity chunks, the leading chunks
+# (the best-ranked passages' text)
+HEURISTICS = ("random", "ppl_desc", "ppl_asc", "rank")
+
+
 @dataclass
 class GenerateConfig:
     topk: int = 8                 # passages retrieved
@@ -328,7 +333,7 @@ class GenerateConfig:
     temperature: float = 0.0      # 0 = greedy
     top_p: float = 1.0            # nucleus sampling when temperature > 0
     mode: str = "refrag"          # refrag | full | none
-    heuristic: str | None = None  # None (random when p > 0), ppl_desc, ppl_asc, random
+    heuristic: str | None = None  # None (random when p > 0), ppl_desc, ppl_asc, random, rank
     use_cache: bool = True        # use the index's cached chunk embeddings when they match
     policy_sample: bool = False   # sample the policy's picks instead of taking its top-scoring chunks
     seed: int = 0                 # sampling / random selection seed
@@ -350,8 +355,8 @@ class GenerateConfig:
             fail(f"--top_p {self.top_p}: must be in (0, 1]")
         if self.mode not in ("refrag", "full", "none"):
             fail(f"--mode {self.mode}: expected refrag, full or none")
-        if self.heuristic not in (None, "ppl_desc", "ppl_asc", "random"):
-            fail(f"--heuristic {self.heuristic}: expected ppl_desc, ppl_asc or random")
+        if self.heuristic not in (None,) + HEURISTICS:
+            fail(f"--heuristic {self.heuristic}: expected one of {', '.join(HEURISTICS)}")
 
 
 DECODER_PRESETS = {  # Llama-architecture shapes; `tiny` is the demo reader, the rest time the paper's setting
@@ -414,6 +419,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     expand_frac: float = 0.0     # cpt_next / finetune: fraction of chunks kept as raw tokens
+    expand_by: str = "random"    # finetune: which chunks those are (random | rank: the leading ones)
     max_o: int = 128             # cpt_next: continuation tokens at most
     save_every: int = 0          # checkpoint every N steps (0: only at the end)
     log_every: int = 20
@@ -430,6 +436,8 @@ class TrainConfig:
             fail("--batch_size/--grad_accum: must be at least 1")
         if not 0 <= self.expand_frac <= 1:
             fail(f"--expand_frac {self.expand_frac}: must be between 0 and 1")
+        if self.expand_by not in ("random", "rank"):
+            fail(f"--expand_by {self.expand_by}: expected random or rank")
 
 
 @dataclass
@@ -792,6 +800,8 @@ def select_expand(n_chunks: int, p: float, method: str, ppl: torch.Tensor | None
         return list(range(n_chunks))
     if method == "random":
         return sorted(torch.randperm(n_chunks, generator=gen)[:t].tolist())
+    if method == "rank":  # the leading chunks: the best-ranked passages' text, in retrieval order
+        return list(range(t))
     order = torch.argsort(ppl, descending=(method == "ppl_desc"), stable=True)  # ppl_desc: expand high-ppl
     return sorted(order[:t].tolist())
 
@@ -2039,6 +2049,7 @@ def cmd_train(args, stage: str):
     cfg = TrainConfig(stage=stage, k=args.k, steps=args.steps, lr=args.lr or STAGE_LR[stage],
                       batch_size=args.batch_size, grad_accum=args.grad_accum,
                       expand_frac=getattr(args, "expand_frac", 0.0) if stage != "finetune" else args.p,
+                      expand_by=getattr(args, "expand_by", "random"),
                       max_o=getattr(args, "max_o", 128), save_every=args.save_every, log_every=args.log_every,
                       seed=args.seed)
     device = resolve_device(args.device)
@@ -2153,7 +2164,8 @@ def cmd_train(args, stage: str):
                 prefix, sep, suffix = prompt_pieces(tok, qa[qi]["question"])
                 chunks = [split_chunks(x, cfg.k) for x in contexts[qi]]
                 L = sum(len(c) for c in chunks)
-                expand = None if full_ft else set(rng.sample(range(L), int(round(cfg.expand_frac * L))))
+                t = int(round(cfg.expand_frac * L))
+                expand = None if full_ft else set(range(t) if cfg.expand_by == "rank" else rng.sample(range(L), t))
                 pieces = [(kind, v[2] if kind == "chunk" else v)
                           for kind, v in prompt_segments(prefix, chunks, sep, suffix, expand)]
                 smp.append({"pieces": pieces, "target": answer_ids(tok, rng.choice(qa[qi]["answers"]))})
@@ -2258,9 +2270,9 @@ def selection_rewards(models: Models, ex: dict, selections: list[list[int]], max
 def policy_eval(policy: SelectionPolicy, models: Models, index: PassageIndex | None, exs: list[dict],
                 cfg: PolicyConfig, seed: int) -> dict:
     """Held-out answer (or continuation) log-perplexity at p with the policy's deterministic picks,
-    random picks and the perplexity heuristics, plus all-compressed and all-expanded."""
+    random picks, the perplexity heuristics and the leading chunks, plus all-compressed and all-expanded."""
     gen = torch.Generator().manual_seed(seed)
-    scores = {m: [] for m in ("policy", "random", "ppl_desc", "ppl_asc", "p=0", "p=1")}
+    scores = {m: [] for m in ("policy", "random", "ppl_desc", "ppl_asc", "rank", "p=0", "p=1")}
     for ex in exs:
         ctx, L = ex["ctx"], ex["ctx"].n_chunks
         t = int(round(cfg.p * L))
@@ -2269,7 +2281,7 @@ def policy_eval(policy: SelectionPolicy, models: Models, index: PassageIndex | N
         ppl = context_perplexities(ctx, models, index, cfg.k)[0]
         sels = [sorted(policy_picks(logits, t, sample=False)[0].tolist()), select_expand(L, cfg.p, "random", None, gen),
                 select_expand(L, cfg.p, "ppl_desc", ppl, gen), select_expand(L, cfg.p, "ppl_asc", ppl, gen),
-                [], list(range(L))]
+                select_expand(L, cfg.p, "rank", None, gen), [], list(range(L))]
         for m, r in zip(scores, selection_rewards(models, ex, sels)):
             scores[m].append(-float(r))
     return {m: float(np.mean(v)) for m, v in scores.items()} | {"n": len(exs), "p": cfg.p, "k": cfg.k}
@@ -2495,8 +2507,8 @@ def cmd_evaluate(args):
         fail(f"--p {args.p}: every p must be between 0 and 1")
     selections = [x.strip() for x in (args.heuristic or "random").split(",")]
     for sel in selections:
-        if sel not in ("random", "ppl_desc", "ppl_asc"):
-            fail(f"--heuristic {sel}: expected ppl_desc, ppl_asc or random")
+        if sel not in HEURISTICS:
+            fail(f"--heuristic {sel}: expected a comma list of {', '.join(HEURISTICS)}")
     first = read_jsonl(args.eval_json, "--eval_json")[0][1]
     kind = "cpt" if "split" in first else "qa"
     data = read_cpt(args.eval_json, "--eval_json") if kind == "cpt" else read_rag(args.eval_json, "--eval_json")
@@ -2839,7 +2851,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--temperature", type=float, default=0.0)
     sp.add_argument("--top_p", type=float, default=1.0)
     sp.add_argument("--heuristic", nargs="?", const="ppl_desc", default=None,
-                    choices=["ppl_desc", "ppl_asc", "random"], help="selection heuristic (bare: ppl_desc)")
+                    choices=HEURISTICS, help="selection heuristic (bare: ppl_desc)")
     sp.add_argument("--no_cache", action="store_true", help="recompute chunk embeddings instead of the index cache")
     sp.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs before the timed one")
     sp.add_argument("--seed", type=int, default=0)
@@ -2881,6 +2893,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--mode", default="refrag", choices=["refrag", "full"],
                             help="full: fine-tune the plain decoder on full-token contexts (the fair baseline)")
             sp.add_argument("--p", type=float, default=0.1, help="fraction of chunks kept as tokens")
+            sp.add_argument("--expand_by", default="random", choices=["random", "rank"],
+                            help="which chunks stay tokens while fine-tuning: random ones (the paper's mixed input) "
+                                 "or the leading ones (the best-ranked passages; pair with generate --heuristic rank)")
             sp.add_argument("--topk", type=int, default=8)
             sp.add_argument("--ctx_max", type=int, default=1024)
         else:
@@ -2948,7 +2963,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--p", default="0", help="expansion fractions for refrag, e.g. 0,0.25")
     sp.add_argument("--ctx_max", type=int, default=1024)
     sp.add_argument("--max_new", type=int, default=24)
-    sp.add_argument("--heuristic", default="random", help="selections when p > 0: comma list of random, ppl_desc, ppl_asc")
+    sp.add_argument("--heuristic", default="random", help="selections when p > 0: comma list of " + ", ".join(HEURISTICS))
     sp.add_argument("--policy", action="append", default=[],
                     help="a policy checkpoint to compare when p > 0 (repeatable); must match --load_dir's models")
     sp.add_argument("--limit", type=int, default=0, help="only the first N questions")

@@ -76,6 +76,7 @@ def test_select_expand_budget_and_order():
     assert refrag.select_expand(5, 1.0, "random", None, g) == [0, 1, 2, 3, 4]
     assert refrag.select_expand(5, 0.4, "ppl_desc", ppl, g) == [1, 4]      # highest perplexity expanded
     assert refrag.select_expand(5, 0.4, "ppl_asc", ppl, g) == [0, 3]       # lowest perplexity expanded
+    assert refrag.select_expand(10, 0.3, "rank", None, g) == [0, 1, 2]    # the leading chunks (best-ranked passages)
     r = refrag.select_expand(10, 0.3, "random", None, g)
     assert len(r) == 3 and len(set(r)) == 3
 

@@ -165,7 +165,7 @@ def test_train_policy_end_to_end_and_generate_uses_it(tiny_dec_dir, tiny_index, 
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == [1, 2] and all(m["reward"] < 0 for m in metrics)
     ev = load_json(out / "eval.json")
-    assert ev["n"] == 2 and all(ev[m] > 0 for m in ("policy", "random", "ppl_desc", "ppl_asc", "p=0", "p=1"))
+    assert ev["n"] == 2 and all(ev[m] > 0 for m in ("policy", "random", "ppl_desc", "ppl_asc", "rank", "p=0", "p=1"))
     code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--load_dir", out, "--k", 16, "--p", 0.25,
                                 "--question", rows[0]["question"], "--max_new", 2, "--json")
     assert code == 0, err

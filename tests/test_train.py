@@ -139,7 +139,7 @@ def test_two_processes_keep_identical_weights(tiny_dec_dir, tmp_path):
     assert "2 process(es)" in proc.stdout and (out / "encoder.safetensors").exists()
 
 
-@pytest.mark.parametrize("mode", ["refrag", "full"])
+@pytest.mark.parametrize("mode", ["refrag", "full", "rank"])  # rank: refrag, the leading chunks kept as tokens
 def test_finetune_trains_on_retrieved_contexts(tiny_dec_dir, tiny_index, small_corpus, tmp_path, mode):
     qa = tmp_path / "qa.jsonl"
     names = {line.split(" ", 1)[0] for line in open(small_corpus, encoding="utf-8")}
@@ -147,18 +147,24 @@ def test_finetune_trains_on_retrieved_contexts(tiny_dec_dir, tiny_index, small_c
         rows = [r for r in map(json.loads, fh) if r["entity"] in names][:6]
     qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / f"sft_{mode}"
+    how = ["--mode", "refrag", "--expand_by", "rank"] if mode == "rank" else ["--mode", mode]
     code, stdout, err = run_cli("finetune", "--rag_json", qa, "--index_dir", tiny_index, "--dec", tiny_dec_dir,
-                                "--mode", mode, "--k", 16, "--p", 0.25, "--topk", 3, "--steps", 2, "--batch_size", 2,
+                                *how, "--k", 16, "--p", 0.25, "--topk", 3, "--steps", 2, "--batch_size", 2,
                                 "--log_every", 1, "--out_dir", out)
     assert code == 0, err
     cfg = json.load(open(out / "config.json"))
     assert cfg["trained"] == (["decoder"] if mode == "full" else ["encoder", "projector", "decoder"])
+    assert cfg["train_config"]["expand_by"] == ("rank" if mode == "rank" else "random")
     assert (out / "decoder" / "model.safetensors").exists()
     losses = [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")]
     assert len(losses) == 2 and all(l > 0 for l in losses)
+    sel = ["--mode", "refrag", "--heuristic", "rank"] if mode == "rank" else ["--mode", mode]
     code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--load_dir", out,
-                                "--mode", mode, "--k", 16, "--question", rows[0]["question"], "--max_new", 3, "--json")
+                                *sel, "--k", 16, "--p", 0.25, "--question", rows[0]["question"], "--max_new", 3, "--json")
     assert code == 0, err
+    rec = json.loads(stdout.strip().splitlines()[-1])
+    if mode == "rank":  # the leading chunks, i.e. the top-ranked passage's text, are the expanded ones
+        assert rec["selection"] == "rank" and rec["expanded"] == list(range(len(rec["expanded"]))) and rec["expanded"]
 
 
 def test_training_and_inference_prompts_are_the_same_layout(tok):
