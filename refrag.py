@@ -384,8 +384,7 @@ class PretrainConfig:
     grad_clip: float = 1.0
     max_passages: int = 8        # passages per training context: 1..max_passages
     context_weight: float = 0.1  # loss weight of non-answer tokens (answer tokens weigh 1)
-    questions_per_context: int = 4  # questions asked about each training context (see followups)
-    followups: str = "one_passage"  # where questions after the first answer are asked: one_passage | all
+    questions_per_context: int = 4  # questions asked after each training context
     ctx_ramp: float = 0.4        # fraction of the later steps over which contexts grow from 1 to max_passages
     copy_frac: float = 0.1       # fraction of batches that are synthetic copy sequences (copy_example)
     copy_warmup: int = 150       # first steps made of copy batches only (induction heads form first)
@@ -402,8 +401,6 @@ class PretrainConfig:
             fail(f"--batch_size {self.batch_size}: must be at least 1")
         if self.lr <= 0:
             fail(f"--lr {self.lr}: must be positive")
-        if self.followups not in ("one_passage", "all"):
-            fail(f"--followups {self.followups}: expected one_passage or all")
         if self.preset not in DECODER_PRESETS:
             fail(f"--dec_config {self.preset}: expected one of {', '.join(DECODER_PRESETS)}")
         if not 1 <= self.max_passages <= 32:
@@ -1640,7 +1637,7 @@ def save_hf_model(model, tok, out_dir: str, extra: dict):
 
 def cmd_pretrain(args):
     cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_passages=args.max_passages,
-                         questions_per_context=args.questions_per_context, followups=args.followups, ctx_ramp=args.ctx_ramp,
+                         questions_per_context=args.questions_per_context, ctx_ramp=args.ctx_ramp,
                          copy_frac=args.copy_frac, copy_warmup=args.copy_warmup, single_steps=args.single_steps,
                          preset=args.dec_config, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every)
     set_seed(cfg.seed)
@@ -1680,12 +1677,8 @@ def cmd_pretrain(args):
         is_copy = step < cfg.copy_warmup or train_data.rng.random() < cfg.copy_frac
         if is_copy:  # synthetic copy batch: forms induction heads early
             examples = [copy_example(tok, train_data.rng) for _ in range(2 * cfg.batch_size)]  # short ones
-        else:  # about as many tokens per batch at every context size: fewer, longer examples
-            # further questions come after the first answer, i.e. after the context: the inference
-            # layout (question first) only holds for the first one, so with several passages
-            # (`followups one_passage`) every answer is learnt in that layout
-            n_q = cfg.questions_per_context * (1 + n_ctx // 2) if cfg.followups == "all" or n_ctx == 1 else 1
-            examples = [train_data.sample(n_ctx=n_ctx, n_questions=n_q)
+        else:  # about as many tokens per batch at every context size: fewer, longer, denser examples
+            examples = [train_data.sample(n_ctx=n_ctx, n_questions=cfg.questions_per_context * (1 + n_ctx // 2))
                         for _ in range(max(2, cfg.batch_size // n_ctx))]
         ids, ans, att = pad_batch(examples, tok.pad_token_id)
         ids, ans, att = ids.to(device), ans.to(device), att.to(device)
@@ -1703,9 +1696,8 @@ def cmd_pretrain(args):
         if (step + 1) % cfg.log_every == 0 or last:
             ans_loss = ((nll.detach() * ans[:, 1:]).sum() / ans[:, 1:].sum().clamp(min=1)).item()
             dt = time.perf_counter() - t_log
-            rec = {"step": step + 1, "batch": "copy" if is_copy else f"qa x{n_ctx}", "sequences": len(examples),
-                   "questions": 0 if is_copy else int(((ans[:, 1:] == 1) & (ans[:, :-1] == 0)).sum()),
-                   "loss": loss.item(), "answer_loss": ans_loss, "lr": lr,
+            rec = {"step": step + 1, "batch": "copy" if is_copy else f"qa x{n_ctx}", "loss": loss.item(),
+                   "answer_loss": ans_loss, "lr": lr,
                    "ms_per_step": 1000 * dt / cfg.log_every, "tok_per_s": n_tok / dt}
             print(f"step {step + 1:6d} | {rec['batch']:6s} | loss {rec['loss']:.4f} | answer {ans_loss:.4f} | lr {lr:.2e} | "
                   f"{rec['ms_per_step']:.0f} ms/step | {rec['tok_per_s']:.0f} tok/s", flush=True)
@@ -2883,8 +2875,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr", type=float, default=1e-3)
     sp.add_argument("--max_passages", type=int, default=8)
     sp.add_argument("--questions_per_context", type=int, default=4)
-    sp.add_argument("--followups", default="one_passage", choices=["one_passage", "all"],
-                    help="ask further questions after the first answer in one-passage contexts only, or in all")
     sp.add_argument("--ctx_ramp", type=float, default=0.4,
                     help="fraction of the steps after --single_steps over which contexts grow to --max_passages (0: at once)")
     sp.add_argument("--copy_frac", type=float, default=0.1, help="fraction of batches of synthetic copy sequences")

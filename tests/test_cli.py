@@ -231,20 +231,16 @@ def test_evaluate_cpt_perplexity_orders_context_modes(tiny_dec_dir, tmp_path):
 
 def test_pretrain_runs_and_saves_a_loadable_decoder(tmp_path):
     out = tmp_path / "dec"
-    code, stdout, err = run_cli("pretrain", "--steps", 6, "--batch_size", 2, "--max_passages", 2, "--log_every", 1,
+    code, stdout, err = run_cli("pretrain", "--steps", 4, "--batch_size", 2, "--max_passages", 2, "--log_every", 1,
                                 "--copy_warmup", 1, "--single_steps", 1, "--copy_frac", 0,
                                 "--eval_json", os.path.join(DATA, "rag_eval.jsonl"), "--eval_n", 2,
                                 "--dec_config", "tiny", "--out_dir", out)
     assert code == 0, err
     assert "held-out exact match" in stdout
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(m["loss"]) for m in metrics)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(np.isfinite(m["loss"]) for m in metrics)
     # copy warm-up, then one-passage contexts, then contexts of up to --max_passages
     assert [m["batch"] for m in metrics[:2]] == ["copy", "qa x1"] and metrics[3]["batch"] in ("qa x1", "qa x2")
-    # follow-up questions (after the first answer) only with one passage: 4 questions on each
-    # one-passage context, exactly one (placed before the context) on a longer one
-    for m in metrics[1:]:
-        assert m["questions"] == (4 if m["batch"] == "qa x1" else 1) * m["sequences"]
     dec = refrag.load_decoder(str(out), torch.device("cpu"), torch.float32)
     assert dec.config.hidden_size == 256 and (out / "model.safetensors").exists()
     assert not any(p.startswith(".tmp") for p in os.listdir(out))
