@@ -526,13 +526,10 @@ def read_cpt(path: str, flag: str) -> list[dict]:
 
 
 # The one prompt template, shared by every trainer and by inference (REFRAG_NOTES "Defects seen":
-# passages joined differently in training and inference). The question comes first, then the
-# context, as in the paper (section 2: the first q tokens are the question, the last s the context):
-# the decoder reads every passage, compressed or not, already knowing what is asked.
-PROMPT_PREFIX = "Question: {question}\nContext:\n"
+# passages joined differently in training and inference).
+PROMPT_PREFIX = "Context:\n"
 PASSAGE_SEP = "\n"
-ANSWER_SUFFIX = "\nAnswer:"
-FOLLOWUP_QUESTION = "\nQuestion: {question}\nAnswer:"  # pretrain: further questions after an answer
+QUESTION_SUFFIX = "\nQuestion: {question}\nAnswer:"
 
 
 def encode_text(tok, text: str) -> list[int]:
@@ -540,10 +537,10 @@ def encode_text(tok, text: str) -> list[int]:
 
 
 def prompt_pieces(tok, question: str) -> tuple[list[int], list[int], list[int]]:
-    """(prefix ids: BOS + question, separator ids, answer-cue suffix ids) of the shared template."""
+    """(prefix ids incl. BOS, separator ids, question suffix ids) of the shared template."""
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    return (bos + encode_text(tok, PROMPT_PREFIX.format(question=question)), encode_text(tok, PASSAGE_SEP),
-            encode_text(tok, ANSWER_SUFFIX))
+    return (bos + encode_text(tok, PROMPT_PREFIX), encode_text(tok, PASSAGE_SEP),
+            encode_text(tok, QUESTION_SUFFIX.format(question=question)))
 
 
 def answer_ids(tok, answer: str) -> list[int]:
@@ -1551,7 +1548,7 @@ class ReaderData:
         self.rng.shuffle(order)
         ids, mask = qa_example(self.tok, [texts[i] for i in order], questions[0], answers[0])
         for qt, a in zip(questions[1:], answers[1:]):
-            q_ids, a_ids = encode_text(self.tok, FOLLOWUP_QUESTION.format(question=qt)), answer_ids(self.tok, a)
+            q_ids, a_ids = encode_text(self.tok, QUESTION_SUFFIX.format(question=qt)), answer_ids(self.tok, a)
             ids, mask = ids + q_ids + a_ids, mask + [0] * len(q_ids) + [1] * len(a_ids)
         return ids, mask
 

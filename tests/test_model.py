@@ -21,8 +21,7 @@ def test_prompt_template_has_one_bos_and_shared_separator(tok):
     assert prefix[0] == tok.bos_token_id and tok.bos_token_id not in prefix[1:] + sep + suffix
     ids, mask = refrag.qa_example(tok, ["City_1 is a city.", "City_2 is a city."], "Who?", "Tarn")
     assert ids.count(tok.bos_token_id) == 1
-    # the paper's order (section 2): the question's tokens first, then the context
-    assert tok.decode(ids[:mask.index(1)]) == "<s>Question: Who?\nContext:\nCity_1 is a city.\nCity_2 is a city.\nAnswer:"
+    assert tok.decode(ids[:mask.index(1)]) == "<s>Context:\nCity_1 is a city.\nCity_2 is a city.\nQuestion: Who?\nAnswer:"
     assert ids[-1] == tok.eos_token_id and sum(mask) == len(refrag.answer_ids(tok, "Tarn"))
 
 
