@@ -37,7 +37,7 @@ Commands (run from the repository root; the demo data lives in data/):
     # 4. quality over a QA or long-text file, per mode x k x p x selection (resumable)
     python refrag.py evaluate --eval_json data/rag_eval.jsonl --index_dir runs/index \
         --dec runs/demo_decoder --modes full,refrag,none --k 8,16,32 --p 0 --out runs/eval
-    #    (--p 0,0.1,0.25 --heuristic random,ppl_desc,ppl_asc --policy runs/policy: the selection comparison)
+    #    (--p 0,0.1,0.25 --heuristic random,ppl_desc,ppl_asc,rank --policy runs/policy: the selection comparison)
     # 5. latency vs context length, full vs REFRAG, random-weight shapes allowed
     python refrag.py bench --dec_config llama-220m --ctx 512,1024,2048,4096 --k 8,16,32 --out runs/bench
     # CPU smoke run of the whole pipeline on the small corpus (about two minutes on 2 cores):
