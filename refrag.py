@@ -764,7 +764,7 @@ def load_models(dec: str, enc: str, embed_model: str, load_dir: str | None, k: i
                   dec_fingerprint=weights_fingerprint(decoder))
 
 
-# ---- selection: perplexity heuristics, the policy network and its checkpoints ----
+# ---- selection: heuristics (random, perplexity, rank), the policy network and its checkpoints ----
 
 @torch.inference_mode()
 def chunk_perplexities(decoder, passages_ids: list, k: int, device: torch.device, pad_id: int) -> list[torch.Tensor]:
@@ -2164,8 +2164,12 @@ def cmd_train(args, stage: str):
                 prefix, sep, suffix = prompt_pieces(tok, qa[qi]["question"])
                 chunks = [split_chunks(x, cfg.k) for x in contexts[qi]]
                 L = sum(len(c) for c in chunks)
-                t = int(round(cfg.expand_frac * L))
-                expand = None if full_ft else set(range(t) if cfg.expand_by == "rank" else rng.sample(range(L), t))
+                if full_ft:
+                    expand = None
+                elif cfg.expand_by == "rank":  # the same leading chunks generate --heuristic rank expands
+                    expand = set(select_expand(L, cfg.expand_frac, "rank", None, None))
+                else:  # the paper's mixed input; the loop's own seeded rng keeps resumed runs exact
+                    expand = set(rng.sample(range(L), int(round(cfg.expand_frac * L))))
                 pieces = [(kind, v[2] if kind == "chunk" else v)
                           for kind, v in prompt_segments(prefix, chunks, sep, suffix, expand)]
                 smp.append({"pieces": pieces, "target": answer_ids(tok, rng.choice(qa[qi]["answers"]))})
