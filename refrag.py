@@ -382,7 +382,8 @@ class PretrainConfig:
     warmup_frac: float = 0.04    # warm-up fraction (paper appendix B)
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    max_passages: int = 8        # passages per training context: 1..max_passages
+    max_passages: int = 8        # passages per training context: min_passages..max_passages
+    min_passages: int = 1        # fewest passages per context once contexts have grown (after the ramp)
     context_weight: float = 0.1  # loss weight of non-answer tokens (answer tokens weigh 1)
     questions_per_context: int = 4  # questions asked after each training context
     ctx_ramp: float = 0.4        # fraction of the later steps over which contexts grow from 1 to max_passages
@@ -405,6 +406,8 @@ class PretrainConfig:
             fail(f"--dec_config {self.preset}: expected one of {', '.join(DECODER_PRESETS)}")
         if not 1 <= self.max_passages <= 32:
             fail(f"--max_passages {self.max_passages}: must be in 1..32")
+        if not 1 <= self.min_passages <= self.max_passages:
+            fail(f"--min_passages {self.min_passages}: must be in 1..--max_passages ({self.max_passages})")
 
 
 @dataclass
@@ -1634,7 +1637,8 @@ def save_hf_model(model, tok, out_dir: str, extra: dict):
 
 def cmd_pretrain(args):
     cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_passages=args.max_passages,
-                         questions_per_context=args.questions_per_context, ctx_ramp=args.ctx_ramp,
+                         min_passages=args.min_passages, questions_per_context=args.questions_per_context,
+                         ctx_ramp=args.ctx_ramp,
                          copy_frac=args.copy_frac, copy_warmup=args.copy_warmup, single_steps=args.single_steps,
                          preset=args.dec_config, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every)
     set_seed(cfg.seed)
@@ -1670,7 +1674,8 @@ def cmd_pretrain(args):
         # max_passages over the first ctx_ramp of the steps: find a fact first, then the right passage
         start = cfg.copy_warmup + cfg.single_steps  # contexts grow from 1 to max_passages after this step
         grown = min(1.0, max(0, step - start) / max(1, cfg.ctx_ramp * (cfg.steps - start)))
-        n_ctx = train_data.rng.randint(1, 1 + int(round(grown * (cfg.max_passages - 1))))
+        hi = 1 + int(round(grown * (cfg.max_passages - 1)))
+        n_ctx = train_data.rng.randint(min(cfg.min_passages, hi), hi)
         is_copy = step < cfg.copy_warmup or train_data.rng.random() < cfg.copy_frac
         if is_copy:  # synthetic copy batch: forms induction heads early
             examples = [copy_example(tok, train_data.rng) for _ in range(2 * cfg.batch_size)]  # short ones
@@ -2875,6 +2880,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch_size", type=int, default=16)
     sp.add_argument("--lr", type=float, default=1e-3)
     sp.add_argument("--max_passages", type=int, default=8)
+    sp.add_argument("--min_passages", type=int, default=1,
+                    help="fewest passages per context while contexts grow and after (at most --max_passages)")
     sp.add_argument("--questions_per_context", type=int, default=4)
     sp.add_argument("--ctx_ramp", type=float, default=0.4,
                     help="fraction of the steps after --single_steps over which contexts grow to --max_passages (0: at once)")
@@ -3006,6 +3013,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dec", default=DEFAULT_DEC)
     sp.add_argument("--k", type=int, default=8)
     sp.add_argument("--p", type=float, default=0.1, help="fine-tuning and evaluation expansion fraction")
+    sp.add_argument("--expand_by", default="random", choices=["random", "rank"],
+                    help="which chunks finetune expands and the headline evaluation uses: random (the paper's) "
+                         "or rank (the leading ones, the best-ranked passages); rank is also scored with random")
     sp.add_argument("--topk", type=int, default=8)
     sp.add_argument("--recon_steps", type=int, default=600)
     sp.add_argument("--next_steps", type=int, default=300)
@@ -3045,8 +3055,8 @@ def chain_stages(a: argparse.Namespace) -> list[tuple[str, list]]:
                       "--load_dir", o("cpt_recon"), "--steps", a.next_steps, "--lr", a.lr_next, "--expand_frac", 0.1,
                       "--max_chunks", max(1, a.next_tokens // a.k), *common, "--out_dir", o("cpt_next")]),
         ("finetune", ["finetune", "--rag_json", a.rag_json, "--index_dir", o("index"), "--load_dir", o("cpt_next"),
-                      "--p", a.p, "--topk", a.topk, "--steps", a.ft_steps, "--lr", a.lr_ft, *common,
-                      "--out_dir", o("sft")]),
+                      "--p", a.p, "--expand_by", a.expand_by, "--topk", a.topk, "--steps", a.ft_steps,
+                      "--lr", a.lr_ft, *common, "--out_dir", o("sft")]),
     ]
     if not a.no_baseline:
         stages.append(("finetune_full", ["finetune", "--mode", "full", "--rag_json", a.rag_json, "--index_dir",
@@ -3057,7 +3067,8 @@ def chain_stages(a: argparse.Namespace) -> list[tuple[str, list]]:
     limit = ["--limit", a.eval_limit] if a.eval_limit else []
     stages.append(("evaluate", ["evaluate", "--eval_json", a.rag_eval, "--index_dir", o("index_sft"), "--load_dir",
                                 o("sft"), "--modes", "full,refrag", "--topk", a.topk, "--k", a.k,
-                                "--p", f"0,{a.p:g}", "--heuristic", "random", *limit, *seed, *dev,
+                                "--p", f"0,{a.p:g}", "--heuristic", ",".join(dict.fromkeys([a.expand_by, "random"])),
+                                *limit, *seed, *dev,
                                 "--out", o("eval")]))
     if not a.no_baseline:
         stages.append(("evaluate_full", ["evaluate", "--eval_json", a.rag_eval, "--index_dir", o("index"), "--dec",
@@ -3090,7 +3101,7 @@ def chain_summary(a: argparse.Namespace, done: dict) -> dict:
         ft = base["results"][0]["em"]
         out["em_full_ft_baseline"] = ft
         for r in ev["results"]:
-            if r["mode"] == "refrag" and r["p"] == a.p:
+            if r["mode"] == "refrag" and r["p"] == a.p and r["selection"] == a.expand_by:
                 out["em_refrag"] = r["em"]
                 out["em_ratio_to_baseline"] = r["em"] / ft if ft else None
     train = [n for n in done if not n.startswith("evaluate")]
@@ -3152,7 +3163,8 @@ def cmd_chain(args):
         print(f"chain: QA {what}: EM {r['em']:.3f}, answer log-ppl {r['answer_logppl']:.3f}, TTFT {r['ttft_s'] * 1000:.1f} ms")
     if "em_full_ft_baseline" in sm:
         ratio = sm.get("em_ratio_to_baseline")
-        print(f"chain: full-context fine-tuned baseline EM {sm['em_full_ft_baseline']:.3f}; refrag p={args.p:g} / baseline = "
+        print(f"chain: full-context fine-tuned baseline EM {sm['em_full_ft_baseline']:.3f}; "
+              f"refrag p={args.p:g} {args.expand_by} / baseline = "
               + ("n/a" if ratio is None else f"{ratio:.2f}"))
 
 

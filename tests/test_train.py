@@ -197,7 +197,7 @@ def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpu
     argv = ["chain", "--corpus", small_corpus, "--train_json", cpt, "--eval_json", cpt, "--rag_json", qa,
             "--rag_eval", qa, "--dec", tiny_dec_dir, "--k", 16, "--p", 0.25, "--topk", 2, "--recon_steps", 2,
             "--next_steps", 2, "--ft_steps", 2, "--batch_size", 2, "--recon_tokens", 32, "--next_tokens", 32,
-            "--eval_limit", 2, "--out_dir", out]
+            "--eval_limit", 2, "--expand_by", "rank", "--out_dir", out]
     code, stdout, err = run_cli(*argv)
     assert code == 0, err
     rec = json.load(open(out / "chain.json"))
@@ -207,12 +207,15 @@ def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpu
     sm = rec["summary"]
     assert set(sm["recon"]) == {"1", "2"} and set(sm["next_logppl"]) >= {"compressed", "full", "none"}
     assert all(0 <= r["acc_rawtokens"] <= 1 for r in sm["recon"].values())  # the ceiling: raw tokens as context
-    assert [(r["mode"], r["p"]) for r in sm["qa"]] == [("full", None), ("refrag", 0.0), ("refrag", 0.25)]
-    assert 0 <= sm["em_full_ft_baseline"] <= 1 and "em_refrag" in sm
+    # rank expansion is trained and scored, and scored with random expansion beside it
+    assert [(r["mode"], r["p"], r["selection"]) for r in sm["qa"]] == [
+        ("full", None, None), ("refrag", 0.0, "none"), ("refrag", 0.25, "rank"), ("refrag", 0.25, "random")]
+    assert sm["em_refrag"] == sm["qa"][2]["em"] and 0 <= sm["em_full_ft_baseline"] <= 1
     assert sm["train_s"] > 0 and sm["eval_s"] > 0
     # every stage trained from the previous one and recorded its own command line
     assert json.load(open(out / "cpt_next" / "config.json"))["trained"] == ["encoder", "projector", "decoder"]
     assert json.load(open(out / "sft" / "run_config.json"))["argv"][1] == "finetune"
+    assert json.load(open(out / "sft" / "run_config.json"))["args"]["expand_by"] == "rank"
     assert "chain: full-context fine-tuned baseline EM" in stdout
     code, stdout, err = run_cli(*argv, "--resume")
     assert code == 0, err
