@@ -388,6 +388,7 @@ class PretrainConfig:
     questions_per_context: int = 4  # questions asked after each training context
     ctx_ramp: float = 0.4        # fraction of the later steps over which contexts grow from 1 to max_passages
     copy_frac: float = 0.1       # fraction of batches that are synthetic copy sequences (copy_example)
+    copy_text: float = 0.0       # fraction of copy sequences that repeat passage text (ReaderData.copy_text_example)
     copy_warmup: int = 150       # first steps made of copy batches only (induction heads form first)
     single_steps: int = 450      # then this many steps with one passage per context (learn to read a fact)
     preset: str = "tiny"         # decoder shape, a key of DECODER_PRESETS
@@ -406,6 +407,8 @@ class PretrainConfig:
             fail(f"--dec_config {self.preset}: expected one of {', '.join(DECODER_PRESETS)}")
         if not 1 <= self.max_passages <= 32:
             fail(f"--max_passages {self.max_passages}: must be in 1..32")
+        if not 0 <= self.copy_text <= 1:
+            fail(f"--copy_text {self.copy_text}: must be in [0, 1]")
         if not 1 <= self.min_passages <= self.max_passages:
             fail(f"--min_passages {self.min_passages}: must be in 1..--max_passages ({self.max_passages})")
 
@@ -1555,6 +1558,20 @@ class ReaderData:
             ids, mask = ids + q_ids + a_ids, mask + [0] * len(q_ids) + [1] * len(a_ids)
         return ids, mask
 
+    def copy_text_example(self) -> tuple[list[int], list[int]]:
+        """BOS + a window of 16-64 tokens of a training passage (its entity renamed to a fresh id)
+        + the same window again, the repeat as the target. Every sentence of a passage repeats the
+        entity's name, so copying it needs matching several preceding tokens; random tokens
+        (copy_example) are copied by matching one."""
+        name = self.rng.choice(self.train_names)
+        kind = name.split("_")[0]
+        ids = encode_text(self.tok, self._rename(self.by_name[name], name, f"{kind}_{self._fresh_id(kind)}"))
+        m = min(len(ids), self.rng.randint(16, 64))
+        start = self.rng.randint(0, len(ids) - m)
+        x = ids[start:start + m]
+        first = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+        return first + x + x, [0] * (len(first) + m) + [1] * m
+
 
 def copy_example(tok, rng: random.Random) -> tuple[list[int], list[int]]:
     """BOS + m random tokens + the same m tokens again, the second copy as the target: the classic
@@ -1639,7 +1656,7 @@ def cmd_pretrain(args):
     cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_passages=args.max_passages,
                          min_passages=args.min_passages, questions_per_context=args.questions_per_context,
                          ctx_ramp=args.ctx_ramp,
-                         copy_frac=args.copy_frac, copy_warmup=args.copy_warmup, single_steps=args.single_steps,
+                         copy_frac=args.copy_frac, copy_text=args.copy_text, copy_warmup=args.copy_warmup, single_steps=args.single_steps,
                          preset=args.dec_config, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every)
     set_seed(cfg.seed)
     device = resolve_device(args.device)
@@ -1673,12 +1690,14 @@ def cmd_pretrain(args):
         # one context size per batch (little padding); the largest allowed grows from 1 passage to
         # max_passages over the first ctx_ramp of the steps: find a fact first, then the right passage
         start = cfg.copy_warmup + cfg.single_steps  # contexts grow from 1 to max_passages after this step
-        grown = min(1.0, max(0, step - start) / max(1, cfg.ctx_ramp * (cfg.steps - start)))
+        ramp = cfg.ctx_ramp * (cfg.steps - start)
+        grown = 1.0 if ramp <= 0 and step >= start else min(1.0, max(0, step - start) / max(1, ramp))
         hi = 1 + int(round(grown * (cfg.max_passages - 1)))
         n_ctx = train_data.rng.randint(min(cfg.min_passages, hi), hi)
         is_copy = step < cfg.copy_warmup or train_data.rng.random() < cfg.copy_frac
         if is_copy:  # synthetic copy batch: forms induction heads early
-            examples = [copy_example(tok, train_data.rng) for _ in range(2 * cfg.batch_size)]  # short ones
+            examples = [train_data.copy_text_example() if cfg.copy_text and train_data.rng.random() < cfg.copy_text
+                        else copy_example(tok, train_data.rng) for _ in range(2 * cfg.batch_size)]  # short ones
         else:  # about as many tokens per batch at every context size: fewer, longer, denser examples
             examples = [train_data.sample(n_ctx=n_ctx, n_questions=cfg.questions_per_context * (1 + n_ctx // 2))
                         for _ in range(max(2, cfg.batch_size // n_ctx))]
@@ -2881,11 +2900,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lr", type=float, default=1e-3)
     sp.add_argument("--max_passages", type=int, default=8)
     sp.add_argument("--min_passages", type=int, default=1,
-                    help="fewest passages per context while contexts grow and after (at most --max_passages)")
+                    help="fewest passages per context once contexts have grown past it (--ctx_ramp)")
     sp.add_argument("--questions_per_context", type=int, default=4)
     sp.add_argument("--ctx_ramp", type=float, default=0.4,
                     help="fraction of the steps after --single_steps over which contexts grow to --max_passages (0: at once)")
     sp.add_argument("--copy_frac", type=float, default=0.1, help="fraction of batches of synthetic copy sequences")
+    sp.add_argument("--copy_text", type=float, default=0.0,
+                    help="fraction of copy sequences that repeat a training passage's text instead of random tokens")
     sp.add_argument("--copy_warmup", type=int, default=150, help="first steps of copy batches only (induction heads)")
     sp.add_argument("--single_steps", type=int, default=450, help="then steps with one passage per context")
     sp.add_argument("--log_every", type=int, default=50)

@@ -246,13 +246,16 @@ def test_pretrain_runs_and_saves_a_loadable_decoder(tmp_path):
     assert not any(p.startswith(".tmp") for p in os.listdir(out))
     more = tmp_path / "dec2"
     code, stdout, err = run_cli("pretrain", "--init_from", out, "--steps", 1, "--batch_size", 2, "--copy_warmup", 0,
-                                "--single_steps", 0, "--copy_frac", 0, "--max_passages", 2, "--log_every", 1,
-                                "--out_dir", more)
+                                "--single_steps", 0, "--copy_frac", 0.5, "--copy_text", 1, "--max_passages", 3,
+                                "--min_passages", 3, "--ctx_ramp", 0, "--log_every", 1, "--out_dir", more)
     assert code == 0, err
+    assert json.loads(open(more / "metrics.jsonl").readline())["batch"] in ("copy", "qa x3")
     dec2 = refrag.load_decoder(str(more), torch.device("cpu"), torch.float32)
     w = "model.embed_tokens.weight"
     assert torch.allclose(dec2.state_dict()[w], dec.state_dict()[w], atol=0.01)  # continued, not re-initialised
     assert not torch.equal(dec2.state_dict()[w], dec.state_dict()[w])
+    code, _, err = run_cli("pretrain", "--min_passages", 3, "--max_passages", 2, "--out_dir", tmp_path / "bad")
+    assert code == 2 and "--min_passages 3: must be in 1..--max_passages (2)" in err
 
 
 def test_reader_data_never_uses_held_out_entities_and_renames(tok):
@@ -268,6 +271,13 @@ def test_reader_data_never_uses_held_out_entities_and_renames(tok):
         assert not names & held
         answer = tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True).strip()
         assert answer in tok.decode(ids[:mask.index(1)])  # the answer is readable from the context
+    for _ in range(20):  # copy sequences of passage text: training entities only, renamed, target = the repeat
+        ids, mask = data.copy_text_example()
+        m = sum(mask)
+        assert 16 <= m <= 64 and ids[0] == tok.bos_token_id and mask == [0] * (len(ids) - m) + [1] * m
+        assert ids[-m:] == ids[-2 * m:-m]
+        names = set(refrag.re.findall(r"(?:City|Alloy|Person|Event)_\d+", tok.decode(ids)))
+        assert not names & held and not names & set(data.train_names)
 
 
 def test_index_caches_several_k(tmp_path, tiny_dec_dir, small_corpus):
