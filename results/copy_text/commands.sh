@@ -21,3 +21,5 @@ python refrag.py chain --dec runs/demo_decoder_ct --k 8 --out_dir runs/chain_ct
 python results/copy_text/diag_nearest_token.py runs/recon_ct_k1
 python results/copy_text/diag_recon_rms.py cpt_recon --train_json data/cpt_train.jsonl --eval_json data/cpt_eval.jsonl --dec runs/demo_decoder_ct --k 1 --steps 400 --lr 2e-4 --max_chunks 16 --log_every 100 --out_dir runs/recon_ct_k1_norm
 python results/copy_text/diag_nearest_token.py runs/recon_ct_k1_norm --rms
+python refrag.py cpt_recon --train_json data/cpt_train.jsonl --eval_json data/cpt_eval.jsonl --dec runs/demo_decoder_ct --k 1 --steps 1200 --lr 2e-4 --max_chunks 16 --log_every 100 --out_dir runs/recon_ct_k1_1200
+python results/copy_text/diag_nearest_token.py runs/recon_ct_k1_1200
