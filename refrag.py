@@ -1655,8 +1655,8 @@ def save_hf_model(model, tok, out_dir: str, extra: dict):
 def cmd_pretrain(args):
     cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_passages=args.max_passages,
                          min_passages=args.min_passages, questions_per_context=args.questions_per_context,
-                         ctx_ramp=args.ctx_ramp,
-                         copy_frac=args.copy_frac, copy_text=args.copy_text, copy_warmup=args.copy_warmup, single_steps=args.single_steps,
+                         ctx_ramp=args.ctx_ramp, copy_frac=args.copy_frac, copy_text=args.copy_text,
+                         copy_warmup=args.copy_warmup, single_steps=args.single_steps,
                          preset=args.dec_config, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every)
     set_seed(cfg.seed)
     device = resolve_device(args.device)
@@ -3122,7 +3122,7 @@ def chain_summary(a: argparse.Namespace, done: dict) -> dict:
         ft = base["results"][0]["em"]
         out["em_full_ft_baseline"] = ft
         for r in ev["results"]:
-            if r["mode"] == "refrag" and r["p"] == a.p and r["selection"] == a.expand_by:
+            if r["mode"] == "refrag" and r["p"] == a.p and (a.p == 0 or r["selection"] == a.expand_by):
                 out["em_refrag"] = r["em"]
                 out["em_ratio_to_baseline"] = r["em"] / ft if ft else None
     train = [n for n in done if not n.startswith("evaluate")]
