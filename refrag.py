@@ -542,9 +542,14 @@ def encode_text(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def bos_ids(tok) -> list[int]:
+    """[BOS] where the tokenizer has one, else nothing: what every sequence starts with."""
+    return [tok.bos_token_id] if tok.bos_token_id is not None else []
+
+
 def prompt_pieces(tok, question: str) -> tuple[list[int], list[int], list[int]]:
     """(prefix ids incl. BOS, separator ids, question suffix ids) of the shared template."""
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    bos = bos_ids(tok)
     return (bos + encode_text(tok, PROMPT_PREFIX), encode_text(tok, PASSAGE_SEP),
             encode_text(tok, QUESTION_SUFFIX.format(question=question)))
 
@@ -1568,18 +1573,19 @@ class ReaderData:
         ids = encode_text(self.tok, self._rename(self.by_name[name], name, f"{kind}_{self._fresh_id(kind)}"))
         m = min(len(ids), self.rng.randint(16, 64))
         start = self.rng.randint(0, len(ids) - m)
-        x = ids[start:start + m]
-        first = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
-        return first + x + x, [0] * (len(first) + m) + [1] * m
+        return repeat_example(self.tok, ids[start:start + m])
 
 
 def copy_example(tok, rng: random.Random) -> tuple[list[int], list[int]]:
     """BOS + m random tokens + the same m tokens again, the second copy as the target: the classic
     task on which small transformers form the induction heads that reading from context needs."""
-    m = 32
-    first = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    x = [rng.randrange(3, len(tok)) for _ in range(m)]
-    return first + x + x, [0] * (len(first) + m) + [1] * m
+    return repeat_example(tok, [rng.randrange(3, len(tok)) for _ in range(32)])
+
+
+def repeat_example(tok, x: list[int]) -> tuple[list[int], list[int]]:
+    """(BOS + x + x, is_target): the repeat of x is the target."""
+    first = bos_ids(tok)
+    return first + x + x, [0] * (len(first) + len(x)) + [1] * len(x)
 
 
 def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
@@ -1691,7 +1697,7 @@ def cmd_pretrain(args):
         # max_passages over the first ctx_ramp of the steps: find a fact first, then the right passage
         start = cfg.copy_warmup + cfg.single_steps  # contexts grow from 1 to max_passages after this step
         ramp = cfg.ctx_ramp * (cfg.steps - start)
-        grown = 1.0 if ramp <= 0 and step >= start else min(1.0, max(0, step - start) / max(1, ramp))
+        grown = float(step >= start) if ramp <= 0 else min(1.0, max(0, step - start) / max(1, ramp))
         hi = 1 + int(round(grown * (cfg.max_passages - 1)))
         n_ctx = train_data.rng.randint(min(cfg.min_passages, hi), hi)
         is_copy = step < cfg.copy_warmup or train_data.rng.random() < cfg.copy_frac
@@ -2009,7 +2015,7 @@ def eval_recon(model: RefragModel, records: list[dict], tok, k: int, facts: set[
     """Reconstruction on held-out texts per number of chunks, beside the same decoder with no
     context (it predicts the same tokens from BOS and its own prefix only) and with the raw tokens
     in place of the chunk embeddings (what a lossless compression could reach: the ceiling)."""
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    bos = bos_ids(tok)
     out = {}
     n = 1
     while n <= max_chunks:
@@ -2031,7 +2037,7 @@ def eval_recon(model: RefragModel, records: list[dict], tok, k: int, facts: set[
 def eval_next(model: RefragModel, records: list[dict], tok, k: int, p: float, max_o: int, seed: int) -> dict:
     """Next-paragraph log-perplexity on held-out texts with the whole context s compressed (and with
     a random p of its chunks expanded), as full tokens, and with no context (paper table 1)."""
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    bos = bos_ids(tok)
     rng = random.Random(seed)
     out = {}
     variants = {"compressed": 0.0, "full": None, "none": None}
@@ -2118,7 +2124,7 @@ def cmd_train(args, stage: str):
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
     world, rank = acc.num_processes, acc.process_index
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    bos = bos_ids(tok)
     if acc.is_main_process:
         os.makedirs(args.out_dir, exist_ok=True)
         write_run_info(args.out_dir, args)
@@ -2260,7 +2266,7 @@ def policy_contexts(args, cfg: PolicyConfig, models: Models, index: PassageIndex
         return out
     if cfg.query:
         fail(f"{flag} {path}: long-text records have no question for a query-aware policy (--policy_query)")
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    bos = bos_ids(tok)
     for r in progress(load_cpt_ids(path, flag, tok), desc="encode", unit="text"):
         ctx_ids = r["ids"][max(0, r["s"] - cfg.ctx_max):r["s"]]
         chunks = [split_chunks(ctx_ids, cfg.k)]
@@ -2474,7 +2480,7 @@ def cpt_layout_and_target(rec: dict, c: dict, models: Models, gen: torch.Generat
     if rec["s"] + rec["o"] > len(ids):
         fail(f"--eval_json line {rec['line']}: split s+o = {rec['s'] + rec['o']} exceeds the text's {len(ids)} tokens")
     ctx, tgt = ids[:rec["s"]], ids[rec["s"]:rec["s"] + rec["o"]]
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    bos = bos_ids(tok)
     if c["mode"] == "none":
         return build_layout([("tokens", bos or tgt[:1])]), (tgt if bos else tgt[1:]), {"prompt_positions": max(1, len(bos))}
     k = c["k"] or 16
@@ -3088,9 +3094,8 @@ def chain_stages(a: argparse.Namespace) -> list[tuple[str, list]]:
     limit = ["--limit", a.eval_limit] if a.eval_limit else []
     stages.append(("evaluate", ["evaluate", "--eval_json", a.rag_eval, "--index_dir", o("index_sft"), "--load_dir",
                                 o("sft"), "--modes", "full,refrag", "--topk", a.topk, "--k", a.k,
-                                "--p", f"0,{a.p:g}", "--heuristic", ",".join(dict.fromkeys([a.expand_by, "random"])),
-                                *limit, *seed, *dev,
-                                "--out", o("eval")]))
+                                "--p", f"0,{a.p:g}", "--heuristic", "random" if a.expand_by == "random" else f"{a.expand_by},random",
+                                *limit, *seed, *dev, "--out", o("eval")]))
     if not a.no_baseline:
         stages.append(("evaluate_full", ["evaluate", "--eval_json", a.rag_eval, "--index_dir", o("index"), "--dec",
                                          o("sft_full/decoder"), "--modes", "full", "--topk", a.topk, *limit, *seed,
