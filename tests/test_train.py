@@ -1,4 +1,5 @@
 """REFRAG trainers: the curriculum, reconstruction batches, resume equivalence, 2-process DDP."""
+import argparse
 import json
 import os
 import random
@@ -220,3 +221,17 @@ def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpu
     code, stdout, err = run_cli(*argv, "--resume")
     assert code == 0, err
     assert stdout.count("done earlier") == 8 and json.load(open(out / "chain.json"))["stages"] == rec["stages"]
+
+
+def test_chain_summary_headline_row_follows_p_and_expand_by(tmp_path):
+    rows = [{"mode": "refrag", "k": 8, "p": 0.0, "selection": "none", "em": 0.2},
+            {"mode": "refrag", "k": 8, "p": 0.1, "selection": "rank", "em": 0.3},
+            {"mode": "refrag", "k": 8, "p": 0.1, "selection": "random", "em": 0.1}]
+    for r in rows:
+        r.update(f1=0.0, answer_logppl=1.0, ttft_s=0.01)
+    for name, res in (("eval", rows), ("eval_full", [{"mode": "full", "em": 0.4}])):
+        os.makedirs(tmp_path / name)
+        json.dump({"results": res}, open(tmp_path / name / "results.json", "w"))
+    summary = lambda p, by: refrag.chain_summary(argparse.Namespace(out_dir=str(tmp_path), p=p, expand_by=by), {})  # noqa: E731
+    assert summary(0.1, "rank")["em_refrag"] == 0.3 and summary(0.1, "random")["em_refrag"] == 0.1
+    assert summary(0.0, "random")["em_refrag"] == 0.2 and summary(0.0, "random")["em_ratio_to_baseline"] == 0.5
