@@ -390,6 +390,8 @@ class PretrainConfig:
     copy_frac: float = 0.1       # fraction of batches that are synthetic copy sequences (copy_example)
     copy_text: float = 0.0       # fraction of copy sequences that repeat passage text (ReaderData.copy_text_example)
     copy_warmup: int = 150       # first steps made of copy batches only (induction heads form first)
+    bind_frac: float = 0.0       # fraction of later QA batches whose contexts tell passages apart by name only
+    bind_sentences: int = 3      # those contexts' passages are cut to 1..bind_sentences sentences
     single_steps: int = 450      # then this many steps with one passage per context (learn to read a fact)
     preset: str = "tiny"         # decoder shape, a key of DECODER_PRESETS
     seed: int = 0
@@ -409,6 +411,12 @@ class PretrainConfig:
             fail(f"--max_passages {self.max_passages}: must be in 1..32")
         if not 0 <= self.copy_text <= 1:
             fail(f"--copy_text {self.copy_text}: must be in [0, 1]")
+        if not 0 <= self.bind_frac <= 1:
+            fail(f"--bind_frac {self.bind_frac}: must be in [0, 1]")
+        if self.bind_sentences < 1:
+            fail(f"--bind_sentences {self.bind_sentences}: must be at least 1")
+        if self.bind_frac and self.max_passages < 2:
+            fail(f"--bind_frac {self.bind_frac}: needs --max_passages of at least 2")
         if not 1 <= self.min_passages <= self.max_passages:
             fail(f"--min_passages {self.min_passages}: must be in 1..--max_passages ({self.max_passages})")
 
@@ -1488,6 +1496,11 @@ class ReaderData:
         for r in self.rag:
             self.values.setdefault((r["entity"].split("_")[0], r.get("fact")), set()).add(r["answers"][0])
         self.values = {k: sorted(v) for k, v in self.values.items()}
+        self.by_fact = {}  # (kind, fact) -> training entities with a question about that fact
+        for r in self.rag:
+            names = self.by_fact.setdefault((r["entity"].split("_")[0], r.get("fact")), [])
+            if r["entity"] not in names:
+                names.append(r["entity"])
 
     def _fresh_value(self, value: str, pool: list[str]) -> str:
         """A new value shaped like `value`: fresh digits for numbers; anything else comes from the
@@ -1513,25 +1526,34 @@ class ReaderData:
     def _rename(text: str, old: str, new: str) -> str:
         return re.sub(re.escape(old) + r"(?![0-9])", new, text)
 
-    def sample(self, rec: dict | None = None, n_ctx: int | None = None,
-               n_questions: int = 1) -> tuple[list[int], list[int]]:
+    def sample(self, rec: dict | None = None, n_ctx: int | None = None, n_questions: int = 1,
+               same_fact: bool = False, n_sent: int = 0) -> tuple[list[int], list[int]]:
         """One (ids, is_answer) example: n_ctx passages (random 1..max_passages when None), then
         the question about `rec` in the inference template, then up to n_questions - 1 further
-        questions about entities of the same context (more supervision per context token)."""
+        questions about entities of the same context (more supervision per context token).
+        same_fact: every distractor is of the gold's kind and states the asked fact too, and the
+        further questions ask that fact of them, so only the entity's name tells the passages
+        apart (a reader that answers from the fact's sentence alone is right 1 / n_ctx of the time).
+        n_sent > 0: each passage is cut to n_sent sentences, always keeping those that state the
+        fact asked (short contexts: many more questions per second of training)."""
         r = rec or self.rng.choice(self.rag)
         gold_name = r["entity"]
         kind = gold_name.split("_")[0]
         n_ctx = n_ctx or self.rng.randint(1, self.max_passages)
         same_kind = [n for n in self.by_kind[kind] if n != gold_name]
+        if same_fact:
+            same_kind = [n for n in self.by_fact[(kind, r.get("fact"))] if n != gold_name]
+            same_kind = same_kind if len(same_kind) >= n_ctx - 1 else [n for n in self.by_kind[kind] if n != gold_name]
         others = [n for n in self.train_names if n != gold_name]
         distract = []
         while len(distract) < n_ctx - 1:
-            n = self.rng.choice(same_kind if self.rng.random() < 0.7 else others)
+            n = self.rng.choice(same_kind if same_fact or self.rng.random() < 0.7 else others)
             if n not in distract:
                 distract.append(n)
         names = [gold_name] + distract
         texts = [self.by_name[n] for n in names]
-        extra = [q for n in names for q in self.by_entity.get(n, []) if q is not r]
+        extra = [q for n in names for q in self.by_entity.get(n, [])
+                 if q is not r and (not same_fact or q.get("fact") == r.get("fact"))]
         qs = [r] + self.rng.sample(extra, min(n_questions - 1, len(extra)))
         questions, answers = [q["question"] for q in qs], [q["answers"][0] for q in qs]
         if self.augment:
@@ -1552,6 +1574,13 @@ class ReaderData:
                 while cand in new_names:
                     cand = f"{k2}_{self._fresh_id(k2)}"
                 new_names.append(cand)
+        if n_sent:  # after the answer swap, before the renaming: keep the sentences that state an asked fact
+            keep = [[a for q, a in zip(qs, answers) if q["entity"] == n] for n in names]
+            if same_fact:  # a distractor asked nothing still keeps its sentence of the asked fact
+                keep = [ks or [q["answers"][0] for q in self.by_entity.get(n, []) if q.get("fact") == r.get("fact")]
+                        for ks, n in zip(keep, names)]
+            texts = [self._cut(t, ks, n_sent) for t, ks in zip(texts, keep)]
+        if self.augment:
             texts = [self._rename(t, o, nn_) for t, o, nn_ in zip(texts, names, new_names)]
             rename = dict(zip(names, new_names))
             questions = [self._rename(qt, q["entity"], rename[q["entity"]]) for qt, q in zip(questions, qs)]
@@ -1562,6 +1591,16 @@ class ReaderData:
             q_ids, a_ids = encode_text(self.tok, QUESTION_SUFFIX.format(question=qt)), answer_ids(self.tok, a)
             ids, mask = ids + q_ids + a_ids, mask + [0] * len(q_ids) + [1] * len(a_ids)
         return ids, mask
+
+    def _cut(self, text: str, values: list[str], n_sent: int) -> str:
+        """`text` cut to n_sent of its sentences (in their order): those containing one of
+        `values`, then random others."""
+        sents = [t for t in re.split(r"(?<=[.!?])\s+|(?<=。)\s*", text.strip()) if t]
+        has = [i for i, t in enumerate(sents) if any(re.search(r"\b" + re.escape(v) + r"\b", t) for v in values)]
+        rest = [i for i in range(len(sents)) if i not in has]
+        self.rng.shuffle(rest)
+        keep = sorted(has + rest[:max(0, n_sent - len(has))])
+        return " ".join(sents[i] for i in keep)
 
     def copy_text_example(self) -> tuple[list[int], list[int]]:
         """BOS + a window of 16-64 tokens of a training passage (its entity renamed to a fresh id)
@@ -1663,6 +1702,7 @@ def cmd_pretrain(args):
                          min_passages=args.min_passages, questions_per_context=args.questions_per_context,
                          ctx_ramp=args.ctx_ramp, copy_frac=args.copy_frac, copy_text=args.copy_text,
                          copy_warmup=args.copy_warmup, single_steps=args.single_steps,
+                         bind_frac=args.bind_frac, bind_sentences=args.bind_sentences,
                          preset=args.dec_config, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every)
     set_seed(cfg.seed)
     device = resolve_device(args.device)
@@ -1704,6 +1744,15 @@ def cmd_pretrain(args):
         if is_copy:  # synthetic copy batch: forms induction heads early
             examples = [train_data.copy_text_example() if cfg.copy_text and train_data.rng.random() < cfg.copy_text
                         else copy_example(tok, train_data.rng) for _ in range(2 * cfg.batch_size)]  # short ones
+        elif cfg.bind_frac and train_data.rng.random() < cfg.bind_frac:
+            # same-fact contexts of short passages, every entity asked the same fact: the sentence
+            # of the fact no longer identifies the answer, the entity's name must (the binding
+            # that multi-passage reading needs and that the reader otherwise learns slowly)
+            n_bind = train_data.rng.randint(2, max(2, hi))
+            n_ctx = -n_bind  # logged as "bind xN"
+            examples = [train_data.sample(n_ctx=n_bind, n_questions=n_bind, same_fact=True,
+                                          n_sent=train_data.rng.randint(1, cfg.bind_sentences))
+                        for _ in range(cfg.batch_size)]
         else:  # about as many tokens per batch at every context size: fewer, longer, denser examples
             examples = [train_data.sample(n_ctx=n_ctx, n_questions=cfg.questions_per_context * (1 + n_ctx // 2))
                         for _ in range(max(2, cfg.batch_size // n_ctx))]
@@ -1723,7 +1772,8 @@ def cmd_pretrain(args):
         if (step + 1) % cfg.log_every == 0 or last:
             ans_loss = ((nll.detach() * ans[:, 1:]).sum() / ans[:, 1:].sum().clamp(min=1)).item()
             dt = time.perf_counter() - t_log
-            rec = {"step": step + 1, "batch": "copy" if is_copy else f"qa x{n_ctx}", "loss": loss.item(),
+            batch = "copy" if is_copy else f"qa x{n_ctx}" if n_ctx > 0 else f"bind x{-n_ctx}"
+            rec = {"step": step + 1, "batch": batch, "loss": loss.item(),
                    "answer_loss": ans_loss, "lr": lr,
                    "ms_per_step": 1000 * dt / cfg.log_every, "tok_per_s": n_tok / dt}
             print(f"step {step + 1:6d} | {rec['batch']:6s} | loss {rec['loss']:.4f} | answer {ans_loss:.4f} | lr {lr:.2e} | "
@@ -2915,6 +2965,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fraction of copy sequences that repeat a training passage's text instead of random tokens")
     sp.add_argument("--copy_warmup", type=int, default=150, help="first steps of copy batches only (induction heads)")
     sp.add_argument("--single_steps", type=int, default=450, help="then steps with one passage per context")
+    sp.add_argument("--bind_frac", type=float, default=0.0,
+                    help="fraction of QA batches (after --copy_warmup) made of 2..N short passages that all state the "
+                         "asked fact, every entity asked it: only the entity's name tells which passage answers")
+    sp.add_argument("--bind_sentences", type=int, default=3, help="those passages keep 1..this many sentences")
     sp.add_argument("--log_every", type=int, default=50)
     sp.add_argument("--eval_every", type=int, default=500)
     sp.add_argument("--seed", type=int, default=0)

@@ -280,6 +280,36 @@ def test_reader_data_never_uses_held_out_entities_and_renames(tok):
         assert not names & held and not names & set(data.train_names)
 
 
+def test_binding_samples_state_the_asked_fact_in_every_passage(tok):
+    import random
+    passages = refrag.read_corpus(os.path.join(DATA, "corpus_small.txt"))
+    train = refrag.read_rag(os.path.join(DATA, "rag_train.jsonl"), "--rag_json")
+    held = {r["entity"] for r in refrag.read_rag(os.path.join(DATA, "rag_eval.jsonl"), "--eval_json")}
+    data = refrag.ReaderData(passages, train, tok, 8, random.Random(0))
+    question_of = {}  # question with the entity blanked -> fact
+    for r in train:
+        question_of[refrag.re.sub(r"(?:City|Alloy|Person|Event)_\d+", "X", r["question"])] = r["fact"]
+    for n_ctx, n_sent in [(2, 1), (3, 2), (4, 3), (6, 1)] * 5:
+        ids, mask = data.sample(n_ctx=n_ctx, n_questions=n_ctx, same_fact=True, n_sent=n_sent)
+        text = tok.decode(ids, skip_special_tokens=True)
+        context, qa = text.split("Question:", 1)
+        lines = [x for x in context.split("\n")[1:] if x.strip()]
+        assert len(lines) == n_ctx
+        names = [refrag.re.match(r"(?:.*?)((?:City|Alloy|Person|Event)_\d+)", x).group(1) for x in lines]
+        assert len(set(names)) == n_ctx and not set(names) & held and len({n.split("_")[0] for n in names}) == 1
+        for line, name in zip(lines, names):  # at most n_sent sentences, all about that passage's entity
+            sents = refrag.re.split(r"(?<=[.!?])\s+|(?<=。)\s*", line.strip())
+            assert 1 <= len(sents) <= n_sent
+        pairs = refrag.re.findall(r"Question: (.*?)\nAnswer: (.*?)(?:\n|$)", "Question:" + qa)
+        assert len(pairs) == n_ctx  # every entity is asked, and the same fact
+        facts = {question_of[refrag.re.sub(r"(?:City|Alloy|Person|Event)_\d+(?![0-9])", "X", q)] for q, _ in pairs}
+        assert len(facts) == 1
+        for q, a in pairs:  # each answer stands in its own entity's passage (values of small pools repeat)
+            ent = refrag.re.search(r"(?:City|Alloy|Person|Event)_\d+(?![0-9])", q).group(0)
+            owner = [line for line, n in zip(lines, names) if n == ent]
+            assert len(owner) == 1 and a.strip() in owner[0]
+
+
 def test_index_caches_several_k(tmp_path, tiny_dec_dir, small_corpus):
     d = tmp_path / "idx"
     code, out, err = run_cli("index", "--corpus", small_corpus, "--index_dir", d, "--dec", tiny_dec_dir, "--k", "8,32")
