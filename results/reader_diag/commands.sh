@@ -1,0 +1,23 @@
+# Why the demo reader fails with several passages: does it bind the question to its entity's passage?
+# 2-core CPU machine, torch 2.13.0+cpu, fp32; run one after another on an idle machine unless noted.
+
+# exact match with the gold passage + 0/1/3/7 distractors of three kinds (other kind, same kind, near-identical id)
+python results/reader_diag/diag_distractors.py runs/demo_decoder 150      > results/reader_diag/distractors_demo_decoder.txt
+python results/reader_diag/diag_distractors.py runs/demo_decoder_ct 150   > results/reader_diag/distractors_demo_decoder_ct.txt
+# two passages that both state the asked fact: 0.5 = the name is ignored
+python results/reader_diag/diag_binding.py runs/demo_decoder runs/demo_decoder_ct runs/bind_cont runs/bind_micro runs/demo_decoder_bind > results/reader_diag/binding.jsonl
+# which river name the decoder prefers, whatever is asked
+python results/reader_diag/probe_value_prior.py runs/demo_decoder_ct > results/reader_diag/probe_value_prior_demo_decoder_ct.txt
+
+# 1. binding batches added to the continued training of the copy-trained decoder B (runs/demo_decoder_ct, results/copy_text)
+python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl --eval_json data/rag_eval.jsonl --eval_n 100 --eval_every 150 --init_from runs/demo_decoder_ct --copy_warmup 0 --single_steps 0 --ctx_ramp 0 --min_passages 2 --copy_frac 0.1 --copy_text 0.7 --bind_frac 0.5 --lr 5e-4 --steps 600 --out_dir runs/bind_cont
+# 2. binding batches only: two one-sentence passages, 32 per batch
+python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl --init_from runs/demo_decoder_ct --copy_warmup 0 --single_steps 0 --ctx_ramp 0 --max_passages 2 --min_passages 2 --copy_frac 0 --bind_frac 1 --bind_sentences 1 --batch_size 32 --lr 5e-4 --steps 400 --log_every 25 --out_dir runs/bind_micro
+# 3. the default recipe from scratch with half of the QA batches binding batches from the copy warm-up's end
+python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl --eval_json data/rag_eval.jsonl --eval_n 100 --eval_every 150 --steps 1800 --bind_frac 0.5 --bind_sentences 2 --out_dir runs/demo_decoder_bind
+python results/reader_diag/diag_distractors.py runs/demo_decoder_bind 150 > results/reader_diag/distractors_demo_decoder_bind.txt
+python results/reader_diag/retrieved_same_kind.py runs/chain/index > results/reader_diag/retrieved_same_kind.json  # ran beside run 4 below
+# 4. binding batches only, longer and at a higher LR: two or three one-sentence passages, 32 per batch, 10% copy batches
+python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl --eval_json data/rag_eval.jsonl --eval_n 100 --eval_every 400 --init_from runs/demo_decoder_ct --copy_warmup 0 --single_steps 0 --ctx_ramp 0 --max_passages 3 --min_passages 2 --copy_frac 0.1 --copy_text 0.7 --bind_frac 1 --bind_sentences 1 --batch_size 32 --lr 1e-3 --steps 1200 --log_every 50 --out_dir runs/bind_long
+python results/reader_diag/diag_binding.py runs/bind_long >> results/reader_diag/binding.jsonl
+python results/reader_diag/diag_distractors.py runs/bind_long 150 > results/reader_diag/distractors_bind_long.txt
