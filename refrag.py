@@ -362,6 +362,8 @@ class GenerateConfig:
 DECODER_PRESETS = {  # Llama-architecture shapes; `tiny` is the demo reader, the rest time the paper's setting
     "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=8, max_position_embeddings=2048),
+    "tiny-deep": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=8, max_position_embeddings=2048),  # `tiny` with twice the layers
     "llama-220m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
                        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=32768,
                        vocab_size=32000),
@@ -1741,15 +1743,17 @@ def cmd_pretrain(args):
         hi = 1 + int(round(grown * (cfg.max_passages - 1)))
         n_ctx = train_data.rng.randint(min(cfg.min_passages, hi), hi)
         is_copy = step < cfg.copy_warmup or train_data.rng.random() < cfg.copy_frac
+        batch = f"qa x{n_ctx}"
         if is_copy:  # synthetic copy batch: forms induction heads early
+            batch = "copy"
             examples = [train_data.copy_text_example() if cfg.copy_text and train_data.rng.random() < cfg.copy_text
                         else copy_example(tok, train_data.rng) for _ in range(2 * cfg.batch_size)]  # short ones
         elif cfg.bind_frac and train_data.rng.random() < cfg.bind_frac:
             # same-fact contexts of short passages, every entity asked the same fact: the sentence
-            # of the fact no longer identifies the answer, the entity's name must (the binding
-            # that multi-passage reading needs and that the reader otherwise learns slowly)
+            # of the fact no longer identifies the answer, the entity's name must (the binding that
+            # multi-passage reading needs; README "Why several passages defeat the demo reader")
             n_bind = train_data.rng.randint(2, max(2, hi))
-            n_ctx = -n_bind  # logged as "bind xN"
+            batch = f"bind x{n_bind}"
             examples = [train_data.sample(n_ctx=n_bind, n_questions=n_bind, same_fact=True,
                                           n_sent=train_data.rng.randint(1, cfg.bind_sentences))
                         for _ in range(cfg.batch_size)]
@@ -1772,7 +1776,6 @@ def cmd_pretrain(args):
         if (step + 1) % cfg.log_every == 0 or last:
             ans_loss = ((nll.detach() * ans[:, 1:]).sum() / ans[:, 1:].sum().clamp(min=1)).item()
             dt = time.perf_counter() - t_log
-            batch = "copy" if is_copy else f"qa x{n_ctx}" if n_ctx > 0 else f"bind x{-n_ctx}"
             rec = {"step": step + 1, "batch": batch, "loss": loss.item(),
                    "answer_loss": ans_loss, "lr": lr,
                    "ms_per_step": 1000 * dt / cfg.log_every, "tok_per_s": n_tok / dt}

@@ -256,6 +256,14 @@ def test_pretrain_runs_and_saves_a_loadable_decoder(tmp_path):
     assert not torch.equal(dec2.state_dict()[w], dec.state_dict()[w])
     code, _, err = run_cli("pretrain", "--min_passages", 3, "--max_passages", 2, "--out_dir", tmp_path / "bad")
     assert code == 2 and "--min_passages 3: must be in 1..--max_passages (2)" in err
+    bind = tmp_path / "bind"  # binding batches only: 2..max_passages same-fact passages of 1..2 sentences
+    code, _, err = run_cli("pretrain", "--init_from", out, "--steps", 2, "--batch_size", 2, "--copy_warmup", 0,
+                           "--single_steps", 0, "--copy_frac", 0, "--bind_frac", 1, "--bind_sentences", 2,
+                           "--max_passages", 3, "--ctx_ramp", 0, "--log_every", 1, "--out_dir", bind)
+    assert code == 0, err
+    assert all(json.loads(line)["batch"] in ("bind x2", "bind x3") for line in open(bind / "metrics.jsonl"))
+    code, _, err = run_cli("pretrain", "--bind_frac", 1.5, "--out_dir", tmp_path / "bad")
+    assert code == 2 and "--bind_frac 1.5: must be in [0, 1]" in err
 
 
 def test_reader_data_never_uses_held_out_entities_and_renames(tok):
