@@ -21,3 +21,7 @@ python results/reader_diag/retrieved_same_kind.py runs/chain/index > results/rea
 python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl --eval_json data/rag_eval.jsonl --eval_n 100 --eval_every 400 --init_from runs/demo_decoder_ct --copy_warmup 0 --single_steps 0 --ctx_ramp 0 --max_passages 3 --min_passages 2 --copy_frac 0.1 --copy_text 0.7 --bind_frac 1 --bind_sentences 1 --batch_size 32 --lr 1e-3 --steps 1200 --log_every 50 --out_dir runs/bind_long
 python results/reader_diag/diag_binding.py runs/bind_long >> results/reader_diag/binding.jsonl
 python results/reader_diag/diag_distractors.py runs/bind_long 150 > results/reader_diag/distractors_bind_long.txt
+# 5. depth: the default recipe with preset tiny-deep (8 layers), 1,000 steps (what fitted in the session)
+python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl --eval_json data/rag_eval.jsonl --eval_n 100 --eval_every 250 --steps 1000 --dec_config tiny-deep --out_dir runs/demo_decoder_deep
+python results/reader_diag/diag_binding.py runs/demo_decoder_deep >> results/reader_diag/binding.jsonl
+python results/reader_diag/diag_distractors.py runs/demo_decoder_deep 150 > results/reader_diag/distractors_demo_decoder_deep.txt
