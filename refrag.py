@@ -569,6 +569,11 @@ def answer_ids(tok, answer: str) -> list[int]:
     return encode_text(tok, " " + answer.strip()) + eos
 
 
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a passage: split after . ! ? followed by a space (not inside 7.4) and after 。."""
+    return [t for t in re.split(r"(?<=[.!?])\s+|(?<=。)\s*", text.strip()) if t]
+
+
 def split_chunks(ids: list[int] | np.ndarray, k: int) -> list[list[int]]:
     """A passage's decoder tokens cut into consecutive k-token chunks (the last may be shorter)."""
     ids = [int(x) for x in ids]
@@ -604,7 +609,7 @@ def token_f1(pred: str, answers: list[str]) -> float:
     return best
 
 
-# ---- model: loading ----
+# ---- model: chunk encoder, projector, loading ----
 
 def load_tokenizer(name: str, flag: str = "--dec"):
     """A decoder tokenizer from a model directory / HF id, or a bare tokenizer.json file."""
@@ -1107,7 +1112,7 @@ class PassageIndex:
         return "hit"
 
 
-# ---- prompt layout (shared by inference and training) ----
+# ---- prompt layout and scoring a target after it (shared by inference and training) ----
 
 @dataclass
 class PromptLayout:
@@ -1169,6 +1174,34 @@ def layout_embeds(layout: PromptLayout, decoder, projector: Projector | None) ->
         x = x.clone()
         x[comp.to(dev)] = proj[layout.slot[comp].to(dev)]
     return x.unsqueeze(0)
+
+
+def targets_nll(decoder, projector, layouts: list[PromptLayout], targets: list[list[int]]) -> torch.Tensor:
+    """(N,) mean NLL (nats/token) of each target read after its prompt layout, in one right-padded
+    batch (padding after a row cannot change its causal logits). Gradients flow when asked for."""
+    emb_layer = decoder.get_input_embeddings()
+    dev = emb_layer.weight.device
+    rows = [torch.cat([layout_embeds(lay, decoder, projector)[0], emb_layer(torch.tensor(t, device=dev))])
+            for lay, t in zip(layouts, targets)]                                        # each (T_i + n_i, d)
+    T = max(r.shape[0] for r in rows)
+    x = torch.zeros(len(rows), T, rows[0].shape[-1], dtype=rows[0].dtype, device=dev)
+    att = torch.zeros(len(rows), T, dtype=torch.long, device=dev)
+    for b, r in enumerate(rows):
+        x[b, :r.shape[0]], att[b, :r.shape[0]] = r, 1
+    h = decoder.base_model(inputs_embeds=x, attention_mask=att).last_hidden_state       # (N, T, d)
+    out = []
+    for b, (lay, t) in enumerate(zip(layouts, targets)):
+        P = lay.tok_ids.numel()
+        logits = decoder.get_output_embeddings()(h[b, P - 1:P - 1 + len(t)]).float()    # (n_i, V)
+        out.append(F.cross_entropy(logits, torch.tensor(t, device=dev)))
+    return torch.stack(out)
+
+
+@torch.inference_mode()
+def target_nll(decoder, projector, layout: PromptLayout, target: list[int]) -> float:
+    """Mean NLL (nats/token) of `target` read after the prompt `layout` (answer log-perplexity for
+    QA, continuation log-perplexity for long texts)."""
+    return float(targets_nll(decoder, projector, [layout], [target])[0])
 
 
 # ---- generation and timing ----
@@ -1358,34 +1391,6 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
     }
 
 
-def targets_nll(decoder, projector, layouts: list[PromptLayout], targets: list[list[int]]) -> torch.Tensor:
-    """(N,) mean NLL (nats/token) of each target read after its prompt layout, in one right-padded
-    batch (padding after a row cannot change its causal logits). Gradients flow when asked for."""
-    emb_layer = decoder.get_input_embeddings()
-    dev = emb_layer.weight.device
-    rows = [torch.cat([layout_embeds(lay, decoder, projector)[0], emb_layer(torch.tensor(t, device=dev))])
-            for lay, t in zip(layouts, targets)]                                        # each (T_i + n_i, d)
-    T = max(r.shape[0] for r in rows)
-    x = torch.zeros(len(rows), T, rows[0].shape[-1], dtype=rows[0].dtype, device=dev)
-    att = torch.zeros(len(rows), T, dtype=torch.long, device=dev)
-    for b, r in enumerate(rows):
-        x[b, :r.shape[0]], att[b, :r.shape[0]] = r, 1
-    h = decoder.base_model(inputs_embeds=x, attention_mask=att).last_hidden_state       # (N, T, d)
-    out = []
-    for b, (lay, t) in enumerate(zip(layouts, targets)):
-        P = lay.tok_ids.numel()
-        logits = decoder.get_output_embeddings()(h[b, P - 1:P - 1 + len(t)]).float()    # (n_i, V)
-        out.append(F.cross_entropy(logits, torch.tensor(t, device=dev)))
-    return torch.stack(out)
-
-
-@torch.inference_mode()
-def target_nll(decoder, projector, layout: PromptLayout, target: list[int]) -> float:
-    """Mean NLL (nats/token) of `target` read after the prompt `layout` (answer log-perplexity for
-    QA, continuation log-perplexity for long texts)."""
-    return float(targets_nll(decoder, projector, [layout], [target])[0])
-
-
 def check_index_tokenizer(index: PassageIndex, models: Models):
     fp = tokenizer_fingerprint(models.tok)
     if index.meta["tokenizer_fingerprint"] != fp:
@@ -1494,15 +1499,13 @@ class ReaderData:
         for name in self.by_name:
             kind, num = ENTITY_RE.match(name).groups()
             self.used_ids.setdefault(kind, set()).add(int(num))
-        self.values = {}
+        self.values, self.by_fact = {}, {}  # (kind, fact) -> its answers / the entities asked it
         for r in self.rag:
-            self.values.setdefault((r["entity"].split("_")[0], r.get("fact")), set()).add(r["answers"][0])
+            key = (r["entity"].split("_")[0], r.get("fact"))
+            self.values.setdefault(key, set()).add(r["answers"][0])
+            self.by_fact.setdefault(key, {})[r["entity"]] = None  # an ordered set
         self.values = {k: sorted(v) for k, v in self.values.items()}
-        self.by_fact = {}  # (kind, fact) -> training entities with a question about that fact
-        for r in self.rag:
-            names = self.by_fact.setdefault((r["entity"].split("_")[0], r.get("fact")), [])
-            if r["entity"] not in names:
-                names.append(r["entity"])
+        self.by_fact = {k: list(v) for k, v in self.by_fact.items()}
 
     def _fresh_value(self, value: str, pool: list[str]) -> str:
         """A new value shaped like `value`: fresh digits for numbers; anything else comes from the
@@ -1543,9 +1546,9 @@ class ReaderData:
         kind = gold_name.split("_")[0]
         n_ctx = n_ctx or self.rng.randint(1, self.max_passages)
         same_kind = [n for n in self.by_kind[kind] if n != gold_name]
-        if same_fact:
-            same_kind = [n for n in self.by_fact[(kind, r.get("fact"))] if n != gold_name]
-            same_kind = same_kind if len(same_kind) >= n_ctx - 1 else [n for n in self.by_kind[kind] if n != gold_name]
+        if same_fact:  # entities stating the asked fact, where there are enough of them
+            stating = [n for n in self.by_fact[(kind, r.get("fact"))] if n != gold_name]
+            same_kind = stating if len(stating) >= n_ctx - 1 else same_kind
         others = [n for n in self.train_names if n != gold_name]
         distract = []
         while len(distract) < n_ctx - 1:
@@ -1597,7 +1600,7 @@ class ReaderData:
     def _cut(self, text: str, values: list[str], n_sent: int) -> str:
         """`text` cut to n_sent of its sentences (in their order): those containing one of
         `values`, then random others."""
-        sents = [t for t in re.split(r"(?<=[.!?])\s+|(?<=。)\s*", text.strip()) if t]
+        sents = split_sentences(text)
         has = [i for i, t in enumerate(sents) if any(re.search(r"\b" + re.escape(v) + r"\b", t) for v in values)]
         rest = [i for i in range(len(sents)) if i not in has]
         self.rng.shuffle(rest)

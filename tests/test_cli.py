@@ -294,6 +294,8 @@ def test_binding_samples_state_the_asked_fact_in_every_passage(tok):
     train = refrag.read_rag(os.path.join(DATA, "rag_train.jsonl"), "--rag_json")
     held = {r["entity"] for r in refrag.read_rag(os.path.join(DATA, "rag_eval.jsonl"), "--eval_json")}
     data = refrag.ReaderData(passages, train, tok, 8, random.Random(0))
+    assert refrag.split_sentences("Alloy_7 is 7.4 grams dense. It melts! 它很硬。Next one.") == [
+        "Alloy_7 is 7.4 grams dense.", "It melts!", "它很硬。", "Next one."]
     question_of = {}  # question with the entity blanked -> fact
     for r in train:
         question_of[refrag.re.sub(r"(?:City|Alloy|Person|Event)_\d+", "X", r["question"])] = r["fact"]
@@ -306,7 +308,7 @@ def test_binding_samples_state_the_asked_fact_in_every_passage(tok):
         names = [refrag.re.match(r"(?:.*?)((?:City|Alloy|Person|Event)_\d+)", x).group(1) for x in lines]
         assert len(set(names)) == n_ctx and not set(names) & held and len({n.split("_")[0] for n in names}) == 1
         for line, name in zip(lines, names):  # at most n_sent sentences, all about that passage's entity
-            sents = refrag.re.split(r"(?<=[.!?])\s+|(?<=。)\s*", line.strip())
+            sents = refrag.split_sentences(line)
             assert 1 <= len(sents) <= n_sent
         pairs = refrag.re.findall(r"Question: (.*?)\nAnswer: (.*?)(?:\n|$)", "Question:" + qa)
         assert len(pairs) == n_ctx  # every entity is asked, and the same fact

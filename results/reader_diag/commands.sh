@@ -1,5 +1,8 @@
 # Why the demo reader fails with several passages: does it bind the question to its entity's passage?
 # 2-core CPU machine, torch 2.13.0+cpu, fp32; run one after another on an idle machine unless noted.
+# Decoders: runs/demo_decoder is the README's pretrain command; runs/demo_decoder_ct is B of
+# results/copy_text/commands.sh; runs/chain/index is the index stage of
+# `python refrag.py chain --dec runs/demo_decoder --k 8 --out_dir runs/chain` (retrieval does not depend on the decoder).
 
 # exact match with the gold passage + 0/1/3/7 distractors of three kinds (other kind, same kind, near-identical id)
 python results/reader_diag/diag_distractors.py runs/demo_decoder 150      > results/reader_diag/distractors_demo_decoder.txt

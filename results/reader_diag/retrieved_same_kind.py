@@ -15,7 +15,7 @@ rag = R.read_rag("data/rag_eval.jsonl", "--eval_json")
 templates = {}
 by_name = {t.split(" ", 1)[0]: t for t in index.texts}
 for r in rag:
-    for s in re.split(r"(?<=[.!?])\s+|(?<=。)\s*", by_name.get(r["entity"], "")):
+    for s in R.split_sentences(by_name.get(r["entity"], "")):
         if r["answers"][0] in s:
             words = frozenset(w for w in re.findall(r"[A-Za-z]+", s.replace(r["entity"], "").replace(r["answers"][0], ""))
                               if w not in ("City", "Alloy", "Person", "Event"))
@@ -32,7 +32,7 @@ for r in rag:
     for i, n in zip(ranked, names):
         if n == r["entity"] or n.split("_")[0] != kind:
             continue
-        sents = re.split(r"(?<=[.!?])\s+|(?<=。)\s*", index.texts[i])
+        sents = R.split_sentences(index.texts[i])
         words = [frozenset(re.findall(r"[A-Za-z]+", s)) for s in sents]
         same += any(t <= w for t in templates[r["fact"]] for w in words)
     n_same.append(same)
