@@ -28,3 +28,8 @@ python results/reader_diag/diag_distractors.py runs/bind_long 150 > results/read
 python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl --eval_json data/rag_eval.jsonl --eval_n 100 --eval_every 250 --steps 1000 --dec_config tiny-deep --out_dir runs/demo_decoder_deep
 python results/reader_diag/diag_binding.py runs/demo_decoder_deep >> results/reader_diag/binding.jsonl
 python results/reader_diag/diag_distractors.py runs/demo_decoder_deep 150 > results/reader_diag/distractors_demo_decoder_deep.txt
+# 6. binding alone, from scratch (session of 2026-11-22): a fresh `tiny` decoder trained only on binding contexts
+#    (2-4 one-sentence same-fact passages, one question each), scored on fixed 2- and 4-passage binding contexts
+python results/reader_diag/bind_from_scratch.py --steps 1500 --eval_every 100 > results/reader_diag/bind_from_scratch_default.jsonl
+#    the same with the question also put before the context (query-aware layout)
+python results/reader_diag/bind_from_scratch.py --steps 1500 --eval_every 100 --q_first > results/reader_diag/bind_from_scratch_qfirst.jsonl

@@ -1,0 +1,92 @@
+"""Can the demo decoder's shape learn to bind a question to its entity's passage at all, when that
+is all it trains on? A fresh decoder trains on binding contexts only (ReaderData.sample with
+same_fact=True: 2..N one-sentence passages that all state the asked fact, names renamed to fresh
+near-identical ids, one question per context, so no answer can be had by elimination) and is scored
+every --eval_every steps on fixed held-back binding contexts of 2 and 4 passages: the fraction whose
+whole answer is argmax-correct under teacher forcing (1 / n_ctx = the name ignored).
+Usage: python results/reader_diag/bind_from_scratch.py --tok runs/demo_decoder_ct [--steps 600] [--layers 4] ..."""
+import argparse, json, random, sys, time
+sys.path.insert(0, ".")
+import torch
+import torch.nn.functional as F
+import refrag as R
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--tok", default="runs/demo_decoder_ct")
+ap.add_argument("--init_from", default=None)
+ap.add_argument("--steps", type=int, default=600)
+ap.add_argument("--batch", type=int, default=32)
+ap.add_argument("--lr", type=float, default=1e-3)
+ap.add_argument("--layers", type=int, default=4)
+ap.add_argument("--hidden", type=int, default=256)
+ap.add_argument("--heads", type=int, default=8)
+ap.add_argument("--max_ctx", type=int, default=4)
+ap.add_argument("--n_sent", type=int, default=1)
+ap.add_argument("--ctx_weight", type=float, default=0.1)
+ap.add_argument("--eval_every", type=int, default=100)
+ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--save", default=None)
+ap.add_argument("--q_first", action="store_true", help="also put the question before the context (query-aware layout)")
+args = ap.parse_args()
+
+torch.manual_seed(args.seed)
+torch.set_num_threads(2)
+tok = R.load_tokenizer(args.tok)
+if args.q_first:
+    _qa = R.qa_example
+
+    def qa_first(tok, passages, question, answer):
+        ids, mask = _qa(tok, passages, question, answer)
+        bos = R.bos_ids(tok)
+        q = R.encode_text(tok, f"Question: {question}\n")
+        return bos + q + ids[len(bos):], [0] * (len(bos) + len(q)) + mask[len(bos):]
+    R.qa_example = qa_first
+P = R.read_corpus("data/corpus_small.txt")
+tr = R.read_rag("data/rag_train.jsonl", "--rag_json")
+data = R.ReaderData(P, tr, tok, args.max_ctx, random.Random(args.seed))
+ev = R.ReaderData(P, tr, tok, args.max_ctx, random.Random(12345))
+evsets = {n: [ev.sample(n_ctx=n, n_questions=1, same_fact=True, n_sent=args.n_sent) for _ in range(200)] for n in (2, 4)}
+if args.init_from:
+    model = R.load_decoder(args.init_from, torch.device("cpu"), torch.float32)
+else:
+    model = R.build_demo_decoder(tok, "tiny", num_hidden_layers=args.layers, hidden_size=args.hidden,
+                                 intermediate_size=3 * args.hidden, num_attention_heads=args.heads,
+                                 num_key_value_heads=args.heads)
+print(json.dumps({"args": vars(args), "params_M": sum(p.numel() for p in model.parameters()) / 1e6}), flush=True)
+opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+@torch.no_grad()
+def score(examples):
+    model.eval()
+    hits = 0
+    for i in range(0, len(examples), 50):
+        ids, ans, att = R.pad_batch(examples[i:i + 50], tok.pad_token_id)
+        pred = model(input_ids=ids, attention_mask=att).logits[:, :-1].argmax(-1)
+        m = ans[:, 1:].bool()
+        hits += int(((pred == ids[:, 1:]) | ~m).all(1).sum())
+    model.train()
+    return hits / len(examples)
+
+
+t0 = time.perf_counter()
+for step in range(args.steps):
+    for g in opt.param_groups:
+        g["lr"] = R.lr_at(step, args.steps, args.lr, 0.04)
+    n = data.rng.randint(2, args.max_ctx)
+    ex = [data.sample(n_ctx=n, n_questions=1, same_fact=True, n_sent=args.n_sent) for _ in range(args.batch)]
+    ids, ans, att = R.pad_batch(ex, tok.pad_token_id)
+    nll = F.cross_entropy(model(input_ids=ids, attention_mask=att).logits[:, :-1].float().transpose(1, 2),
+                          ids[:, 1:], reduction="none")
+    w = (ans[:, 1:] * (1 - args.ctx_weight) + args.ctx_weight) * att[:, 1:]
+    loss = (nll * w).sum() / w.sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        a_loss = ((nll.detach() * ans[:, 1:]).sum() / ans[:, 1:].sum()).item()
+        print(json.dumps({"step": step + 1, "s": round(time.perf_counter() - t0), "answer_loss": round(a_loss, 4),
+                          "bind2": score(evsets[2]), "bind4": score(evsets[4])}), flush=True)
+if args.save:
+    R.save_hf_model(model, tok, args.save, {"preset": "custom", "steps": args.steps})
