@@ -33,3 +33,6 @@ python results/reader_diag/diag_distractors.py runs/demo_decoder_deep 150 > resu
 python results/reader_diag/bind_from_scratch.py --steps 1500 --eval_every 100 > results/reader_diag/bind_from_scratch_default.jsonl
 #    the same with the question also put before the context (query-aware layout)
 python results/reader_diag/bind_from_scratch.py --steps 1500 --eval_every 100 --q_first > results/reader_diag/bind_from_scratch_qfirst.jsonl
+#    the same with every digit its own token (Llama's convention), 1,200 steps (what the session allowed)
+python results/reader_diag/make_digit_tokenizer.py runs/demo_decoder_ct runs/tok_digits
+python results/reader_diag/bind_from_scratch.py --tok runs/tok_digits --steps 1200 --eval_every 100 > results/reader_diag/bind_from_scratch_digits.jsonl
