@@ -210,11 +210,14 @@ def jsonl(rows):
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def train_tokenizer(texts, vocab_size):
-    """Byte-level BPE for the demo decoder, trained on training-split text only."""
+def train_tokenizer(texts, vocab_size, split_digits=False):
+    """Byte-level BPE for the demo decoder, trained on training-split text only; split_digits: every
+    digit its own token, as Llama's tokenizer splits numbers (results/reader_diag, binding runs)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), tok.pre_tokenizer])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

@@ -3,9 +3,9 @@ splits numbers), trained on the training split only (training entities' passages
 rag_train questions + answers). Writes DIR/tokenizer.json and copies tokenizer_config.json from SRC.
 Usage: python results/reader_diag/make_digit_tokenizer.py SRC_DECODER_DIR OUT_DIR"""
 import os, shutil, sys
-sys.path.insert(0, ".")
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+sys.path[:0] = [".", "data"]
 import refrag as R
+from make_corpus import train_tokenizer
 
 src, out = sys.argv[1], sys.argv[2]
 os.makedirs(out, exist_ok=True)
@@ -14,13 +14,7 @@ P = R.read_corpus("data/corpus_small.txt")
 tr = R.read_rag("data/rag_train.jsonl", "--rag_json")
 names = {r["entity"] for r in tr}
 texts = [p for p in P if p.split(" ", 1)[0] in names] + [r["question"] + " " + r["answers"][0] for r in tr]
-tok = Tokenizer(models.BPE())
-tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                             pre_tokenizers.ByteLevel(add_prefix_space=False)])
-tok.decoder = decoders.ByteLevel()
-tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
-    vocab_size=4096, special_tokens=["<pad>", "<s>", "</s>"],
-    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+tok = train_tokenizer(texts, 4096, split_digits=True)
 tok.save(os.path.join(out, "tokenizer.json"))
 t = R.load_tokenizer(out)
 print(len(t), t.tokenize(" City_2134 lasted 75 days."))
