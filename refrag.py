@@ -1642,6 +1642,15 @@ def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, ans, att
 
 
+def reader_loss(model, ids: torch.Tensor, ans: torch.Tensor, att: torch.Tensor, ctx_w: float) -> tuple:
+    """Next-token loss of a padded reader batch (pad_batch): answer tokens weigh 1, the other real
+    tokens ctx_w, padding 0. Returns (loss, per-position nll (B, T-1))."""
+    logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()        # (B, T-1, V)
+    nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")      # (B, T-1)
+    w = (ans[:, 1:] * (1 - ctx_w) + ctx_w) * att[:, 1:]
+    return (nll * w).sum() / w.sum(), nll
+
+
 def build_demo_decoder(tok, preset: str, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
     shape = dict(DECODER_PRESETS[preset])
@@ -1691,6 +1700,7 @@ def reader_exact_match(decoder, tok, data: ReaderData, recs: list[dict], device,
 def save_hf_model(model, tok, out_dir: str, extra: dict):
     """save_pretrained into a temporary directory inside out_dir, then rename file by file, so the
     run's logs stay and no weights file is ever half-written."""
+    os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=out_dir, prefix=".tmp_save_")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -1765,11 +1775,8 @@ def cmd_pretrain(args):
                         for _ in range(max(2, cfg.batch_size // n_ctx))]
         ids, ans, att = pad_batch(examples, tok.pad_token_id)
         ids, ans, att = ids.to(device), ans.to(device), att.to(device)
-        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()        # (B, T-1, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")      # (B, T-1)
         ctx_w = 0.0 if is_copy else cfg.context_weight  # random tokens cannot be predicted; only the copy can
-        w = (ans[:, 1:] * (1 - ctx_w) + ctx_w) * att[:, 1:]
-        loss = (nll * w).sum() / w.sum()
+        loss, nll = reader_loss(model, ids, ans, att, ctx_w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -36,3 +36,12 @@ python results/reader_diag/bind_from_scratch.py --steps 1500 --eval_every 100 --
 #    the same with every digit its own token (Llama's convention), 1,200 steps (what the session allowed)
 python results/reader_diag/make_digit_tokenizer.py runs/demo_decoder_ct runs/tok_digits
 python results/reader_diag/bind_from_scratch.py --tok runs/tok_digits --steps 1200 --eval_every 100 > results/reader_diag/bind_from_scratch_digits.jsonl
+# 7. (session of 2026-11-22, second) the digit tokenizer for 3,000 steps, to see where binding levels off
+#    (--save failed at the end of this run: save_hf_model needed its directory, fixed since; the scores are in the log)
+python results/reader_diag/bind_from_scratch.py --tok runs/tok_digits --steps 3000 --eval_every 200 --save runs/bind_digits_3000 > results/reader_diag/bind_from_scratch_digits_3000.jsonl
+#    the same 1,200 steps as run 6's digit run, with near-identical ids that are never prefixes of each other
+#    (n + 1..9 of the same length; X
+python results/reader_diag/bind_from_scratch.py --tok runs/tok_digits --steps 1200 --eval_every 100 --threads 1 --near same_length --save runs/bind_digits_samelen > results/reader_diag/bind_from_scratch_digits_samelen.jsonl
+# 8. (session of 2026-12-02; runs/tok_digits remade by make_digit_tokenizer.py from data/tokenizer.json saved
+#    with save_pretrained into runs/tok_base: the same 2,190 tokens) a wider decoder on the same task: d = 512 (14.8M parameters), bf16 autocast (AMX)
+python results/reader_diag/bind_from_scratch.py --tok runs/tok_digits --steps 3000 --eval_every 200 --hidden 512 --bf16 --save runs/bind_digits_d512 > results/reader_diag/bind_from_scratch_digits_d512.jsonl
