@@ -257,11 +257,20 @@ def test_pretrain_runs_and_saves_a_loadable_decoder(tmp_path):
     code, _, err = run_cli("pretrain", "--min_passages", 3, "--max_passages", 2, "--out_dir", tmp_path / "bad")
     assert code == 2 and "--min_passages 3: must be in 1..--max_passages (2)" in err
     bind = tmp_path / "bind"  # binding batches only: 2..max_passages same-fact passages of 1..2 sentences
-    code, _, err = run_cli("pretrain", "--init_from", out, "--steps", 2, "--batch_size", 2, "--copy_warmup", 0,
-                           "--single_steps", 0, "--copy_frac", 0, "--bind_frac", 1, "--bind_sentences", 2,
-                           "--max_passages", 3, "--ctx_ramp", 0, "--log_every", 1, "--out_dir", bind)
+    code, stdout, err = run_cli("pretrain", "--init_from", out, "--steps", 2, "--batch_size", 2, "--copy_warmup", 0,
+                                "--single_steps", 0, "--copy_frac", 0, "--bind_frac", 1, "--bind_sentences", 2,
+                                "--max_passages", 3, "--ctx_ramp", 0, "--log_every", 1, "--dtype", "bf16",
+                                "--out_dir", bind)
     assert code == 0, err
-    assert all(json.loads(line)["batch"] in ("bind x2", "bind x3") for line in open(bind / "metrics.jsonl"))
+    bind_metrics = [json.loads(line) for line in open(bind / "metrics.jsonl")]
+    assert all(m["batch"] in ("bind x2", "bind x3") and np.isfinite(m["loss"]) for m in bind_metrics)
+    assert "bf16 autocast" in stdout and "bf16 autocast" not in run_cli("pretrain", "--steps", 1, "--batch_size", 2,
+                                                                        "--out_dir", tmp_path / "fp32")[1]
+    from safetensors import safe_open
+    with safe_open(str(bind / "model.safetensors"), "pt") as fh:  # autocast: the weights stay fp32
+        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float32}
+    code, _, err = run_cli("pretrain", "--dtype", "fp16", "--out_dir", tmp_path / "bad")
+    assert code == 2 and "--dtype fp16: expected auto, fp32 or bf16" in err
     code, _, err = run_cli("pretrain", "--bind_frac", 1.5, "--out_dir", tmp_path / "bad")
     assert code == 2 and "--bind_frac 1.5: must be in [0, 1]" in err
 
