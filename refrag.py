@@ -407,6 +407,7 @@ class PretrainConfig:
     copy_warmup: int = 150       # first steps made of copy batches only (induction heads form first)
     bind_frac: float = 0.0       # fraction of later QA batches whose contexts tell passages apart by name only
     bind_sentences: int = 3      # those contexts' passages are cut to 1..bind_sentences sentences
+    id_ramp: float = 0.0         # fresh ids grow from 1 digit to FRESH_ID_MAX over this fraction of the steps after copy_warmup
     single_steps: int = 450      # then this many steps with one passage per context (learn to read a fact)
     preset: str = "tiny"         # decoder shape, a key of DECODER_PRESETS
     seed: int = 0
@@ -426,6 +427,8 @@ class PretrainConfig:
             fail(f"--max_passages {self.max_passages}: must be in 1..32")
         if not 0 <= self.copy_text <= 1:
             fail(f"--copy_text {self.copy_text}: must be in [0, 1]")
+        if not 0 <= self.id_ramp <= 1:
+            fail(f"--id_ramp {self.id_ramp}: must be in [0, 1]")
         if not 0 <= self.bind_frac <= 1:
             fail(f"--bind_frac {self.bind_frac}: must be in [0, 1]")
         if self.bind_sentences < 1:
@@ -1481,6 +1484,16 @@ def qa_example(tok, passages: list[str], question: str, answer: str) -> tuple[li
     return ids + ans, [0] * len(ids) + [1] * len(ans)
 
 
+FRESH_ID_MAX = 4299  # the largest fresh entity id of a training context (near-identical ones may be longer)
+
+
+def id_max_at(step: int, ramp_steps: float) -> int:
+    """The largest fresh id at `step` of an id curriculum: 9 at first, growing on a log scale to
+    FRESH_ID_MAX after ramp_steps, so that early contexts bind on names of one or two digits."""
+    grown = 1.0 if ramp_steps <= 0 else min(1.0, max(0.0, step / ramp_steps))
+    return int(round(9 * (FRESH_ID_MAX / 9) ** grown))
+
+
 class ReaderData:
     """Training contexts for the demo reader: for a training question, its gold passage plus
     distractors (same-kind passages renamed to near-identical names, e.g. City_41 for City_410),
@@ -1493,6 +1506,7 @@ class ReaderData:
     def __init__(self, passages: list[str], rag: list[dict], tok, max_passages: int, rng: random.Random,
                  augment: bool = True):
         self.tok, self.rng, self.max_passages, self.augment = tok, rng, max_passages, augment
+        self.id_max = FRESH_ID_MAX  # fresh ids are drawn from 1..id_max (pretrain --id_ramp lowers it early on)
         self.by_name = {}
         for p in passages:
             name = p.split(" ", 1)[0]
@@ -1533,7 +1547,7 @@ class ReaderData:
     def _fresh_id(self, kind: str, near: int | None = None) -> int:
         for _ in range(100):
             if near is None:
-                n = self.rng.randint(1, 4299)
+                n = self.rng.randint(1, self.id_max)
             else:
                 n = self.rng.choice([near * 10 + self.rng.randint(0, 9), near // 10 or 1, near + self.rng.randint(1, 9)])
             if n not in self.used_ids.get(kind, ()):
@@ -1730,7 +1744,7 @@ def cmd_pretrain(args):
                          min_passages=args.min_passages, questions_per_context=args.questions_per_context,
                          ctx_ramp=args.ctx_ramp, copy_frac=args.copy_frac, copy_text=args.copy_text,
                          copy_warmup=args.copy_warmup, single_steps=args.single_steps,
-                         bind_frac=args.bind_frac, bind_sentences=args.bind_sentences,
+                         bind_frac=args.bind_frac, bind_sentences=args.bind_sentences, id_ramp=args.id_ramp,
                          preset=args.dec_config, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every)
     set_seed(cfg.seed)
     device = resolve_device(args.device)
@@ -1763,6 +1777,7 @@ def cmd_pretrain(args):
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_frac)
         for g in opt.param_groups:
             g["lr"] = lr
+        train_data.id_max = id_max_at(step - cfg.copy_warmup, cfg.id_ramp * (cfg.steps - cfg.copy_warmup))
         # one context size per batch (little padding); the largest allowed grows from 1 passage to
         # max_passages over the first ctx_ramp of the steps: find a fact first, then the right passage
         start = cfg.copy_warmup + cfg.single_steps  # contexts grow from 1 to max_passages after this step
@@ -1802,7 +1817,7 @@ def cmd_pretrain(args):
         if (step + 1) % cfg.log_every == 0 or last:
             ans_loss = ((nll.detach() * ans[:, 1:]).sum() / ans[:, 1:].sum().clamp(min=1)).item()
             dt = time.perf_counter() - t_log
-            rec = {"step": step + 1, "batch": batch, "loss": loss.item(),
+            rec = {"step": step + 1, "batch": batch, "id_max": train_data.id_max, "loss": loss.item(),
                    "answer_loss": ans_loss, "lr": lr,
                    "ms_per_step": 1000 * dt / cfg.log_every, "tok_per_s": n_tok / dt}
             print(f"step {step + 1:6d} | {rec['batch']:6s} | loss {rec['loss']:.4f} | answer {ans_loss:.4f} | lr {lr:.2e} | "
@@ -2998,6 +3013,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fraction of QA batches (after --copy_warmup) made of 2..N short passages that all state the "
                          "asked fact, every entity asked it: only the entity's name tells which passage answers")
     sp.add_argument("--bind_sentences", type=int, default=3, help="those passages keep 1..this many sentences")
+    sp.add_argument("--id_ramp", type=float, default=0.0,
+                    help="curriculum: fresh entity ids grow from 1 digit to 4 over this fraction of the steps after "
+                         "--copy_warmup (short names are easier to bind; 0: 1..4299 throughout)")
     sp.add_argument("--log_every", type=int, default=50)
     sp.add_argument("--eval_every", type=int, default=500)
     sp.add_argument("--seed", type=int, default=0)

@@ -260,15 +260,19 @@ def test_pretrain_runs_and_saves_a_loadable_decoder(tmp_path):
     code, stdout, err = run_cli("pretrain", "--init_from", out, "--steps", 2, "--batch_size", 2, "--copy_warmup", 0,
                                 "--single_steps", 0, "--copy_frac", 0, "--bind_frac", 1, "--bind_sentences", 2,
                                 "--max_passages", 3, "--ctx_ramp", 0, "--log_every", 1, "--dtype", "bf16",
-                                "--out_dir", bind)
+                                "--id_ramp", 1, "--out_dir", bind)
     assert code == 0, err
     bind_metrics = [json.loads(line) for line in open(bind / "metrics.jsonl")]
+    assert [m["id_max"] for m in bind_metrics] == [9, 197]  # id curriculum over the 2 steps
+    assert {m["id_max"] for m in metrics} == {refrag.FRESH_ID_MAX}  # off by default
     assert all(m["batch"] in ("bind x2", "bind x3") and np.isfinite(m["loss"]) for m in bind_metrics)
     assert "bf16 autocast" in stdout and "bf16 autocast" not in run_cli("pretrain", "--steps", 1, "--batch_size", 2,
                                                                         "--out_dir", tmp_path / "fp32")[1]
     from safetensors import safe_open
     with safe_open(str(bind / "model.safetensors"), "pt") as fh:  # autocast: the weights stay fp32
         assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float32}
+    code, _, err = run_cli("pretrain", "--id_ramp", 2, "--out_dir", tmp_path / "bad")
+    assert code == 2 and "--id_ramp 2.0: must be in [0, 1]" in err
     code, _, err = run_cli("pretrain", "--dtype", "fp16", "--out_dir", tmp_path / "bad")
     assert code == 2 and "--dtype fp16: expected auto, fp32 or bf16" in err
     code, _, err = run_cli("pretrain", "--bind_frac", 1.5, "--out_dir", tmp_path / "bad")
@@ -327,6 +331,15 @@ def test_binding_samples_state_the_asked_fact_in_every_passage(tok):
             ent = refrag.re.search(r"(?:City|Alloy|Person|Event)_\d+(?![0-9])", q).group(0)
             owner = [line for line, n in zip(lines, names) if n == ent]
             assert len(owner) == 1 and a.strip() in owner[0]
+    # the id curriculum (pretrain --id_ramp): one-digit gold ids at first, FRESH_ID_MAX after the ramp
+    assert [refrag.id_max_at(s, 100) for s in (-5, 0, 50, 100, 150)] == [9, 9, 197, 4299, 4299]
+    assert refrag.id_max_at(0, 0) == refrag.FRESH_ID_MAX == data.id_max
+    data.id_max = 9
+    for _ in range(20):
+        ids, mask = data.sample(n_ctx=3, n_questions=1, same_fact=True, n_sent=1)
+        asked = refrag.re.search(r"Question: .*?_(\d+)", tok.decode(ids)).group(1)
+        names = set(refrag.re.findall(r"(?:City|Alloy|Person|Event)_\d+", tok.decode(ids)))
+        assert 1 <= int(asked) <= 9 and not names & held
 
 
 def test_index_caches_several_k(tmp_path, tiny_dec_dir, small_corpus):
