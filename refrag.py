@@ -57,7 +57,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -650,6 +652,25 @@ def load_decoder(name: str, device: torch.device, dtype: torch.dtype, flag: str 
     except (OSError, ValueError) as e:
         fail(f"{flag} {name}: cannot load a causal LM ({str(e).splitlines()[0][:200]})")
     return model.to(device).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(model_cls) -> str:
+    params = inspect.signature(model_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def decode_step(decoder, input_ids: torch.Tensor, past):
+    """One cached decoding step: (the model output, the grown KV cache). transformers 5 renamed the
+    forward's `past_key_values` to `cache` (the old name goes in 5.40); either name is used, whichever
+    this version's forward takes."""
+    out = decoder(input_ids=input_ids, use_cache=True, **{_cache_kwarg(type(decoder)): past})
+    return out, kv_cache_of(out)
+
+
+def kv_cache_of(out):
+    """The KV cache a forward with use_cache=True returned (`cache` or, before the rename, `past_key_values`)."""
+    return out["cache"] if "cache" in out.keys() else out.past_key_values
 
 
 def decoder_max_positions(decoder) -> int:
@@ -1373,15 +1394,13 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
     nxt = sample_next(out.logits[0, -1], cfg.temperature, cfg.top_p, gen)
     t_first = clock(dev)
     # decode: the first token comes from the prefill logits; stop at EOS or max_new
-    past, generated, times = out.past_key_values, [nxt], [t_first]
+    past, generated, times = kv_cache_of(out), [nxt], [t_first]
     eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     shown = ""
     if stream is not None:
         shown = _stream(stream, tok, generated, shown, eos)
     while len(generated) < cfg.max_new and generated[-1] not in eos:
-        out = models.decoder(input_ids=torch.tensor([[generated[-1]]], device=dev), past_key_values=past,
-                             use_cache=True)
-        past = out.past_key_values
+        out, past = decode_step(models.decoder, torch.tensor([[generated[-1]]], device=dev), past)
         generated.append(sample_next(out.logits[0, -1], cfg.temperature, cfg.top_p, gen))
         times.append(clock(dev))
         if stream is not None:
@@ -1702,10 +1721,9 @@ def heldout_monitor(passages: list[str], eval_json: str, train_data: ReaderData,
 @torch.inference_mode()
 def greedy_answer(decoder, tok, prompt: list[int], device, max_new: int) -> str:
     out = decoder(input_ids=torch.tensor([prompt], device=device), use_cache=True, logits_to_keep=1)
-    past, gen = out.past_key_values, [int(out.logits[0, -1].argmax())]
+    past, gen = kv_cache_of(out), [int(out.logits[0, -1].argmax())]
     while len(gen) < max_new and gen[-1] != tok.eos_token_id:
-        out = decoder(input_ids=torch.tensor([[gen[-1]]], device=device), past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out, past = decode_step(decoder, torch.tensor([[gen[-1]]], device=device), past)
         gen.append(int(out.logits[0, -1].argmax()))
     return tok.decode([t for t in gen if t != tok.eos_token_id], skip_special_tokens=True).strip()
 
@@ -2788,10 +2806,9 @@ def time_request(decoder, make_inputs, o: int, device) -> dict:
     out = decoder(**kwargs, use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     t1 = clock(device)
-    past = out.past_key_values
+    past = kv_cache_of(out)
     for _ in range(o - 1):
-        out = decoder(input_ids=nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out, past = decode_step(decoder, nxt, past)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     t2 = clock(device)
     return {"ttft_s": t1 - t0, "decode_s": t2 - t1, "kv_bytes": kv_cache_bytes(past)}
