@@ -3164,6 +3164,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which chunks finetune expands and the headline evaluation uses: random (the paper's) "
                          "or rank (the leading ones, the best-ranked passages); rank is also scored with random")
     sp.add_argument("--topk", type=int, default=8)
+    sp.add_argument("--ctx_max", type=int, default=1024, help="raw context tokens for fine-tuning and evaluation")
     sp.add_argument("--recon_steps", type=int, default=600)
     sp.add_argument("--next_steps", type=int, default=300)
     sp.add_argument("--ft_steps", type=int, default=100)
@@ -3202,23 +3203,26 @@ def chain_stages(a: argparse.Namespace) -> list[tuple[str, list]]:
                       "--load_dir", o("cpt_recon"), "--steps", a.next_steps, "--lr", a.lr_next, "--expand_frac", 0.1,
                       "--max_chunks", max(1, a.next_tokens // a.k), *common, "--out_dir", o("cpt_next")]),
         ("finetune", ["finetune", "--rag_json", a.rag_json, "--index_dir", o("index"), "--load_dir", o("cpt_next"),
-                      "--p", a.p, "--expand_by", a.expand_by, "--topk", a.topk, "--steps", a.ft_steps,
+                      "--p", a.p, "--expand_by", a.expand_by, "--topk", a.topk, "--ctx_max", a.ctx_max,
+                      "--steps", a.ft_steps,
                       "--lr", a.lr_ft, *common, "--out_dir", o("sft")]),
     ]
     if not a.no_baseline:
         stages.append(("finetune_full", ["finetune", "--mode", "full", "--rag_json", a.rag_json, "--index_dir",
-                                         o("index"), "--dec", a.dec, "--topk", a.topk, "--steps", a.ft_steps,
+                                         o("index"), "--dec", a.dec, "--topk", a.topk, "--ctx_max", a.ctx_max,
+                                         "--steps", a.ft_steps,
                                          "--lr", a.lr_ft, *common, "--out_dir", o("sft_full")]))
     stages.append(("index_sft", ["index", "--corpus", a.corpus, "--index_dir", o("index_sft"), "--embed_model",
                                  a.embed_model, "--enc", o("sft"), "--dec", o("sft/decoder"), "--k", a.k, *dev]))
     limit = ["--limit", a.eval_limit] if a.eval_limit else []
     stages.append(("evaluate", ["evaluate", "--eval_json", a.rag_eval, "--index_dir", o("index_sft"), "--load_dir",
-                                o("sft"), "--modes", "full,refrag", "--topk", a.topk, "--k", a.k,
+                                o("sft"), "--modes", "full,refrag", "--topk", a.topk, "--ctx_max", a.ctx_max, "--k", a.k,
                                 "--p", f"0,{a.p:g}", "--heuristic", "random" if a.expand_by == "random" else f"{a.expand_by},random",
                                 *limit, *seed, *dev, "--out", o("eval")]))
     if not a.no_baseline:
         stages.append(("evaluate_full", ["evaluate", "--eval_json", a.rag_eval, "--index_dir", o("index"), "--dec",
-                                         o("sft_full/decoder"), "--modes", "full", "--topk", a.topk, *limit, *seed,
+                                         o("sft_full/decoder"), "--modes", "full", "--topk", a.topk,
+                                         "--ctx_max", a.ctx_max, *limit, *seed,
                                          *dev, "--out", o("eval_full")]))
     return [(name, [str(x) for x in argv]) for name, argv in stages]
 

@@ -198,7 +198,7 @@ def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpu
     argv = ["chain", "--corpus", small_corpus, "--train_json", cpt, "--eval_json", cpt, "--rag_json", qa,
             "--rag_eval", qa, "--dec", tiny_dec_dir, "--k", 16, "--p", 0.25, "--topk", 2, "--recon_steps", 2,
             "--next_steps", 2, "--ft_steps", 2, "--batch_size", 2, "--recon_tokens", 32, "--next_tokens", 32,
-            "--eval_limit", 2, "--expand_by", "rank", "--out_dir", out]
+            "--eval_limit", 2, "--expand_by", "rank", "--ctx_max", 600, "--out_dir", out]
     code, stdout, err = run_cli(*argv)
     assert code == 0, err
     rec = json.load(open(out / "chain.json"))
@@ -217,6 +217,8 @@ def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpu
     assert json.load(open(out / "cpt_next" / "config.json"))["trained"] == ["encoder", "projector", "decoder"]
     assert json.load(open(out / "sft" / "run_config.json"))["argv"][1] == "finetune"
     assert json.load(open(out / "sft" / "run_config.json"))["args"]["expand_by"] == "rank"
+    for stage in ("finetune", "finetune_full", "evaluate", "evaluate_full"):  # --ctx_max reaches every QA stage
+        assert rec["stages"][stage]["argv"][rec["stages"][stage]["argv"].index("--ctx_max") + 1] == "600"
     assert "chain: full-context fine-tuned baseline EM" in stdout
     code, stdout, err = run_cli(*argv, "--resume")
     assert code == 0, err
