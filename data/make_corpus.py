@@ -296,12 +296,19 @@ def main():
         return rows
     cpt_train = cpt_rows(cpt_pool, N_CPT_TRAIN, "cpt-train")
     cpt_eval = cpt_rows(eval_idx, N_CPT_EVAL, "cpt-eval")
+    # the same byte-level BPE with one token per digit (Llama's convention), trained on corpus_small's
+    # training split (its passages, rag_train's questions and answers): the tokenizer with which the
+    # demo decoder learns to bind names (README, "Why several passages defeat the demo reader")
+    tok_digits = train_tokenizer([entities[i][1] for i in train_idx] +
+                                 [r["question"] + " " + r["answers"][0] for r in rag_train],
+                                 TOKENIZER_VOCAB, split_digits=True)
 
     atomic_write(os.path.join(args.out_dir, "rag_train.jsonl"), jsonl(rag_train))
     atomic_write(os.path.join(args.out_dir, "rag_eval.jsonl"), jsonl(rag_eval))
     atomic_write(os.path.join(args.out_dir, "cpt_train.jsonl"), jsonl(cpt_train))
     atomic_write(os.path.join(args.out_dir, "cpt_eval.jsonl"), jsonl(cpt_eval))
     atomic_write(os.path.join(args.out_dir, "tokenizer.json"), tok.to_str(pretty=False))
+    atomic_write(os.path.join(args.out_dir, "tokenizer_digits.json"), tok_digits.to_str(pretty=False))
     print(f"wrote corpora {N_SMALL}/{N_MEDIUM}/{N_LARGE}, rag_train {len(rag_train)}, rag_eval {len(rag_eval)}, "
           f"cpt_train {len(cpt_train)}, cpt_eval {len(cpt_eval)}, tokenizer vocab {tok.get_vocab_size()}")
 

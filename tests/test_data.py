@@ -12,7 +12,7 @@ from conftest import DATA, ROOT
 import refrag
 
 SHIPPED = ["corpus_small.txt", "corpus_medium.txt", "corpus_large.txt", "rag_train.jsonl", "rag_eval.jsonl",
-           "cpt_train.jsonl", "cpt_eval.jsonl", "tokenizer.json"]
+           "cpt_train.jsonl", "cpt_eval.jsonl", "tokenizer.json", "tokenizer_digits.json"]
 
 
 def corpus(name):

@@ -43,5 +43,9 @@ python results/reader_diag/bind_from_scratch.py --tok runs/tok_digits --steps 30
 #    (n + 1..9 of the same length; X
 python results/reader_diag/bind_from_scratch.py --tok runs/tok_digits --steps 1200 --eval_every 100 --threads 1 --near same_length --save runs/bind_digits_samelen > results/reader_diag/bind_from_scratch_digits_samelen.jsonl
 # 8. (session of 2026-12-02; runs/tok_digits remade by make_digit_tokenizer.py from data/tokenizer.json saved
-#    with save_pretrained into runs/tok_base: the same 2,190 tokens) a wider decoder on the same task: d = 512 (14.8M parameters), bf16 autocast (AMX)
+#    with save_pretrained into runs/tok_base: the same 2,190 tokens; its tokenizer.json is, as JSON, identical to
+#    data/tokenizer_digits.json, which data/make_corpus.py now writes) a wider decoder on the same task: d = 512 (14.8M parameters), bf16 autocast (AMX)
+#    (stopped after step 1,000: no faster than `tiny` so far)
 python results/reader_diag/bind_from_scratch.py --tok runs/tok_digits --steps 3000 --eval_every 200 --hidden 512 --bf16 --save runs/bind_digits_d512 > results/reader_diag/bind_from_scratch_digits_d512.jsonl
+#    `tiny` (bf16) with pretrain's 150-step copy warm-up and short ids first (the largest fresh id grows from 9 to 4,299 over half the steps)
+python results/reader_diag/bind_from_scratch.py --tok runs/tok_digits --steps 3000 --eval_every 200 --bf16 --copy_warmup 150 --id_ramp 0.5 --save runs/bind_digits_ramp > results/reader_diag/bind_from_scratch_digits_ramp.jsonl
