@@ -29,6 +29,11 @@ ap.add_argument("--save", default=None)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--near", default="mixed", choices=["mixed", "same_length"],
                 help="distractor ids: ReaderData's (n*10+d, n//10, n+d: mostly prefixes of each other) or n+d of the same length")
+ap.add_argument("--id_ramp", type=float, default=0.0,
+                help="curriculum: the largest fresh training id grows from 9 to 4299 (log scale) over this fraction of "
+                     "the steps (0: 1..4299 throughout); the scored contexts always use the full range")
+ap.add_argument("--copy_warmup", type=int, default=0,
+                help="first steps of random-token copy batches (pretrain's warm-up: induction heads), counted in --steps")
 ap.add_argument("--q_first", action="store_true", help="also put the question before the context (query-aware layout)")
 args = ap.parse_args()
 
@@ -61,6 +66,15 @@ tr = R.read_rag("data/rag_train.jsonl", "--rag_json")
 data = R.ReaderData(P, tr, tok, args.max_ctx, random.Random(args.seed))
 ev = R.ReaderData(P, tr, tok, args.max_ctx, random.Random(12345))
 evsets = {n: [ev.sample(n_ctx=n, n_questions=1, same_fact=True, n_sent=args.n_sent) for _ in range(200)] for n in (2, 4)}
+progress = [0.0]  # fraction of the id ramp done, set by the training loop
+if args.id_ramp:  # short ids first: fewer digits to bind on
+    _fresh_ramp = R.ReaderData._fresh_id
+
+    def fresh_short(self, kind, near=None):
+        if near is not None:
+            return _fresh_ramp(self, kind, near)
+        return self.rng.randint(1, int(round(9 * (4299 / 9) ** min(1.0, progress[0]))))
+    R.ReaderData._fresh_id = fresh_short
 if args.init_from:
     model = R.load_decoder(args.init_from, torch.device("cpu"), torch.float32)
 else:
@@ -107,11 +121,14 @@ t0 = time.perf_counter()
 for step in range(args.steps):
     for g in opt.param_groups:
         g["lr"] = R.lr_at(step, args.steps, args.lr, 0.04)
+    progress[0] = max(0, step - args.copy_warmup) / max(1, args.id_ramp * (args.steps - args.copy_warmup))
+    is_copy = step < args.copy_warmup
     n = data.rng.randint(2, args.max_ctx)
-    ex = [data.sample(n_ctx=n, n_questions=1, same_fact=True, n_sent=args.n_sent) for _ in range(args.batch)]
+    ex = ([R.copy_example(tok, data.rng) for _ in range(args.batch)] if is_copy else
+          [data.sample(n_ctx=n, n_questions=1, same_fact=True, n_sent=args.n_sent) for _ in range(args.batch)])
     ids, ans, att = R.pad_batch(ex, tok.pad_token_id)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-        loss, nll = R.reader_loss(model, ids, ans, att, args.ctx_weight)  # pretrain's loss
+        loss, nll = R.reader_loss(model, ids, ans, att, 0.0 if is_copy else args.ctx_weight)  # pretrain's loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -49,3 +49,12 @@ python results/reader_diag/bind_from_scratch.py --tok runs/tok_digits --steps 12
 python results/reader_diag/bind_from_scratch.py --tok runs/tok_digits --steps 3000 --eval_every 200 --hidden 512 --bf16 --save runs/bind_digits_d512 > results/reader_diag/bind_from_scratch_digits_d512.jsonl
 #    `tiny` (bf16) with pretrain's 150-step copy warm-up and short ids first (the largest fresh id grows from 9 to 4,299 over half the steps)
 python results/reader_diag/bind_from_scratch.py --tok runs/tok_digits --steps 3000 --eval_every 200 --bf16 --copy_warmup 150 --id_ramp 0.5 --save runs/bind_digits_ramp > results/reader_diag/bind_from_scratch_digits_ramp.jsonl
+# 9. (session of 2026-12-02) the default demo-decoder recipe with the digit tokenizer and the id curriculum, bf16
+#    (runs/tok_digits/tokenizer.json is data/tokenizer_digits.json), then its retrieval and reading tests
+python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl --eval_json data/rag_eval.jsonl --eval_n 100 --eval_every 150 --steps 1800 --tokenizer runs/tok_digits/tokenizer.json --id_ramp 0.5 --dtype bf16 --out_dir runs/demo_decoder_digits_ramp
+python refrag.py index --corpus data/corpus_small.txt --index_dir runs/index_digits --dec runs/demo_decoder_digits_ramp --k 8
+python refrag.py evaluate --eval_json data/rag_eval.jsonl --index_dir runs/index_digits --dec runs/demo_decoder_digits_ramp --modes full,none --topk 8 --ctx_max 1400 --out runs/eval_digits_ramp
+python results/reader_diag/diag_distractors.py runs/demo_decoder_digits_ramp 150 > results/reader_diag/distractors_demo_decoder_digits_ramp.txt
+python results/reader_diag/diag_binding.py runs/demo_decoder_digits_ramp > results/reader_diag/binding_demo_decoder_digits_ramp.jsonl
+# 10. binding first: run 8's binding decoder (runs/bind_digits_ramp) taught to read whole passages, 30% binding batches
+python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl --eval_json data/rag_eval.jsonl --eval_n 100 --eval_every 150 --init_from runs/bind_digits_ramp --tokenizer data/tokenizer_digits.json --copy_warmup 0 --single_steps 150 --ctx_ramp 0.3 --bind_frac 0.3 --steps 1200 --dtype bf16 --out_dir runs/demo_decoder_bind_first
