@@ -58,3 +58,6 @@ python results/reader_diag/diag_distractors.py runs/demo_decoder_digits_ramp 150
 python results/reader_diag/diag_binding.py runs/demo_decoder_digits_ramp > results/reader_diag/binding_demo_decoder_digits_ramp.jsonl
 # 10. binding first: run 8's binding decoder (runs/bind_digits_ramp) taught to read whole passages, 30% binding batches
 python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl --eval_json data/rag_eval.jsonl --eval_n 100 --eval_every 150 --init_from runs/bind_digits_ramp --tokenizer data/tokenizer_digits.json --copy_warmup 0 --single_steps 150 --ctx_ramp 0.3 --bind_frac 0.3 --steps 1200 --dtype bf16 --out_dir runs/demo_decoder_bind_first
+python refrag.py evaluate --eval_json data/rag_eval.jsonl --index_dir runs/index_digits --dec runs/demo_decoder_bind_first --modes full,none --topk 8 --ctx_max 1400 --out runs/eval_bind_first
+python results/reader_diag/diag_binding.py runs/demo_decoder_bind_first > results/reader_diag/binding_demo_decoder_bind_first.jsonl
+python results/reader_diag/diag_distractors.py runs/demo_decoder_bind_first 150 > results/reader_diag/distractors_demo_decoder_bind_first.txt
