@@ -627,7 +627,7 @@ def token_f1(pred: str, answers: list[str]) -> float:
     return best
 
 
-# ---- model: chunk encoder, projector, loading ----
+# ---- model: decoder calls (one KV-cached step), chunk encoder, projector, loading ----
 
 def load_tokenizer(name: str, flag: str = "--dec"):
     """A decoder tokenizer from a model directory / HF id, or a bare tokenizer.json file."""
