@@ -1,5 +1,5 @@
 """Shared fixtures: a tiny Llama decoder (a few hundred thousand parameters, random weights, the
-demo tokenizer) and a small index built by `refrag.py index` with the packaged MiniLM encoder."""
+data/ tokenizer) and a small index built by `refrag.py index` with the packaged MiniLM encoder."""
 import json
 import os
 import sys
@@ -33,6 +33,20 @@ def run_cli(*argv):
     return code, out.getvalue(), err.getvalue()
 
 
+def tiny_llama(tok, seed=0, **shape):
+    """A random-weight Llama for the data/ tokenizer (seeded: the same weights every run)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, max_position_embeddings=2048, tie_word_embeddings=True, **shape)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def save_decoder(model, tok, d):
+    model.save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+
+
 @pytest.fixture(scope="session")
 def tok():
     return refrag.load_tokenizer(os.path.join(DATA, "tokenizer.json"))
@@ -42,10 +56,10 @@ def tok():
 def tiny_dec_dir(tmp_path_factory, tok):
     """A random-weight 2-layer Llama (hidden 32) saved like the demo decoder."""
     torch.manual_seed(0)
-    model = refrag.build_demo_decoder(tok, "tiny", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
+    model = tiny_llama(tok, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
     d = str(tmp_path_factory.mktemp("tiny_dec"))
-    refrag.save_hf_model(model, tok, d, {"preset": "test"})
+    save_decoder(model, tok, d)
     return d
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import refrag
-from conftest import DATA, N_PASSAGES, load_json, run_cli
+from conftest import DATA, N_PASSAGES, load_json, run_cli, save_decoder, tiny_llama
 
 
 def gen_json(index_dir, dec_dir, question, *extra):
@@ -149,13 +149,13 @@ def test_generate_bad_input_gives_one_line_error(tiny_index, tiny_dec_dir, args,
 
 
 def test_generate_refuses_index_built_for_another_tokenizer(tiny_index, tmp_path, tok):
-    model = refrag.build_demo_decoder(tok, "tiny", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2)
+    model = tiny_llama(tok, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2)
     other = tmp_path / "other"
     other.mkdir()
     tok2 = refrag.load_tokenizer(os.path.join(DATA, "tokenizer.json"))
     tok2.add_tokens(["<extra>"])
-    refrag.save_hf_model(model, tok2, str(other), {})
+    save_decoder(model, tok2, str(other))
     code, _, err = run_cli("generate", "--index_dir", tiny_index, "--dec", other, "--question", "x?")
     assert code == 2 and "built with decoder tokenizer" in err
 
@@ -198,11 +198,9 @@ def test_evaluate_scores_a_grid_and_resumes(tiny_index, tiny_dec_dir, tmp_path, 
                     "refrag k=16 p=0 sel=none", "refrag k=16 p=0.5 sel=random", "refrag k=16 p=0.5 sel=ppl_desc", "none"]
     for s in res["results"]:
         assert s["n"] == 3 and 0 <= s["em"] <= 1 and 0 <= s["chrf"] <= 100 and s["ttft_s"] > 0
-        assert s["answer_logppl"] > 0 and 0 <= s["wrong_passage"] <= 1 - s["em"]
+        assert s["answer_logppl"] > 0 and 0 <= s["answer_in_context"] <= 1
     assert res["results"][0]["answer_in_context"] == 1.0  # retrieval found every gold passage
-    assert res["results"][-1]["wrong_passage"] == 0.0  # no context, no passage to copy from
-    assert res["results"][-1]["em_answer_top"] is None and res["results"][-1]["em_answer_lower"] is None
-    assert res["results"][0]["em_answer_top"] is not None or res["results"][0]["em_answer_lower"] is not None
+    assert res["results"][-1]["answer_in_context"] == 0.0  # no context, no answer in it
     full, k8, k16 = (res["results"][i]["prompt_positions"] for i in (0, 1, 4))
     assert k16 < k8 < full
     md = open(tmp_path / "ev" / "results.md").read()
@@ -227,119 +225,6 @@ def test_evaluate_cpt_perplexity_orders_context_modes(tiny_dec_dir, tmp_path):
     # every chunk expanded is the full-context prompt: identical continuation perplexity
     assert res["refrag k=16 p=1 sel=random"]["logppl"] == pytest.approx(res["full"]["logppl"], rel=1e-4)
     assert res["refrag k=16 p=0 sel=none"]["prompt_positions"] < res["full"]["prompt_positions"]
-
-
-def test_pretrain_runs_and_saves_a_loadable_decoder(tmp_path):
-    out = tmp_path / "dec"
-    code, stdout, err = run_cli("pretrain", "--steps", 4, "--batch_size", 2, "--max_passages", 2, "--log_every", 1,
-                                "--copy_warmup", 1, "--single_steps", 1, "--copy_frac", 0,
-                                "--eval_json", os.path.join(DATA, "rag_eval.jsonl"), "--eval_n", 2,
-                                "--dec_config", "tiny", "--out_dir", out)
-    assert code == 0, err
-    assert "held-out exact match" in stdout
-    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(np.isfinite(m["loss"]) for m in metrics)
-    # copy warm-up, then one-passage contexts, then contexts of up to --max_passages
-    assert [m["batch"] for m in metrics[:2]] == ["copy", "qa x1"] and metrics[3]["batch"] in ("qa x1", "qa x2")
-    dec = refrag.load_decoder(str(out), torch.device("cpu"), torch.float32)
-    assert dec.config.hidden_size == 256 and (out / "model.safetensors").exists()
-    assert not any(p.startswith(".tmp") for p in os.listdir(out))
-    more = tmp_path / "dec2"
-    code, stdout, err = run_cli("pretrain", "--init_from", out, "--steps", 1, "--batch_size", 2, "--copy_warmup", 0,
-                                "--single_steps", 0, "--copy_frac", 0.5, "--copy_text", 1, "--max_passages", 3,
-                                "--min_passages", 3, "--ctx_ramp", 0, "--log_every", 1, "--out_dir", more)
-    assert code == 0, err
-    assert json.loads(open(more / "metrics.jsonl").readline())["batch"] in ("copy", "qa x3")
-    dec2 = refrag.load_decoder(str(more), torch.device("cpu"), torch.float32)
-    w = "model.embed_tokens.weight"
-    assert torch.allclose(dec2.state_dict()[w], dec.state_dict()[w], atol=0.01)  # continued, not re-initialised
-    assert not torch.equal(dec2.state_dict()[w], dec.state_dict()[w])
-    code, _, err = run_cli("pretrain", "--min_passages", 3, "--max_passages", 2, "--out_dir", tmp_path / "bad")
-    assert code == 2 and "--min_passages 3: must be in 1..--max_passages (2)" in err
-    bind = tmp_path / "bind"  # binding batches only: 2..max_passages same-fact passages of 1..2 sentences
-    code, stdout, err = run_cli("pretrain", "--init_from", out, "--steps", 2, "--batch_size", 2, "--copy_warmup", 0,
-                                "--single_steps", 0, "--copy_frac", 0, "--bind_frac", 1, "--bind_sentences", 2,
-                                "--max_passages", 3, "--ctx_ramp", 0, "--log_every", 1, "--dtype", "bf16",
-                                "--id_ramp", 1, "--out_dir", bind)
-    assert code == 0, err
-    bind_metrics = [json.loads(line) for line in open(bind / "metrics.jsonl")]
-    assert [m["id_max"] for m in bind_metrics] == [9, 197]  # id curriculum over the 2 steps
-    assert {m["id_max"] for m in metrics} == {refrag.FRESH_ID_MAX}  # off by default
-    assert all(m["batch"] in ("bind x2", "bind x3") and np.isfinite(m["loss"]) for m in bind_metrics)
-    assert "bf16 autocast" in stdout and "bf16 autocast" not in run_cli("pretrain", "--steps", 1, "--batch_size", 2,
-                                                                        "--out_dir", tmp_path / "fp32")[1]
-    from safetensors import safe_open
-    with safe_open(str(bind / "model.safetensors"), "pt") as fh:  # autocast: the weights stay fp32
-        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float32}
-    code, _, err = run_cli("pretrain", "--id_ramp", 2, "--out_dir", tmp_path / "bad")
-    assert code == 2 and "--id_ramp 2.0: must be in [0, 1]" in err
-    code, _, err = run_cli("pretrain", "--dtype", "fp16", "--out_dir", tmp_path / "bad")
-    assert code == 2 and "--dtype fp16: expected auto, fp32 or bf16" in err
-    code, _, err = run_cli("pretrain", "--bind_frac", 1.5, "--out_dir", tmp_path / "bad")
-    assert code == 2 and "--bind_frac 1.5: must be in [0, 1]" in err
-
-
-def test_reader_data_never_uses_held_out_entities_and_renames(tok):
-    passages = refrag.read_corpus(os.path.join(DATA, "corpus_small.txt"))
-    train = refrag.read_rag(os.path.join(DATA, "rag_train.jsonl"), "--rag_json")
-    held = {r["entity"] for r in refrag.read_rag(os.path.join(DATA, "rag_eval.jsonl"), "--eval_json")}
-    import random
-    data = refrag.ReaderData(passages, train, tok, 8, random.Random(0))
-    for _ in range(50):
-        ids, mask = data.sample(n_ctx=4)
-        text = tok.decode(ids)
-        names = set(refrag.re.findall(r"(?:City|Alloy|Person|Event)_\d+", text))
-        assert not names & held
-        answer = tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True).strip()
-        assert answer in tok.decode(ids[:mask.index(1)])  # the answer is readable from the context
-    for _ in range(20):  # copy sequences of passage text: training entities only, renamed, target = the repeat
-        ids, mask = data.copy_text_example()
-        m = sum(mask)
-        assert 16 <= m <= 64 and ids[0] == tok.bos_token_id and mask == [0] * (len(ids) - m) + [1] * m
-        assert ids[-m:] == ids[-2 * m:-m]
-        names = set(refrag.re.findall(r"(?:City|Alloy|Person|Event)_\d+", tok.decode(ids)))
-        assert not names & held and not names & set(data.train_names)
-
-
-def test_binding_samples_state_the_asked_fact_in_every_passage(tok):
-    import random
-    passages = refrag.read_corpus(os.path.join(DATA, "corpus_small.txt"))
-    train = refrag.read_rag(os.path.join(DATA, "rag_train.jsonl"), "--rag_json")
-    held = {r["entity"] for r in refrag.read_rag(os.path.join(DATA, "rag_eval.jsonl"), "--eval_json")}
-    data = refrag.ReaderData(passages, train, tok, 8, random.Random(0))
-    assert refrag.split_sentences("Alloy_7 is 7.4 grams dense. It melts! 它很硬。Next one.") == [
-        "Alloy_7 is 7.4 grams dense.", "It melts!", "它很硬。", "Next one."]
-    question_of = {}  # question with the entity blanked -> fact
-    for r in train:
-        question_of[refrag.re.sub(r"(?:City|Alloy|Person|Event)_\d+", "X", r["question"])] = r["fact"]
-    for n_ctx, n_sent in [(2, 1), (3, 2), (4, 3), (6, 1)] * 5:
-        ids, mask = data.sample(n_ctx=n_ctx, n_questions=n_ctx, same_fact=True, n_sent=n_sent)
-        text = tok.decode(ids, skip_special_tokens=True)
-        context, qa = text.split("Question:", 1)
-        lines = [x for x in context.split("\n")[1:] if x.strip()]
-        assert len(lines) == n_ctx
-        names = [refrag.re.match(r"(?:.*?)((?:City|Alloy|Person|Event)_\d+)", x).group(1) for x in lines]
-        assert len(set(names)) == n_ctx and not set(names) & held and len({n.split("_")[0] for n in names}) == 1
-        for line, name in zip(lines, names):  # at most n_sent sentences, all about that passage's entity
-            sents = refrag.split_sentences(line)
-            assert 1 <= len(sents) <= n_sent
-        pairs = refrag.re.findall(r"Question: (.*?)\nAnswer: (.*?)(?:\n|$)", "Question:" + qa)
-        assert len(pairs) == n_ctx  # every entity is asked, and the same fact
-        facts = {question_of[refrag.re.sub(r"(?:City|Alloy|Person|Event)_\d+(?![0-9])", "X", q)] for q, _ in pairs}
-        assert len(facts) == 1
-        for q, a in pairs:  # each answer stands in its own entity's passage (values of small pools repeat)
-            ent = refrag.re.search(r"(?:City|Alloy|Person|Event)_\d+(?![0-9])", q).group(0)
-            owner = [line for line, n in zip(lines, names) if n == ent]
-            assert len(owner) == 1 and a.strip() in owner[0]
-    # the id curriculum (pretrain --id_ramp): one-digit gold ids at first, FRESH_ID_MAX after the ramp
-    assert [refrag.id_max_at(s, 100) for s in (-5, 0, 50, 100, 150)] == [9, 9, 197, 4299, 4299]
-    assert refrag.id_max_at(0, 0) == refrag.FRESH_ID_MAX == data.id_max
-    data.id_max = 9
-    for _ in range(20):
-        ids, mask = data.sample(n_ctx=3, n_questions=1, same_fact=True, n_sent=1)
-        asked = refrag.re.search(r"Question: .*?_(\d+)", tok.decode(ids)).group(1)
-        names = set(refrag.re.findall(r"(?:City|Alloy|Person|Event)_\d+", tok.decode(ids)))
-        assert 1 <= int(asked) <= 9 and not names & held
 
 
 def test_index_caches_several_k(tmp_path, tiny_dec_dir, small_corpus):
@@ -379,18 +264,3 @@ def test_bench_times_full_and_refrag_and_writes_json_and_plot(tiny_dec_dir, tmp_
     full64 = next(r for r in recs if r["s"] == 64 and r["mode"] == "full")
     assert full64["kv_bytes"] == 2 * 2 * 2 * 8 * (64 + 32 + 3 - 1) * 4
     assert (out / "bench_ttft_speedup.png").stat().st_size > 1000
-
-
-def test_heldout_monitor_contexts_mix_gold_and_training_distractors(tok):
-    import random
-    passages = refrag.read_corpus(os.path.join(DATA, "corpus_small.txt"))
-    train = refrag.ReaderData(passages, refrag.read_rag(os.path.join(DATA, "rag_train.jsonl"), "--rag_json"),
-                              tok, 8, random.Random(0))
-    data, recs = refrag.heldout_monitor(passages, os.path.join(DATA, "rag_eval.jsonl"), train, 20)
-    held = {r["entity"] for r in recs}
-    for r in recs:
-        ids, mask = data.sample(r, n_ctx=6, n_questions=1)
-        text = tok.decode(ids[:mask.index(1)])
-        names = set(refrag.re.findall(r"(?:City|Alloy|Person|Event)_\d+(?![0-9])", text))
-        assert r["entity"] in names and len(names) == 6 and not (names - {r["entity"]}) & held
-        assert tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True).strip() == r["answers"][0]

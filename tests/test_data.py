@@ -11,6 +11,8 @@ import pytest
 from conftest import DATA, ROOT
 import refrag
 
+ENTITY_RE = re.compile(r"^(City|Alloy|Person|Event)_(\d+)$")
+
 SHIPPED = ["corpus_small.txt", "corpus_medium.txt", "corpus_large.txt", "rag_train.jsonl", "rag_eval.jsonl",
            "cpt_train.jsonl", "cpt_eval.jsonl", "tokenizer.json", "tokenizer_digits.json"]
 
@@ -29,7 +31,7 @@ def test_corpus_sizes_nesting_and_lengths():
     assert medium[:500] == small and large[:2000] == medium
     for p in large:
         assert 60 <= len(p.split()) <= 120
-        assert refrag.ENTITY_RE.match(p.split(" ", 1)[0])
+        assert ENTITY_RE.match(p.split(" ", 1)[0])
     kinds = {p.split("_", 1)[0] for p in small}
     assert kinds == {"City", "Alloy", "Person", "Event"}
     assert sum(bool(re.search(r"[\u4e00-\u9fff]|según|aparece|selon|wird", p)) for p in small) > 50

@@ -16,13 +16,14 @@ def test_split_chunks_per_passage():
     assert refrag.split_chunks(np.arange(3, dtype=np.int32), 8) == [[0, 1, 2]]
 
 
-def test_prompt_template_has_one_bos_and_shared_separator(tok):
+def test_plain_prompt_template_has_one_bos_and_shared_separator(tok):
     prefix, sep, suffix = refrag.prompt_pieces(tok, "Who led Event_1?")
     assert prefix[0] == tok.bos_token_id and tok.bos_token_id not in prefix[1:] + sep + suffix
-    ids, mask = refrag.qa_example(tok, ["City_1 is a city.", "City_2 is a city."], "Who?", "Tarn")
-    assert ids.count(tok.bos_token_id) == 1
-    assert tok.decode(ids[:mask.index(1)]) == "<s>Context:\nCity_1 is a city.\nCity_2 is a city.\nQuestion: Who?\nAnswer:"
-    assert ids[-1] == tok.eos_token_id and sum(mask) == len(refrag.answer_ids(tok, "Tarn"))
+    ids = prefix + refrag.encode_text(tok, "City_1 is a city.") + sep + refrag.encode_text(tok, "City_2 is a city.") + suffix
+    assert tok.decode(ids) == ("<s>" + refrag.INSTRUCTION + "\nContext:\nCity_1 is a city.\nCity_2 is a city.\n"
+                               "Question: Who led Event_1?\nAnswer:")
+    ans = refrag.answer_ids(tok, "Tarn")
+    assert ans[-1] == tok.eos_token_id and tok.decode(ans[:-1]) == " Tarn"
 
 
 def test_all_chunks_expanded_equals_plain_decoder(dec, tok):
@@ -110,11 +111,6 @@ def test_metrics_normalisation_and_empty_answers():
     assert refrag.exact_match("", [""]) == 0.0 and refrag.exact_match("   ", ["x"]) == 0.0
     assert refrag.token_f1("University of Gestuve", ["University of Botabeand"]) == pytest.approx(2 / 3)
     assert refrag.token_f1("", ["x"]) == 0.0
-    ctx = ["The Bb River flows through City_5.", "The Dd River flows through City_50."]
-    assert refrag.wrong_passage_answer("Bb", ["Dd"], ctx) == 1.0  # the river of City_5, asked about City_50
-    assert refrag.wrong_passage_answer("Dd", ["Dd"], ctx) == 0.0  # right
-    assert refrag.wrong_passage_answer("Zz", ["Dd"], ctx) == 0.0  # wrong, but from nowhere in the context
-    assert refrag.wrong_passage_answer("B", ["Dd"], ctx) == 0.0   # a fragment is not a copied answer
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])

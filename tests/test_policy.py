@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import refrag
-from conftest import DATA, load_json, run_cli
+from conftest import DATA, load_json, run_cli, save_decoder, tiny_llama
 
 
 def test_picks_follow_the_sequential_masked_softmax():
@@ -192,11 +192,11 @@ def test_policy_refuses_models_it_was_not_trained_against(tiny_dec_dir, tiny_ind
                    "--dec", tiny_dec_dir, "--topk", 2, "--steps", 1, "--group", 2, "--batch_size", 1,
                    "--out_dir", out)[0] == 0
     torch.manual_seed(1)
-    other = refrag.build_demo_decoder(tok, "tiny", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
+    other = tiny_llama(tok, seed=1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
     other_dir = tmp_path / "other_dec"
     other_dir.mkdir()
-    refrag.save_hf_model(other, tok, str(other_dir), {"preset": "test"})
+    save_decoder(other, tok, str(other_dir))
     code, _, err = run_cli("generate", "--index_dir", tiny_index, "--dec", other_dir, "--policy", out,
                            "--question", rows[0]["question"], "--max_new", 2)
     assert code == 2 and "policy trained against other decoder weights" in err

@@ -80,14 +80,6 @@ def test_cpt_recon_resume_matches_uninterrupted_run(tiny_dec_dir, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
-def test_cpt_recon_train_decoder_diagnostic_saves_the_decoder(tiny_dec_dir, tmp_path):
-    out = tmp_path / "recon_dec"
-    code, _, err = run_cli(*train_args(tiny_dec_dir, out, "--steps", 1, "--train_decoder"))
-    assert code == 0, err
-    assert json.load(open(out / "config.json"))["trained"] == ["encoder", "projector", "decoder"]
-    assert (out / "decoder" / "model.safetensors").exists()
-
-
 def test_checkpoint_loads_strictly_into_generate(tiny_dec_dir, tiny_index, tmp_path):
     ck = tmp_path / "ck"
     assert run_cli(*train_args(tiny_dec_dir, ck, "--steps", 1, "--k", 16))[0] == 0
