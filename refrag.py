@@ -1531,7 +1531,7 @@ def cmd_generate(args):
         write_json(os.path.join(args.out_dir, "generate.json"), rec)
 
 
-# ---- training: schedule ----
+# ---- training: REFRAG stages (LR schedule, curriculum, batches, checkpoints, the loop, held-out scores) ----
 
 def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
     """Linear warm-up then cosine decay to 10% of peak (paper appendix B: 4% warm-up, cosine)."""
@@ -1541,8 +1541,6 @@ def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
     prog = (step - warm) / max(1, total - warm)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
 
-
-# ---- training: REFRAG stages (curriculum, batches, checkpoints, the loop, held-out scores) ----
 
 # Table 8 of the paper: samples per curriculum stage (9 stages) for contexts of 1, 2, 4, ... chunks.
 # Rows for 64, 128 and 256 chunks are identical; larger sizes reuse that row. The absolute counts
