@@ -260,7 +260,23 @@ def test_bench_times_full_and_refrag_and_writes_json_and_plot(tiny_dec_dir, tmp_
             full = next(f for f in recs if f["s"] == r["s"] and f["mode"] == "full")
             assert r["ttft_speedup"] == pytest.approx(full["ttft_s"] / r["ttft_s"])
             assert r["kv_bytes"] < full["kv_bytes"]
-    # KV cache bytes: 2 (K and V) x layers x kv_heads x head_dim x positions x 4 bytes (fp32)
+    # KV cache bytes: 2 (K and V) x layers x kv_heads x head_dim x positions x bytes per element
     full64 = next(r for r in recs if r["s"] == 64 and r["mode"] == "full")
-    assert full64["kv_bytes"] == 2 * 2 * 2 * 8 * (64 + 32 + 3 - 1) * 4
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}[res["dtype"]]
+    assert full64["kv_bytes"] == 2 * 2 * 2 * 8 * (64 + 32 + 3 - 1) * width
     assert (out / "bench_ttft_speedup.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("mode", ["full", "refrag"])
+def test_answer_nll_scored_from_the_prompt_cache_equals_a_fresh_scoring(tiny_index, tiny_dec_dir, tok, mode):
+    """evaluate scores the gold answer from generation's own KV cache (cropped back to the prompt)."""
+    models = refrag.load_models(tiny_dec_dir, refrag.MINILM_ID, refrag.MINILM_ID, None, 16,
+                                torch.device("cpu"), torch.float32)
+    idx = refrag.PassageIndex(tiny_index)
+    q, target = "Who led Event_314?", refrag.answer_ids(tok, "Sarah Lindqvist")
+    cfg = refrag.GenerateConfig(topk=3, mode=mode, p=0.25, max_new=5)
+    g = refrag.run_generation(q, cfg, models, idx, target=target)
+    layout, _ = refrag.prepare_prompt(q, cfg, models, idx, torch.Generator().manual_seed(cfg.seed), {})
+    fresh = refrag.target_nll(models.decoder, models.projector, layout, target)
+    assert g["generated_tokens"] >= 1 and fresh > 0
+    assert g["target_nll"] == pytest.approx(fresh, rel=1e-4)

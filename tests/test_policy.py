@@ -122,7 +122,7 @@ def test_only_the_query_aware_policy_can_follow_the_question():
 def test_index_caches_chunk_perplexities_used_by_the_heuristic(tmp_path, tiny_dec_dir, small_corpus, tiny_index):
     idx = tmp_path / "idx_ppl"
     code, out, err = run_cli("index", "--corpus", small_corpus, "--index_dir", idx, "--dec", tiny_dec_dir,
-                             "--k", "8,16", "--ppl")
+                             "--k", "8,16", "--ppl", "--dtype", "fp32")
     assert code == 0, err
     meta = load_json(idx / "meta.json")
     assert meta["ppl_cache"]["ks"] == [8, 16] and (idx / "chunk_ppl_k16.npy").exists()
