@@ -26,8 +26,9 @@ local safetensors directory; any HF id, model directory or .gguf file can take i
         --k 16 --p 0.1 --out_dir runs/sft            # --mode full: the full-context baseline
     # (any trainer: torchrun --nproc_per_node N refrag.py ...; --resume continues from --out_dir;
     #  --dtype auto uses bf16 autocast on capable GPUs and CPUs)
-    # or all of step 3 in one timed, resumable command (+ the full-context baseline and evaluate):
-    python refrag.py chain --k 16 --out_dir runs/chain
+    # or steps 1-4 in one timed, resumable command (+ the full-context baseline, the policy, evaluate);
+    # --preset quick (the quickstart), cpu (default without CUDA) or paper (default on CUDA)
+    python refrag.py chain --preset cpu --out_dir runs/chain
     # 3b. selective expansion: cache chunk perplexities, train the policy (models frozen), use it
     python refrag.py index --index_dir runs/index --enc runs/sft --dec runs/sft/decoder --k 16 --ppl
     python refrag.py train_policy --rag_json data/rag_train.jsonl --index_dir runs/index --load_dir runs/sft \
