@@ -3057,7 +3057,8 @@ def cmd_chain(args):
               f"    REFRAG ({e['refrag_ttft_s'] * 1000:6.0f} ms): {e['refrag']}")
     if args.preset != "paper":
         longer = "cpu" if args.preset == "quick" else "paper"
-        print(f"chain: preset {args.preset}; --preset {longer} trains longer (README, Results, for what it reaches)")
+        print(f"chain: preset {args.preset} ran; --preset {longer} trains longer "
+              f"(README, Results: the measured presets; python refrag.py chain --help)")
 
 
 # ---- entry point ----
