@@ -1157,6 +1157,16 @@ class PassageIndex:
         if not (len(self.texts) == n == self.faiss.ntotal == len(self.tok_offsets) - 1):
             fail(f"--index_dir {index_dir}: counts do not match meta.json (corrupt or half-written index)")
 
+
+    def retriever(self, embed_model: str | None) -> str:
+        """The retrieval model questions are embedded with: the index's own; --embed_model may only name it
+        (the passages were embedded with it, so another model's question vectors would not match)."""
+        built = self.meta["embed_model"]
+        if embed_model is not None and embed_model != built and \
+                resolve_model_path(embed_model) != resolve_model_path(built):
+            fail(f"--embed_model {embed_model}: the index in {self.dir} was built with {built}; "
+                 f"rebuild it with `refrag.py index --embed_model {embed_model}` or drop the flag")
+        return built
     def search(self, q: np.ndarray, topk: int) -> tuple[list[int], list[float]]:
         scores, ids = self.faiss.search(q.astype(np.float32), min(topk, self.faiss.ntotal))
         keep = ids[0] >= 0
@@ -1518,7 +1528,7 @@ def cmd_generate(args):
     if pcfg:  # a policy checkpoint names the models it was trained against
         policy_dir, base = load_dir, pcfg["base"]
         load_dir, dec, enc = base["load_dir"], base["dec"], base["enc"]
-    models = load_models(dec=dec, enc=enc, embed_model=index.meta["embed_model"],
+    models = load_models(dec=dec, enc=enc, embed_model=index.retriever(args.embed_model),
                          load_dir=load_dir, k=cfg.k, device=device,
                          dtype=resolve_dtype(args.dtype, device), need_encoder=(cfg.mode == "refrag"),
                          seed=args.seed)
@@ -2214,8 +2224,9 @@ def cmd_train_policy(args):
                        seed=args.seed)
     device = resolve_device(args.device)
     index = PassageIndex(args.index_dir)
-    models = load_models(dec=args.dec, enc=args.enc, embed_model=index.meta["embed_model"], load_dir=args.load_dir,
-                         k=cfg.k, device=device, dtype=resolve_dtype(args.dtype, device), seed=args.seed)
+    models = load_models(dec=args.dec, enc=args.enc, embed_model=index.retriever(args.embed_model),
+                         load_dir=args.load_dir, k=cfg.k, device=device, dtype=resolve_dtype(args.dtype, device),
+                         seed=args.seed)
     check_index_tokenizer(index, models)
     for m in (models.decoder, models.encoder, models.projector, models.retriever):
         m.requires_grad_(False)
@@ -2365,7 +2376,7 @@ def cmd_evaluate(args):
             load_refrag_checkpoint(args.load_dir, k)
     device = resolve_device(args.device)
     index = PassageIndex(args.index_dir) if kind == "qa" else None
-    embed = index.meta["embed_model"] if index else args.enc
+    embed = index.retriever(args.embed_model) if index else args.enc
     models = load_models(dec=args.dec, enc=args.enc, embed_model=embed, load_dir=args.load_dir, k=None,
                          device=device, dtype=resolve_dtype(args.dtype, device),
                          need_encoder="refrag" in modes, seed=args.seed)
@@ -2647,9 +2658,11 @@ def cmd_bench(args):
 # ---- CLI ----
 
 def add_model_args(sp, enc=True):
-    sp.add_argument("--dec", default=DEFAULT_DEC, help="decoder: HF id or directory (default: the demo decoder)")
+    sp.add_argument("--dec", default=DEFAULT_DEC, help="decoder: HF id, directory or .gguf (default: smollm2, SmolLM2-135M-Instruct)")
     if enc:
         sp.add_argument("--enc", default=MINILM_ID, help="chunk encoder: HF id or directory")
+    sp.add_argument("--embed_model", default=None,
+                    help="retrieval model; must be the one the index was built with (default: the index's)")
     sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     sp.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs and CPUs, else fp16 or fp32), fp32, bf16, fp16")
 

@@ -124,9 +124,23 @@ def test_generate_streams_answer_and_writes_out_dir(tiny_index, tiny_dec_dir, tm
                              "--max_new", 4, "--out_dir", tmp_path / "g")
     assert code == 0, err
     rec = load_json(tmp_path / "g" / "generate.json")
-    assert out.strip() == rec["answer"] or rec["answer"] == ""
+    assert out.strip() == rec["answer"]  # what was streamed is the recorded answer (empty only if all were EOS)
+    assert 1 <= rec["generated_tokens"] <= 4 and rec["ttft_s"] > 0
     assert "TTFT" in err and "cache hit" in err
     assert load_json(tmp_path / "g" / "run_config.json")["args"]["question"] == "Who led Event_314?"
+
+
+def test_embed_model_flag_names_the_index_retriever_or_is_refused(tiny_index, tiny_dec_dir, tmp_path):
+    # the seed's command lines pass --embed_model to generate and train_policy
+    q = ("--index_dir", tiny_index, "--dec", tiny_dec_dir, "--question", "Who led Event_314?", "--max_new", 2)
+    code, out, err = run_cli("generate", *q, "--embed_model", "sentence-transformers/all-MiniLM-L6-v2")
+    assert code == 0, err
+    other = str(tmp_path / "another-encoder")
+    code, out, err = run_cli("generate", *q, "--embed_model", other)
+    assert code == 2 and f"--embed_model {other}: the index in {tiny_index} was built with " in err
+    code, out, err = run_cli("train_policy", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--embed_model", other,
+                             "--steps", 1, "--out_dir", tmp_path / "pol")
+    assert code == 2 and f"--embed_model {other}: the index" in err and not (tmp_path / "pol").exists()
 
 
 @pytest.mark.parametrize("args,message", [
