@@ -250,6 +250,17 @@ def parse_ints(text, flag: str) -> tuple:
     return vals
 
 
+def parse_fractions(text, flag: str) -> list[float]:
+    """'0,0.25' -> [0.0, 0.25]; each must lie in [0, 1] (expansion fractions)."""
+    try:
+        vals = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        fail(f"{flag} {text}: expected numbers separated by commas")
+    if not vals or any(not 0 <= v <= 1 for v in vals):
+        fail(f"{flag} {text}: every p must be between 0 and 1")
+    return vals
+
+
 def sha1_text(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
 
@@ -2356,12 +2367,7 @@ def cmd_evaluate(args):
     if not modes or any(m not in ("full", "refrag", "none") for m in modes):
         fail(f"--modes {args.modes}: a comma list of full, refrag, none")
     ks = parse_ints(args.k, "--k")
-    try:
-        ps = [float(x) for x in args.p.split(",")]
-    except ValueError:
-        fail(f"--p {args.p}: expected numbers separated by commas")
-    if any(not 0 <= p <= 1 for p in ps):
-        fail(f"--p {args.p}: every p must be between 0 and 1")
+    ps = parse_fractions(args.p, "--p")
     selections = [x.strip() for x in (args.heuristic or "random").split(",")]
     for sel in selections:
         if sel not in HEURISTICS:
@@ -2868,19 +2874,18 @@ def build_parser() -> argparse.ArgumentParser:
 # chain sized for 2 CPU cores under bf16 autocast (about 90 minutes). paper: the paper's batch (256, by
 # accumulation), learning rates (2e-4 / 5e-5 / 2e-5) and 2,048-token contexts; its 4 epochs of 20B tokens have no
 # counterpart on the shipped data (4 epochs of cpt_train are 8 updates), so each stage runs 400 updates.
+_CHAIN_BASE = dict(k=16, p=0.1, eval_p="0,0.25", topk=8, ctx_max=1024, lr_recon=2e-4, lr_next=5e-5, lr_ft=1e-4,
+                   lr_policy=1e-4, batch_size=8, ft_batch_size=2, grad_accum=1, recon_tokens=64, next_tokens=128,
+                   ft_full_topk=4, ppl=1, eval_limit=0, max_new=16, show=5, policy_group=4, policy_batch=2)
 CHAIN_PRESETS = {
-    "quick": dict(k=16, p=0.1, eval_p="0", topk=8, ctx_max=1024, recon_steps=100, next_steps=40, ft_steps=100,
-                  ft_full_steps=40, ft_full_topk=4, policy_steps=0, lr_recon=2e-4, lr_next=5e-5, lr_ft=1e-4,
-                  lr_policy=1e-4, batch_size=8, ft_batch_size=2, grad_accum=1, recon_tokens=64, next_tokens=128,
-                  ppl=0, eval_limit=50, max_new=16, show=5, policy_group=4, policy_batch=2),
-    "cpu": dict(k=16, p=0.1, eval_p="0,0.25", topk=8, ctx_max=1024, recon_steps=250, next_steps=120, ft_steps=250,
-                ft_full_steps=100, ft_full_topk=4, policy_steps=80, lr_recon=2e-4, lr_next=5e-5, lr_ft=1e-4,
-                lr_policy=1e-4, batch_size=8, ft_batch_size=2, grad_accum=1, recon_tokens=64, next_tokens=128,
-                ppl=1, eval_limit=0, max_new=16, show=5, policy_group=4, policy_batch=2),
-    "paper": dict(k=16, p=0.1, eval_p="0,0.25", topk=8, ctx_max=2048, recon_steps=400, next_steps=400, ft_steps=400,
-                  ft_full_steps=400, ft_full_topk=8, policy_steps=300, lr_recon=2e-4, lr_next=5e-5, lr_ft=2e-5,
-                  lr_policy=1e-4, batch_size=16, ft_batch_size=16, grad_accum=16, recon_tokens=2048,
-                  next_tokens=2048, ppl=1, eval_limit=0, max_new=24, show=5, policy_group=8, policy_batch=4),
+    "quick": {**_CHAIN_BASE, "eval_p": "0", "recon_steps": 100, "next_steps": 40, "ft_steps": 100,
+              "ft_full_steps": 40, "policy_steps": 0, "ppl": 0, "eval_limit": 50},
+    "cpu": {**_CHAIN_BASE, "recon_steps": 250, "next_steps": 120, "ft_steps": 250, "ft_full_steps": 100,
+            "policy_steps": 80},
+    "paper": {**_CHAIN_BASE, "ctx_max": 2048, "recon_steps": 400, "next_steps": 400, "ft_steps": 400,
+              "ft_full_steps": 400, "ft_full_topk": 8, "policy_steps": 300, "lr_ft": 2e-5, "batch_size": 16,
+              "ft_batch_size": 16, "grad_accum": 16, "recon_tokens": 2048, "next_tokens": 2048, "max_new": 24,
+              "policy_group": 8, "policy_batch": 4},
 }
 
 
@@ -2893,12 +2898,7 @@ def apply_chain_preset(a: argparse.Namespace) -> argparse.Namespace:
             setattr(a, key, value)
     if a.k < 1 or not 0 <= a.p <= 1:
         fail(f"--k {a.k} / --p {a.p}: need k >= 1 and 0 <= p <= 1")
-    try:
-        a.eval_ps = [float(x) for x in str(a.eval_p).split(",") if x.strip()]
-    except ValueError:
-        fail(f"--eval_p {a.eval_p}: expected numbers separated by commas")
-    if not a.eval_ps or any(not 0 <= x <= 1 for x in a.eval_ps):
-        fail(f"--eval_p {a.eval_p}: expected fractions in [0, 1], e.g. 0,0.25")
+    a.eval_ps = parse_fractions(a.eval_p, "--eval_p")
     return a
 
 
