@@ -71,6 +71,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -133,13 +134,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in table:
         fail(f"--dtype {name}: expected auto, fp32, bf16 or fp16")
     return table[name]
-
-
-def train_precision(device: torch.device) -> str:
-    """bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16 / AMX), else fp32."""
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
 
 
 def sync(device: torch.device):
@@ -226,14 +220,6 @@ def read_jsonl(path: str, flag: str) -> list[tuple[int, dict]]:
     return rows
 
 
-def write_run_info(out_dir: str, args: argparse.Namespace):
-    """Every run leaves its command line and full config in its out_dir."""
-    os.makedirs(out_dir, exist_ok=True)
-    info = {"argv": sys.argv, "args": {k: v for k, v in vars(args).items() if k != "func"},
-            "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    write_json(os.path.join(out_dir, "run_config.json"), info)
-
-
 def append_jsonl(path: str, rec: dict):
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(rec) + "\n")
@@ -268,17 +254,6 @@ def sha1_text(text: str) -> str:
 def tokenizer_fingerprint(tok) -> str:
     vocab = tok.get_vocab()
     return sha1_text(json.dumps(sorted(vocab.items())))
-
-
-def module_fingerprint(module: nn.Module) -> str:
-    """Cheap identity of a set of weights: names, shapes and a few values of every tensor."""
-    h = hashlib.sha1()
-    for name, t in module.state_dict().items():
-        flat = t.detach().reshape(-1)
-        h.update(f"{name}{tuple(t.shape)}".encode())
-        h.update(flat[:16].float().cpu().numpy().tobytes())
-        h.update(np.float64(flat.float().sum().item()).tobytes())
-    return h.hexdigest()[:12]
 
 
 def weights_fingerprint(module: nn.Module) -> str:
@@ -334,27 +309,83 @@ def progress(iterable=None, **kw):
 
 
 # ---- configs ----
+# Every setting is written once: a dataclass field holds its default and its help, each subcommand's
+# flags are generated from its config class (add_flags in the CLI section), and cmd_<name> receives the
+# config object itself. Validation lives in __post_init__ and names the flag.
+
+def opt(default=None, help: str = "", **argparse_kw):
+    """A config field that is also the flag --<field name>. argparse_kw: choices, nargs, const, required,
+    type (when the default is None), aliases (more flag names), cmds (the subcommands that show it; default
+    all that use the class), factory (a mutable default, e.g. list)."""
+    factory = argparse_kw.pop("factory", None)
+    meta = {"help": help, **argparse_kw}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def command_line(cfg) -> str:
+    """The refrag.py command a config stands for: its subcommand and every flag that differs from the default
+    (what run_config.json and the results record, also for stages the chain ran in-process)."""
+    parts = ["refrag.py", getattr(cfg, "stage", None) or cfg.COMMAND]
+    for f in dataclasses.fields(cfg):
+        value, default = getattr(cfg, f.name), f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        if "help" not in f.metadata or value == default:
+            continue
+        if isinstance(value, bool):
+            parts.append(f"--{f.name}")
+        for v in (value if isinstance(value, list) else [] if isinstance(value, bool) else [value]):
+            parts += [f"--{f.name}", str(v) if str(v) and " " not in str(v) else json.dumps(str(v))]
+    return " ".join(parts)
+
+
+def write_run_info(out_dir: str, cfg):
+    """Every run leaves its command line and full config in its out_dir."""
+    write_json(os.path.join(out_dir, "run_config.json"), {
+        "command": command_line(cfg), "argv": sys.argv, "config": dataclasses.asdict(cfg),
+        "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def _check(ok: bool, msg: str):
+    if not ok:
+        fail(msg)
+
 
 @dataclass
-class IndexConfig:
-    corpus: str = "data/corpus_small.txt"  # one passage per line
-    index_dir: str = DEFAULT_INDEX         # output directory (replaced atomically)
-    embed_model: str = MINILM_ID           # retrieval embedding model (HF id or directory)
-    enc: str = MINILM_ID                   # chunk encoder whose embeddings are cached
-    dec: str = DEFAULT_DEC                 # decoder (or tokenizer) that defines a k-token chunk
-    ks: tuple = (16,)                      # chunk sizes to cache (tokens per chunk), one cache each
-    index_type: str = "flat"               # flat (exact inner product), ivf or hnsw
-    batch_size: int = 64                   # passages / chunks per encoder batch
-    ppl: bool = False                      # also cache each chunk's perplexity under --dec (heuristics)
-    dtype: str = "auto"                    # the decoder's precision while --ppl scores the chunks
+class DeviceArgs:
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N, mps")
+    dtype: str = opt("auto", "auto (bf16 on GPUs and CPUs that run it natively, else fp16 on GPUs, fp32), fp32, bf16, "
+                             "fp16; trainers: the autocast of the training steps (weights stay fp32)")
+
+
+@dataclass
+class ModelArgs(DeviceArgs):
+    dec: str = opt(None, "decoder: HF id, directory or .gguf (default: the --load_dir checkpoint's, else smollm2, "
+                         "SmolLM2-135M-Instruct); a --dec other than the checkpoint's is an error")
+    enc: str = opt(None, "chunk encoder: HF id, directory, or a refrag checkpoint (default: the --load_dir "
+                         "checkpoint's, else all-MiniLM-L6-v2)")
+    embed_model: str = opt(None, "retrieval model; must be the one the index was built with (default: the index's)",
+                           cmds=("generate", "train_policy", "evaluate"))
+
+
+@dataclass
+class IndexConfig(ModelArgs):
+    COMMAND: ClassVar[str] = "index"
+    dec: str = opt(DEFAULT_DEC, "decoder (or tokenizer.json) whose tokens define a k-token chunk; --ppl scores with it")
+    enc: str = opt(MINILM_ID, "chunk encoder whose embeddings are cached: HF id, directory, or a refrag checkpoint")
+    corpus: str = opt("data/corpus_small.txt", "one passage per line")
+    index_dir: str = opt(DEFAULT_INDEX, "output directory (replaced atomically)")
+    embed_model: str = opt(MINILM_ID, "retrieval embedding model (HF id or directory)")
+    k: str = opt("16", "chunk size(s) to cache (decoder tokens per chunk), e.g. 16 or 8,16,32")
+    index_type: str = opt("flat", "flat (exact inner product); ivf or hnsw from 1,000 passages",
+                          choices=["flat", "ivf", "hnsw"])
+    batch_size: int = opt(64, "passages / chunks per encoder batch")
+    ppl: bool = opt(False, "also cache chunk perplexities under --dec (the ppl heuristics then cost a lookup)")
 
     def __post_init__(self):
-        if not self.ks or any(k < 1 for k in self.ks):
-            fail(f"--k {','.join(map(str, self.ks))}: chunk sizes must be at least 1")
-        if self.index_type not in ("flat", "ivf", "hnsw"):
-            fail(f"--index_type {self.index_type}: expected flat, ivf or hnsw")
-        if self.batch_size < 1:
-            fail(f"--batch_size {self.batch_size}: must be at least 1")
+        self.ks = parse_ints(self.k, "--k")
+        _check(all(k >= 1 for k in self.ks), f"--k {self.k}: chunk sizes must be at least 1")
+        _check(self.batch_size >= 1, f"--batch_size {self.batch_size}: must be at least 1")
 
 
 # non-learned selections: random chunks, the highest / lowest perplexity chunks, the leading chunks
@@ -363,39 +394,174 @@ HEURISTICS = ("random", "ppl_desc", "ppl_asc", "rank")
 
 
 @dataclass
-class GenerateConfig:
-    topk: int = 8                 # passages retrieved
-    k: int = 16                   # decoder tokens per compressed chunk
-    p: float = 0.25               # fraction of chunks expanded back to tokens (refrag mode)
-    ctx_max: int = 1024           # at most this many raw context tokens (whole passages, by rank)
-    max_new: int = 128            # generated tokens at most
-    temperature: float = 0.0      # 0 = greedy
-    top_p: float = 1.0            # nucleus sampling when temperature > 0
-    mode: str = "refrag"          # refrag | full | none
-    heuristic: str | None = None  # None (random when p > 0), ppl_desc, ppl_asc, random, rank
-    use_cache: bool = True        # use the index's cached chunk embeddings when they match
-    policy_sample: bool = False   # sample the policy's picks instead of taking its top-scoring chunks
-    seed: int = 0                 # sampling / random selection seed
+class GenerateConfig(ModelArgs):
+    """generate's flags; evaluate and the policy trainer build one per request setting."""
+    COMMAND: ClassVar[str] = "generate"
+    question: str = opt("", "the question", required=True)
+    index_dir: str = opt(DEFAULT_INDEX, "index built by `refrag.py index`")
+    load_dir: str = opt(None, "refrag checkpoint (trained encoder / projector / decoder)")
+    policy: str = opt(None, "selection policy checkpoint (train_policy) for refrag mode with p > 0")
+    mode: str = opt("refrag", "refrag (compressed chunks), full (plain RAG) or none (no context)",
+                    choices=["refrag", "full", "none"])
+    topk: int = opt(8, "passages retrieved")
+    k: int = opt(16, "decoder tokens per compressed chunk")
+    p: float = opt(0.25, "fraction of chunks expanded back to tokens (refrag mode)")
+    ctx_max: int = opt(1024, "at most this many raw context tokens (whole passages, by rank)")
+    max_new: int = opt(128, "generated tokens at most")
+    temperature: float = opt(0.0, "0 = greedy")
+    top_p: float = opt(1.0, "nucleus sampling when temperature > 0")
+    heuristic: str = opt(None, "selection heuristic (bare flag: ppl_desc; default: the policy if given, else random)",
+                         nargs="?", const="ppl_desc", choices=HEURISTICS)
+    policy_sample: bool = opt(False, "sample the policy's picks instead of taking its top-scoring chunks")
+    no_cache: bool = opt(False, "recompute chunk embeddings instead of reading the index's cache")
+    warmup: int = opt(1, "untimed warm-up runs before the timed one")
+    seed: int = opt(0, "sampling / random selection seed")
+    json: bool = opt(False, "print the JSON record on stdout (the answer streams to stderr)")
+    out_dir: str = opt(None, "also write generate.json and run_config.json here")
 
     def __post_init__(self):
-        if self.topk < 1:
-            fail(f"--topk {self.topk}: must be at least 1")
-        if self.k < 1:
-            fail(f"--k {self.k}: must be at least 1")
-        if not 0.0 <= self.p <= 1.0:
-            fail(f"--p {self.p}: must be between 0 and 1")
-        if self.ctx_max < 1:
-            fail(f"--ctx_max {self.ctx_max}: must be at least 1")
-        if self.max_new < 1:
-            fail(f"--max_new {self.max_new}: must be at least 1")
-        if self.temperature < 0:
-            fail(f"--temperature {self.temperature}: must be >= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            fail(f"--top_p {self.top_p}: must be in (0, 1]")
-        if self.mode not in ("refrag", "full", "none"):
-            fail(f"--mode {self.mode}: expected refrag, full or none")
-        if self.heuristic not in (None,) + HEURISTICS:
-            fail(f"--heuristic {self.heuristic}: expected one of {', '.join(HEURISTICS)}")
+        for flag, ok in (("topk", self.topk >= 1), ("k", self.k >= 1), ("ctx_max", self.ctx_max >= 1),
+                         ("max_new", self.max_new >= 1), ("warmup", self.warmup >= 0)):
+            _check(ok, f"--{flag} {getattr(self, flag)}: must be at least {0 if flag == 'warmup' else 1}")
+        _check(0.0 <= self.p <= 1.0, f"--p {self.p}: must be between 0 and 1")
+        _check(self.temperature >= 0, f"--temperature {self.temperature}: must be >= 0")
+        _check(0.0 < self.top_p <= 1.0, f"--top_p {self.top_p}: must be in (0, 1]")
+        _check(self.mode in ("refrag", "full", "none"), f"--mode {self.mode}: expected refrag, full or none")
+        _check(self.heuristic in (None,) + HEURISTICS, f"--heuristic {self.heuristic}: expected one of "
+                                                       f"{', '.join(HEURISTICS)}")
+
+    @property
+    def use_cache(self) -> bool:
+        return not self.no_cache
+
+
+STAGE_LR = {"cpt_recon": 2e-4, "cpt_next": 5e-5, "finetune": 2e-5}  # paper appendix B
+CPT, FT = ("cpt_recon", "cpt_next"), ("finetune",)
+
+
+@dataclass
+class TrainConfig(ModelArgs):
+    """cpt_recon, cpt_next and finetune (one class: they share the loop; `stage` is the subcommand)."""
+    stage: str = "cpt_recon"
+    train_json: str = opt("data/cpt_train.jsonl", "long texts {text, split: {s, o}}", cmds=CPT)
+    eval_json: str = opt("data/cpt_eval.jsonl", "held-out texts scored at the end ('' to skip)", cmds=CPT)
+    rag_json: str = opt("data/rag_train.jsonl", "QA records {question, answers}", cmds=FT)
+    index_dir: str = opt(DEFAULT_INDEX, "index the fine-tuning contexts are retrieved from", cmds=FT)
+    mode: str = opt("refrag", "full: fine-tune the plain decoder on full-token contexts (the fair baseline)",
+                    choices=["refrag", "full"], cmds=FT)
+    p: float = opt(0.1, "fraction of chunks kept as tokens (the paper's mixed input)", cmds=FT)
+    expand_by: str = opt("random", "which chunks stay tokens: random ones (the paper's) or the leading ones (the "
+                                   "best-ranked passages; pair with generate --heuristic rank)",
+                         choices=["random", "rank"], cmds=FT)
+    topk: int = opt(8, "passages retrieved per question", cmds=FT)
+    ctx_max: int = opt(1024, "raw context tokens at most", cmds=FT)
+    expand_frac: float = opt(0.0, "random fraction of the context's chunks kept as tokens", cmds=("cpt_next",))
+    max_o: int = opt(128, "continuation tokens at most", cmds=("cpt_next",))
+    max_chunks: int = opt(0, "largest context in chunks for the curriculum (0: what the data allows)", cmds=CPT)
+    load_dir: str = opt(None, "start from this refrag checkpoint (strict)")
+    k: int = opt(16, "decoder tokens per chunk")
+    steps: int = opt(200, "optimizer steps")
+    lr: float = opt(None, "peak learning rate (default: the paper's, 2e-4 / 5e-5 / 2e-5 for recon / next / "
+                          "finetune)", type=float)
+    batch_size: int = opt(8, "samples per micro-batch per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (batch = batch_size x grad_accum x processes)")
+    warmup_frac: float = opt(0.04, "linear warm-up fraction of the cosine schedule (paper appendix B)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "gradient norm clipping")
+    save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
+    resume: bool = opt(False, "continue from the checkpoint in --out_dir")
+    stop_after: int = opt(None, "stop (after saving) at this step", type=int)
+    log_every: int = opt(20, "steps per progress line and metrics.jsonl record")
+    seed: int = opt(0, "seed of every step's randomness")
+    out_dir: str = opt(None, "checkpoint directory (default runs/<stage>)")
+
+    def __post_init__(self):
+        self.lr = self.lr or STAGE_LR[self.stage]
+        self.out_dir = self.out_dir or f"runs/{self.stage}"
+        for flag in ("k", "steps", "batch_size", "grad_accum", "log_every", "topk", "ctx_max"):
+            _check(getattr(self, flag) >= 1, f"--{flag} {getattr(self, flag)}: must be at least 1")
+        _check(self.lr > 0, f"--lr {self.lr}: must be positive")
+        for flag in ("expand_frac", "p"):
+            _check(0 <= getattr(self, flag) <= 1, f"--{flag} {getattr(self, flag)}: must be between 0 and 1")
+        _check(self.dtype in ("auto", "fp32", "bf16"), f"--dtype {self.dtype}: trainers take auto, fp32 or bf16")
+
+    @property
+    def mixed_frac(self) -> float:
+        """Fraction of context chunks kept as raw tokens: --p when fine-tuning, --expand_frac in cpt_next."""
+        return self.p if self.stage == "finetune" else self.expand_frac if self.stage == "cpt_next" else 0.0
+
+
+@dataclass
+class PolicyConfig(ModelArgs):
+    COMMAND: ClassVar[str] = "train_policy"
+    train_json: str = opt("data/rag_train.jsonl", "QA (reward: gold answer log-ppl) or long texts with a split "
+                                                  "(reward: continuation log-ppl)", aliases=["--rag_json"])
+    eval_json: str = opt("data/rag_eval.jsonl", "held-out examples scored before and after ('' to skip)")
+    eval_n: int = opt(100, "held-out examples at most")
+    index_dir: str = opt(DEFAULT_INDEX, "index the QA contexts are retrieved from")
+    load_dir: str = opt(None, "refrag checkpoint the policy selects for (frozen)")
+    k: int = opt(16, "tokens per chunk (a policy is trained for one k)")
+    p: float = opt(0.25, "fraction of chunks expanded: T' = round(p L) picks")
+    topk: int = opt(8, "passages retrieved per training question")
+    ctx_max: int = opt(1024, "raw context tokens at most")
+    max_o: int = opt(64, "long-text data: continuation tokens scored")
+    steps: int = opt(300, "policy updates")
+    lr: float = opt(1e-4, "peak AdamW learning rate of the policy (warm-up, then cosine, as the other trainers)")
+    warmup_frac: float = opt(0.04, "linear warm-up fraction")
+    algo: str = opt("grpo", "grpo (group advantage + PPO clipping) or reinforce (moving baseline)",
+                    choices=["grpo", "reinforce"])
+    group: int = opt(8, "G selections sampled per example")
+    batch_size: int = opt(4, "examples per update")
+    clip: float = opt(0.2, "PPO clipping epsilon")
+    ppo_epochs: int = opt(2, "GRPO: gradient steps on each batch of samples (ratios vs the sampling policy)")
+    baseline_decay: float = opt(0.9, "REINFORCE: moving-average decay of the reward baseline")
+    policy_query: bool = opt(False, "query-aware policy: the question's embedding is an extra input")
+    d_model: int = opt(128, "policy transformer width (2 layers, as in the paper)")
+    save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
+    resume: bool = opt(False, "continue from the checkpoint in --out_dir")
+    stop_after: int = opt(None, "stop (after saving) at this step", type=int)
+    log_every: int = opt(20, "steps per progress line")
+    seed: int = opt(0, "seed")
+    out_dir: str = opt("runs/policy", "policy checkpoint directory")
+
+    def __post_init__(self):
+        _check(self.k >= 1, f"--k {self.k}: must be at least 1")
+        _check(0 < self.p < 1, f"--p {self.p}: the policy is trained for 0 < p < 1 (p = 0 and p = 1 leave nothing "
+                               f"to choose)")
+        _check(self.steps >= 1 and self.batch_size >= 1 and self.log_every >= 1,
+               "--steps/--batch_size/--log_every: must be at least 1")
+        _check(self.lr > 0, f"--lr {self.lr}: must be positive")
+        _check(self.group >= 2, f"--group {self.group}: needs at least 2 samples per example")
+        _check(0 < self.clip < 1 and self.ppo_epochs >= 1, "--clip must be in (0, 1) and --ppo_epochs at least 1")
+
+
+@dataclass
+class EvalConfig(ModelArgs):
+    COMMAND: ClassVar[str] = "evaluate"
+    eval_json: str = opt("data/rag_eval.jsonl", "QA records, or long texts with a split (continuation log-ppl)")
+    index_dir: str = opt(DEFAULT_INDEX, "index (QA)")
+    load_dir: str = opt(None, "refrag checkpoint")
+    modes: str = opt("full,refrag,none", "comma list of full, refrag, none")
+    topk: int = opt(8, "passages retrieved")
+    k: str = opt("16", "chunk sizes for refrag, e.g. 8,16,32")
+    p: str = opt("0", "expansion fractions for refrag, e.g. 0,0.25")
+    ctx_max: int = opt(1024, "raw context tokens at most")
+    max_new: int = opt(24, "answer tokens generated at most")
+    heuristic: str = opt("random", "selections when p > 0: comma list of " + ", ".join(HEURISTICS))
+    policy: list = opt(help="a policy checkpoint to compare when p > 0 (repeatable); must match --load_dir's models",
+                       action="append", factory=list)
+    limit: int = opt(0, "only the first N records (0: all)")
+    seed: int = opt(0, "seed of random selections")
+    out: str = opt("runs/eval", "output directory (rows.jsonl makes a rerun resume)")
+
+    def __post_init__(self):
+        self.mode_list = [m.strip() for m in self.modes.split(",") if m.strip()]
+        _check(bool(self.mode_list) and all(m in ("full", "refrag", "none") for m in self.mode_list),
+               f"--modes {self.modes}: a comma list of full, refrag, none")
+        self.ks, self.ps = parse_ints(self.k, "--k"), parse_fractions(self.p, "--p")
+        self.selections = [x.strip() for x in (self.heuristic or "random").split(",")]
+        bad = [s for s in self.selections if s not in HEURISTICS]
+        _check(not bad, f"--heuristic {','.join(bad)}: expected a comma list of {', '.join(HEURISTICS)}")
 
 
 DECODER_PRESETS = {  # Llama-architecture shapes for bench (random weights: latency does not depend on them)
@@ -411,76 +577,116 @@ DECODER_PRESETS = {  # Llama-architecture shapes for bench (random weights: late
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768,
                       vocab_size=32000),
 }
+ENCODER_PRESETS = {  # BERT/RoBERTa shapes for timing the encoder without downloading weights
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    "roberta-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "roberta-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
 
 
 @dataclass
-class TrainConfig:
-    stage: str = "cpt_recon"     # cpt_recon | cpt_next | finetune
-    k: int = 8                   # tokens per chunk
-    steps: int = 200             # optimizer steps
-    lr: float = 2e-4             # peak LR (paper: 2e-4 recon, 5e-5 CPT, 2e-5 fine-tuning)
-    batch_size: int = 8          # samples per micro-batch per process
-    grad_accum: int = 1          # micro-batches per optimizer step (target batch = batch_size x grad_accum x processes)
-    warmup_frac: float = 0.04    # linear warm-up fraction (paper appendix B)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    expand_frac: float = 0.0     # cpt_next / finetune: fraction of chunks kept as raw tokens
-    expand_by: str = "random"    # finetune: which chunks those are (random | rank: the leading ones)
-    max_o: int = 128             # cpt_next: continuation tokens at most
-    save_every: int = 0          # checkpoint every N steps (0: only at the end)
-    log_every: int = 20
-    seed: int = 0
+class BenchConfig(ModelArgs):
+    COMMAND: ClassVar[str] = "bench"
+    dec: str = opt(DEFAULT_DEC, "decoder model (weights do not matter for latency)")
+    enc: str = opt(MINILM_ID, "chunk encoder for the no-cache timing")
+    dec_config: str = opt(None, "time a random-weight Llama of this shape instead of --dec",
+                          choices=sorted(DECODER_PRESETS))
+    enc_config: str = opt(None, "time a random-weight encoder of this shape instead of --enc (no-cache timing)",
+                          choices=sorted(ENCODER_PRESETS))
+    ctx: str = opt("512,1024,2048,4096,8192,16384", "context lengths s")
+    k: str = opt("8,16,32", "chunk sizes")
+    q: int = opt(32, "question tokens after the context")
+    o: int = opt(32, "generated tokens per request")
+    repeats: int = opt(3, "timed runs per point (the median is reported)")
+    warmup: int = opt(1, "untimed runs per point")
+    max_prefill_s: float = opt(120.0, "skip contexts whose full prefill would take longer")
+    out: str = opt("runs/bench", "output directory")
 
     def __post_init__(self):
-        if self.k < 1:
-            fail(f"--k {self.k}: must be at least 1")
-        if self.steps < 1:
-            fail(f"--steps {self.steps}: must be at least 1")
-        if self.lr <= 0:
-            fail(f"--lr {self.lr}: must be positive")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            fail("--batch_size/--grad_accum: must be at least 1")
-        if not 0 <= self.expand_frac <= 1:
-            fail(f"--expand_frac {self.expand_frac}: must be between 0 and 1")
-        if self.expand_by not in ("random", "rank"):
-            fail(f"--expand_by {self.expand_by}: expected random or rank")
+        self.ctxs, self.ks = parse_ints(self.ctx, "--ctx"), parse_ints(self.k, "--k")
+        _check(min(self.ctxs) >= 1 and min(self.ks) >= 1, "--ctx/--k: positive integers, comma separated")
+        _check(self.o >= 1 and self.repeats >= 1, "--o/--repeats: must be at least 1")
+
+
+# Chain recipes. quick: the quickstart's, minutes on 2 CPU cores, a pipeline check rather than quality. cpu: the
+# whole chain sized for 2 CPU cores under bf16 autocast (about 90 minutes). paper: the paper's batch (256, by
+# accumulation), learning rates (2e-4 / 5e-5 / 2e-5) and 2,048-token contexts; its 4 epochs of 20B tokens have no
+# counterpart on the shipped data (4 epochs of cpt_train are 8 updates), so each stage runs 400 updates.
+_CHAIN_BASE = dict(k=16, p=0.1, eval_p="0,0.25", topk=8, ctx_max=1024, lr_recon=2e-4, lr_next=5e-5, lr_ft=1e-4,
+                   lr_policy=1e-4, batch_size=8, ft_batch_size=2, grad_accum=1, recon_tokens=64, next_tokens=128,
+                   ft_full_topk=4, ppl=1, eval_limit=0, max_new=16, show=5, policy_group=4, policy_batch=2)
+CHAIN_PRESETS = {
+    "quick": {**_CHAIN_BASE, "eval_p": "0", "recon_steps": 100, "next_steps": 40, "ft_steps": 100,
+              "ft_full_steps": 40, "policy_steps": 0, "ppl": 0, "eval_limit": 50},
+    "cpu": {**_CHAIN_BASE, "recon_steps": 250, "next_steps": 120, "ft_steps": 250, "ft_full_steps": 100,
+            "policy_steps": 80},
+    "paper": {**_CHAIN_BASE, "ctx_max": 2048, "recon_steps": 400, "next_steps": 400, "ft_steps": 400,
+              "ft_full_steps": 400, "ft_full_topk": 8, "policy_steps": 300, "lr_ft": 2e-5, "batch_size": 16,
+              "ft_batch_size": 16, "grad_accum": 16, "recon_tokens": 2048, "next_tokens": 2048, "max_new": 24,
+              "policy_group": 8, "policy_batch": 4},
+}
+
+
+def preset_opt(help: str, kind=int):
+    return opt(None, help + " (default: the preset's)", type=kind)
 
 
 @dataclass
-class PolicyConfig:
-    k: int = 16                  # tokens per chunk (the policy is trained for one k)
-    p: float = 0.25              # fraction of chunks expanded: T' = round(p L) picks
-    steps: int = 300             # policy updates
-    lr: float = 1e-4             # AdamW learning rate of the policy
-    algo: str = "grpo"           # grpo (group advantage + PPO clipping) | reinforce (moving baseline)
-    group: int = 8               # G selections sampled per example
-    batch_size: int = 4          # examples per update
-    clip: float = 0.2            # PPO clipping epsilon
-    ppo_epochs: int = 2          # GRPO: gradient steps on each batch of samples (ratios vs the sampling policy)
-    baseline_decay: float = 0.9  # REINFORCE: moving-average baseline of the reward
-    query: bool = False          # query-aware policy (the question's embedding as an extra input)
-    d_model: int = 128           # policy transformer width (2 layers, as in the paper)
-    topk: int = 8                # passages retrieved per training question
-    ctx_max: int = 1024
-    max_o: int = 64              # long-text data: continuation tokens scored
-    log_every: int = 20
-    seed: int = 0
+class ChainConfig(ModelArgs):
+    """chain: every flag left unset takes the preset's value (default preset: paper on CUDA, cpu elsewhere)."""
+    COMMAND: ClassVar[str] = "chain"
+    dec: str = opt(DEFAULT_DEC, "decoder the chain trains (HF id, directory or .gguf)")
+    enc: str = opt(MINILM_ID, "chunk encoder the chain trains")
+    preset: str = opt(None, "recipe: quick (the quickstart's, minutes), cpu (sized for 2 CPU cores), paper (the "
+                            "paper's batch 256 and learning rates; for GPUs). Default: paper on CUDA, cpu elsewhere",
+                      choices=sorted(CHAIN_PRESETS))
+    corpus: str = opt("data/corpus_small.txt", "passages to index")
+    train_json: str = opt("data/cpt_train.jsonl", "long texts for cpt_recon / cpt_next")
+    eval_json: str = opt("data/cpt_eval.jsonl", "held-out long texts")
+    rag_json: str = opt("data/rag_train.jsonl", "QA for finetune and train_policy")
+    rag_eval: str = opt("data/rag_eval.jsonl", "held-out QA for evaluate")
+    embed_model: str = opt(MINILM_ID, "retrieval embedding model")
+    expand_by: str = opt("random", "which chunks finetune expands: random (the paper's) or rank (the leading ones)",
+                         choices=["random", "rank"])
+    k: int = preset_opt("chunk size")
+    p: float = preset_opt("fine-tuning expansion fraction (mixed input)", float)
+    eval_p: str = preset_opt("expansion fractions evaluated, e.g. 0,0.25", str)
+    topk: int = preset_opt("passages retrieved")
+    ctx_max: int = preset_opt("raw context tokens for fine-tuning and evaluation")
+    recon_steps: int = preset_opt("cpt_recon steps")
+    next_steps: int = preset_opt("cpt_next steps")
+    ft_steps: int = preset_opt("REFRAG finetune steps")
+    ft_full_steps: int = preset_opt("full-context baseline finetune steps")
+    ft_full_topk: int = preset_opt("passages the baseline is fine-tuned on (evaluated at --topk)")
+    policy_steps: int = preset_opt("train_policy steps (0: no policy stage)")
+    policy_group: int = preset_opt("train_policy selections per example (G)")
+    policy_batch: int = preset_opt("train_policy examples per update")
+    lr_recon: float = preset_opt("cpt_recon peak LR", float)
+    lr_next: float = preset_opt("cpt_next peak LR", float)
+    lr_ft: float = preset_opt("finetune peak LR (both modes)", float)
+    lr_policy: float = preset_opt("train_policy peak LR", float)
+    batch_size: int = preset_opt("CPT batch")
+    ft_batch_size: int = preset_opt("finetune batch")
+    grad_accum: int = preset_opt("micro-batches per update in every trainer")
+    recon_tokens: int = preset_opt("longest reconstruction context in tokens")
+    next_tokens: int = preset_opt("longest next-paragraph context in tokens")
+    ppl: int = preset_opt("1: cache chunk perplexities and evaluate the ppl_desc heuristic")
+    eval_limit: int = preset_opt("evaluate on the first N questions (0: all)")
+    max_new: int = preset_opt("answer tokens generated in evaluation")
+    show: int = preset_opt("held-out questions printed with both modes' answers at the end")
+    no_baseline: bool = opt(False, "skip the full-context fine-tuning baseline")
+    resume: bool = opt(False, "skip the stages chain.json records as done; continue a stage killed mid-way")
+    log_every: int = opt(50, "trainers' steps per progress line")
+    seed: int = opt(0, "seed of every stage")
+    out_dir: str = opt("runs/chain", "one directory per stage, chain.json")
 
     def __post_init__(self):
-        if self.k < 1:
-            fail(f"--k {self.k}: must be at least 1")
-        if not 0 < self.p < 1:
-            fail(f"--p {self.p}: the policy is trained for 0 < p < 1 (p = 0 and p = 1 leave nothing to choose)")
-        if self.steps < 1 or self.batch_size < 1:
-            fail("--steps/--batch_size: must be at least 1")
-        if self.lr <= 0:
-            fail(f"--lr {self.lr}: must be positive")
-        if self.algo not in ("grpo", "reinforce"):
-            fail(f"--algo {self.algo}: expected grpo or reinforce")
-        if self.group < 2:
-            fail(f"--group {self.group}: needs at least 2 samples per example")
-        if not 0 < self.clip < 1 or self.ppo_epochs < 1:
-            fail("--clip must be in (0, 1) and --ppo_epochs at least 1")
+        self.preset = self.preset or ("paper" if resolve_device(self.device).type == "cuda" else "cpu")
+        for key, value in CHAIN_PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        _check(self.k >= 1 and 0 <= self.p <= 1, f"--k {self.k} / --p {self.p}: need k >= 1 and 0 <= p <= 1")
+        self.eval_ps = parse_fractions(self.eval_p, "--eval_p")
 
 
 # ---- data ----
@@ -806,17 +1012,26 @@ def encode_chunks(encoder: ChunkEncoder, dec_tok, passages_ids: list, k: int,
     return list(torch.split(emb, counts))
 
 
-def load_refrag_checkpoint(load_dir: str, k: int):
-    """A REFRAG checkpoint directory (written by the trainers): config.json naming the encoder,
-    decoder and k, plus safetensors of what was trained. Loads strictly; a mismatch is an error."""
+def read_checkpoint_config(load_dir: str, k: int | None, flag: str = "--load_dir") -> dict:
+    """config.json of a REFRAG checkpoint directory (written by the trainers: encoder, decoder and k it
+    was trained with); a policy checkpoint or a k other than the checkpoint's is an error."""
     cfg_path = os.path.join(load_dir, "config.json")
     if not os.path.isfile(cfg_path):
-        fail(f"--load_dir {load_dir}: not a refrag checkpoint (no config.json)")
-    with open(cfg_path, encoding="utf-8") as fh:
-        cfg = json.load(fh)
+        fail(f"{flag} {load_dir}: not a refrag checkpoint (no config.json)")
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except ValueError as e:
+        fail(f"{flag} {cfg_path}: invalid JSON ({e})")
+    if not isinstance(cfg, dict) or cfg.get("kind") == "refrag_policy":
+        fail(f"{flag} {load_dir}: a policy checkpoint, not a refrag one; pass it as --policy")
     if k is not None and cfg.get("k") is not None and int(cfg["k"]) != k:
-        fail(f"--load_dir {load_dir}: checkpoint was trained with k={cfg['k']}, but --k {k} was given")
+        fail(f"{flag} {load_dir}: checkpoint was trained with k={cfg['k']}, but --k {k} was given")
     return cfg
+
+
+def same_model(a: str, b: str) -> bool:
+    return a == b or resolve_model_path(a) == resolve_model_path(b) or os.path.abspath(a) == os.path.abspath(b)
 
 
 def load_state_strict(module: nn.Module, path: str, flag: str):
@@ -847,6 +1062,37 @@ def load_encoder(name: str, flag: str = "--enc") -> ChunkEncoder:
     return ChunkEncoder(name, flag)
 
 
+def load_refrag_modules(load_dir: str | None, dec: str | None, enc: str | None, k: int | None,
+                        device: torch.device, dtype: torch.dtype, need_encoder: bool = True, seed: int = 0):
+    """The one loader of a refrag checkpoint, for the trainers and for inference: (its config.json, or {}
+    without one; tokenizer, decoder, encoder, projector). A checkpoint brings its decoder (its decoder/
+    when it trained one, else the decoder it was trained against) and its trained encoder and projector;
+    an explicit --dec or --enc naming other models is an error. Without a checkpoint: --dec (default
+    smollm2), --enc (default MiniLM, or a checkpoint's trained encoder) and a fresh projector (seeded).
+    The decoder comes in `dtype` on `device`; encoder and projector in fp32 on the CPU."""
+    ckpt = read_checkpoint_config(load_dir, k) if load_dir else {}
+    dec_path, enc_name = dec or DEFAULT_DEC, enc or MINILM_ID
+    if load_dir:
+        own = os.path.join(load_dir, "decoder") if os.path.isdir(os.path.join(load_dir, "decoder")) else ckpt["dec"]
+        if dec is not None and not same_model(dec, own):
+            fail(f"--dec {dec}: --load_dir {load_dir} was trained with decoder {own}; drop --dec or pass that one")
+        if enc is not None and not (same_model(enc, ckpt["enc"]) or same_model(enc, load_dir)):
+            fail(f"--enc {enc}: --load_dir {load_dir} holds its trained encoder (from {ckpt['enc']}); drop --enc")
+        dec_path, enc_name = own, ckpt["enc"]
+    tok = load_tokenizer(dec_path)
+    decoder = load_decoder(dec_path, device, dtype)
+    encoder = projector = None
+    if need_encoder:
+        encoder = ChunkEncoder(enc_name) if load_dir else load_encoder(enc_name)
+        if load_dir:
+            load_state_strict(encoder.model, os.path.join(load_dir, "encoder.safetensors"), "--load_dir")
+        torch.manual_seed(seed)  # an untrained projector is still reproducible
+        projector = Projector(encoder.dim, decoder.get_input_embeddings().embedding_dim)
+        if load_dir:
+            load_state_strict(projector, os.path.join(load_dir, "projector.safetensors"), "--load_dir")
+    return ckpt, tok, decoder, encoder, projector
+
+
 @dataclass
 class Models:
     """Everything generate needs, loaded once."""
@@ -863,34 +1109,19 @@ class Models:
     policy: nn.Module | None = None   # a SelectionPolicy when one is loaded
 
 
-def load_models(dec: str, enc: str, embed_model: str, load_dir: str | None, k: int,
+def load_models(dec: str | None, enc: str | None, embed_model: str, load_dir: str | None, k: int | None,
                 device: torch.device, dtype: torch.dtype, need_encoder: bool = True, seed: int = 0) -> Models:
-    ckpt = load_refrag_checkpoint(load_dir, k) if load_dir else {}
-    dec_path = os.path.join(load_dir, "decoder") if load_dir and os.path.isdir(os.path.join(load_dir, "decoder")) else dec
-    if load_dir and dec_path == dec and ckpt.get("dec") and os.path.abspath(dec) != os.path.abspath(ckpt["dec"]):
-        if dec != DEFAULT_DEC:  # an explicit --dec other than the one the projector was trained for
-            fail(f"--load_dir {load_dir}: trained against decoder {ckpt['dec']}, but --dec {dec} was given")
-        dec_path = ckpt["dec"]
-    tok = load_tokenizer(dec_path)
-    decoder = load_decoder(dec_path, device, dtype)
-    encoder = projector = None
+    """load_refrag_modules for inference (eval mode), plus the question embedder and fingerprints."""
+    _, tok, decoder, encoder, projector = load_refrag_modules(load_dir, dec, enc, k, device, dtype, need_encoder, seed)
     enc_fp = ""
-    if need_encoder:
-        enc_name = ckpt.get("enc", enc)
-        encoder = ChunkEncoder(enc_name) if load_dir else load_encoder(enc_name)
-        if load_dir and os.path.isfile(os.path.join(load_dir, "encoder.safetensors")):
-            load_state_strict(encoder.model, os.path.join(load_dir, "encoder.safetensors"), "--load_dir")
-        enc_fp = module_fingerprint(encoder.model)  # of the fp32 weights, as the index computed it
-        torch.manual_seed(seed)  # an untrained projector is still reproducible
-        projector = Projector(encoder.dim, decoder.get_input_embeddings().embedding_dim)
-        if load_dir:
-            load_state_strict(projector, os.path.join(load_dir, "projector.safetensors"), "--load_dir")
+    if encoder is not None:
+        encoder.name = load_dir or encoder.name
+        enc_fp = weights_fingerprint(encoder.model)  # of the fp32 weights, as the index computed it
         encoder = encoder.to(device=device, dtype=dtype).eval()
         projector = projector.to(device=device, dtype=dtype).eval()
-    same = encoder is not None and resolve_model_path(embed_model) == resolve_model_path(encoder.name) \
-        and not (load_dir and os.path.isfile(os.path.join(load_dir, "encoder.safetensors")))
+    same = encoder is not None and not load_dir and same_model(embed_model, encoder.name)
     retriever = encoder if same else ChunkEncoder(embed_model, "--embed_model").to(device=device, dtype=dtype).eval()
-    return Models(tok=tok, decoder=decoder, encoder=encoder, projector=projector, retriever=retriever,
+    return Models(tok=tok, decoder=decoder.eval(), encoder=encoder, projector=projector, retriever=retriever,
                   device=device, dtype=dtype, enc_name=encoder.name if encoder else "", enc_fingerprint=enc_fp,
                   dec_fingerprint=weights_fingerprint(decoder))
 
@@ -986,7 +1217,7 @@ class SelectionPolicy(nn.Module):
         return self.head(h).squeeze(-1).float().masked_fill(~mask, float("-inf"))               # (B, L)
 
 
-def policy_config(path: str | None, flag: str = "--load_dir") -> dict | None:
+def policy_config(path: str | None, flag: str = "--policy") -> dict | None:
     """The config.json of a policy checkpoint, or None when `path` is not one."""
     cfg = os.path.join(path or "", "config.json")
     if not path or not os.path.isfile(cfg):
@@ -1005,7 +1236,7 @@ def model_fingerprints(models) -> dict:
             "projector": weights_fingerprint(models.projector), "retriever": weights_fingerprint(models.retriever.model)}
 
 
-def load_policy(path: str, models, k: int, flag: str = "--load_dir") -> SelectionPolicy:
+def load_policy(path: str, models, k: int, flag: str = "--policy") -> SelectionPolicy:
     """A policy checkpoint, loaded strictly; it must have been trained against the models loaded
     (same decoder, encoder, projector and question embedder weights) and for this k."""
     cfg = policy_config(path, flag)
@@ -1072,13 +1303,10 @@ def build_faiss(emb: np.ndarray, index_type: str):
     return index, index_type
 
 
-def cmd_index(args):
-    cfg = IndexConfig(corpus=args.corpus, index_dir=args.index_dir, embed_model=args.embed_model,
-                      enc=args.enc, dec=args.dec, ks=parse_ints(args.k, "--k"), index_type=args.index_type,
-                      batch_size=args.batch_size, ppl=args.ppl, dtype=args.dtype)
+def cmd_index(cfg: IndexConfig):
     import faiss
     passages = read_corpus(cfg.corpus)
-    device = resolve_device(args.device)
+    device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     dec_tok = load_tokenizer(cfg.dec)
     retriever = ChunkEncoder(cfg.embed_model, "--embed_model").to(device).eval()
@@ -1099,7 +1327,7 @@ def cmd_index(args):
             del decoder
     index, built_type = build_faiss(emb, cfg.index_type)
     tok_offsets = np.cumsum([0] + [len(x) for x in ids]).astype(np.int64)
-    enc_fp = module_fingerprint(encoder.model)
+    enc_fp = weights_fingerprint(encoder.model)
     with open(cfg.corpus, "rb") as fh:
         corpus_sha1 = hashlib.sha1(fh.read()).hexdigest()[:12]
     meta = {
@@ -1525,39 +1753,33 @@ def check_index_tokenizer(index: PassageIndex, models: Models):
              f"rebuild the index with `refrag.py index --dec ...`")
 
 
-def cmd_generate(args):
-    cfg = GenerateConfig(topk=args.topk, k=args.k, p=args.p, ctx_max=args.ctx_max, max_new=args.max_new,
-                         temperature=args.temperature, top_p=args.top_p, mode=args.mode,
-                         heuristic=args.heuristic, use_cache=not args.no_cache,
-                         policy_sample=args.policy_sample, seed=args.seed)
-    if not args.question.strip():
+def cmd_generate(cfg: GenerateConfig):
+    if not cfg.question.strip():
         fail("--question: empty question")
-    index = PassageIndex(args.index_dir)
-    device = resolve_device(args.device)
-    load_dir, dec, enc, policy_dir = args.load_dir, args.dec, args.enc, args.policy
-    pcfg = policy_config(load_dir)
-    if pcfg:  # a policy checkpoint names the models it was trained against
-        policy_dir, base = load_dir, pcfg["base"]
-        load_dir, dec, enc = base["load_dir"], base["dec"], base["enc"]
-    models = load_models(dec=dec, enc=enc, embed_model=index.retriever(args.embed_model),
-                         load_dir=load_dir, k=cfg.k, device=device,
-                         dtype=resolve_dtype(args.dtype, device), need_encoder=(cfg.mode == "refrag"),
-                         seed=args.seed)
+    index = PassageIndex(cfg.index_dir)
+    device = resolve_device(cfg.device)
+    # a policy names the models it was trained against: they are the defaults; explicit flags win
+    base = (policy_config(cfg.policy) or {}).get("base", {}) if cfg.policy else {}
+    load_dir = cfg.load_dir or base.get("load_dir")
+    dec, enc = cfg.dec or (None if load_dir else base.get("dec")), cfg.enc or (None if load_dir else base.get("enc"))
+    models = load_models(dec=dec, enc=enc, embed_model=index.retriever(cfg.embed_model),
+                         load_dir=load_dir, k=cfg.k, device=device, dtype=resolve_dtype(cfg.dtype, device),
+                         need_encoder=(cfg.mode == "refrag"), seed=cfg.seed)
     check_index_tokenizer(index, models)
-    if policy_dir and cfg.mode == "refrag":
-        models.policy = load_policy(policy_dir, models, cfg.k, "--policy" if args.policy else "--load_dir")
+    if cfg.policy and cfg.mode == "refrag":
+        models.policy = load_policy(cfg.policy, models, cfg.k, "--policy")
     status = index.cache_status(models, cfg.k, cfg.use_cache) if cfg.mode == "refrag" else "hit"
     if status.startswith("miss (index cached encoder"):
         print(f"warning: the index's cached chunk embeddings come from another encoder than the one loaded; "
-              f"they are recomputed per query. Rebuild with `refrag.py index --enc {args.load_dir or args.enc}`.",
+              f"they are recomputed per query. Rebuild with `refrag.py index --enc {load_dir or cfg.enc}`.",
               file=sys.stderr)
-    for _ in range(args.warmup):  # discarded: first-call allocations and kernel selection
-        run_generation(args.question, cfg, models, index)
-    stream = sys.stderr if args.json else sys.stdout
-    rec = run_generation(args.question, cfg, models, index, stream=stream)
+    for _ in range(cfg.warmup):  # discarded: first-call allocations and kernel selection
+        run_generation(cfg.question, cfg, models, index)
+    stream = sys.stderr if cfg.json else sys.stdout
+    rec = run_generation(cfg.question, cfg, models, index, stream=stream)
     stream.write("\n")
-    rec.update(decoder=args.load_dir or args.dec, warmup_runs=args.warmup)
-    if args.json:
+    rec.update(decoder=load_dir or dec or DEFAULT_DEC, warmup_runs=cfg.warmup)
+    if cfg.json:
         print(json.dumps(rec))
     else:
         bd = " | ".join(f"{k[:-2]} {v * 1000:.1f}" for k, v in rec["ttft_breakdown"].items())
@@ -1567,9 +1789,9 @@ def cmd_generate(args):
               f"{rec['context_tokens']} context tokens | chunks {rec['n_chunks']}, expanded {len(rec['expanded'])} "
               f"({rec['selection']}) | cache {rec['chunk_cache']}"
               + (f" | perplexities {rec['ppl_cache']}" if rec["ppl_cache"] != "n/a" else ""), file=sys.stderr)
-    if args.out_dir:
-        write_run_info(args.out_dir, args)
-        write_json(os.path.join(args.out_dir, "generate.json"), rec)
+    if cfg.out_dir:
+        write_run_info(cfg.out_dir, cfg)
+        write_json(os.path.join(cfg.out_dir, "generate.json"), rec)
 
 
 # ---- training: REFRAG stages (LR schedule, curriculum, batches, checkpoints, the loop, held-out scores) ----
@@ -1723,52 +1945,55 @@ def next_sample(ids: list[int], split_s: int, o: int, n_chunks: int, k: int, p: 
     return {"pieces": [("tokens", bos)] + chunk_pieces(ctx, k, expand), "target": ids[split_s:split_s + o]}
 
 
-def optimizer_state_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """AdamW state as flat tensors (safetensors) + JSON (param groups): no pickle."""
-    sd = opt.state_dict()
-    tensors = {f"state.{i}.{name}": v.detach().cpu().contiguous() for i, st in sd["state"].items()
-               for name, v in st.items() if torch.is_tensor(v)}
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, meta: dict):
-    state = {}
-    for key, v in tensors.items():
-        _, i, name = key.split(".", 2)
-        state.setdefault(int(i), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 CARRIED_FILES = ("metrics.jsonl", "run_config.json", "eval.json")
 
 
-def save_checkpoint(out_dir: str, model: RefragModel, cfg: TrainConfig, enc_name: str, dec_name: str,
-                    trained: list[str], opt, step: int, tok):
-    """A checkpoint directory (STYLE 7): safetensors of what was trained, config.json to rebuild,
-    optimizer state and step for --resume. Written to a temporary directory, then renamed."""
+def save_checkpoint(out_dir: str, config: dict, modules: dict, opt, step: int, state: dict | None = None,
+                    hf: dict | None = None):
+    """The one checkpoint writer of every trainer (STYLE 7): <name>.safetensors per module in `modules`,
+    Hugging Face model directories (hf: name -> (model, tokenizer)), config.json to rebuild, optimizer
+    state (safetensors + JSON, no pickle) and train_state.json (step and loop state; every step reseeds
+    its RNGs from (seed, step)) for --resume. Written to a temporary directory, then renamed; the run's
+    logs live beside the weights and survive each swap."""
     from safetensors.torch import save_file
     with atomic_dir(out_dir) as tmp:
-        for keep in CARRIED_FILES:  # the run's logs live beside the weights and survive each swap
+        for keep in CARRIED_FILES:
             if os.path.isfile(os.path.join(out_dir, keep)):
                 shutil.copy2(os.path.join(out_dir, keep), os.path.join(tmp, keep))
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.encoder.model.state_dict().items()},
-                  os.path.join(tmp, "encoder.safetensors"))
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()},
-                  os.path.join(tmp, "projector.safetensors"))
-        if "decoder" in trained:
-            model.decoder.save_pretrained(os.path.join(tmp, "decoder"), safe_serialization=True)
-            tok.save_pretrained(os.path.join(tmp, "decoder"))
-        tensors, meta = optimizer_state_tensors(opt)
-        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-        write_json(os.path.join(tmp, "config.json"), {
-            "refrag_checkpoint": 1, "stage": cfg.stage, "enc": enc_name, "dec": dec_name, "k": cfg.k,
-            "d_enc": model.encoder.dim, "d_dec": model.projector.fc2.out_features, "trained": trained,
-            "step": step, "train_config": dataclasses.asdict(cfg),
-            "enc_fingerprint": module_fingerprint(model.encoder.model)})
-        write_json(os.path.join(tmp, "optimizer_meta.json"), meta)
-        # what the next step needs beyond weights: every step reseeds its RNGs from (seed, step)
-        write_json(os.path.join(tmp, "train_state.json"), {"step": step, "seed": cfg.seed,
-                                                           "rng": "reseeded per step from (seed, step)"})
+        for name, module in modules.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+                      os.path.join(tmp, f"{name}.safetensors"))
+        for name, (model, tok) in (hf or {}).items():
+            model.save_pretrained(os.path.join(tmp, name), safe_serialization=True)
+            tok.save_pretrained(os.path.join(tmp, name))
+        sd = opt.state_dict()
+        save_file({f"state.{i}.{name}": v.detach().cpu().contiguous() for i, st in sd["state"].items()
+                   for name, v in st.items() if torch.is_tensor(v)}, os.path.join(tmp, "optimizer.safetensors"))
+        write_json(os.path.join(tmp, "optimizer_meta.json"), {"param_groups": sd["param_groups"]})
+        write_json(os.path.join(tmp, "config.json"), config)
+        write_json(os.path.join(tmp, "train_state.json"), {"step": step, "rng": "reseeded per step from (seed, step)",
+                                                           **(state or {})})
+
+
+def resume_state(out_dir: str, resume: bool, what: str) -> bool:
+    """Whether --resume finds a checkpoint to continue from in out_dir (saying so when it does not)."""
+    found = resume and os.path.isfile(os.path.join(out_dir, "train_state.json"))
+    if resume and not found:
+        print(f"{what}: --resume given but {out_dir} holds no checkpoint; starting from step 0")
+    return found
+
+
+def load_train_state(src: str, opt) -> dict:
+    """The reader of save_checkpoint's optimizer and loop state: fills `opt`, returns train_state.json."""
+    from safetensors.torch import load_file
+    state = {}
+    for key, v in load_file(os.path.join(src, "optimizer.safetensors")).items():
+        _, i, name = key.split(".", 2)
+        state.setdefault(int(i), {})[name] = v
+    with open(os.path.join(src, "optimizer_meta.json"), encoding="utf-8") as fh:
+        opt.load_state_dict({"state": state, "param_groups": json.load(fh)["param_groups"]})
+    with open(os.path.join(src, "train_state.json"), encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 def step_rng(seed: int, step: int, rank: int = 0) -> random.Random:
@@ -1910,191 +2135,175 @@ def load_cpt_ids(path: str, flag: str, tok) -> list[dict]:
     return recs
 
 
-STAGE_LR = {"cpt_recon": 2e-4, "cpt_next": 5e-5, "finetune": 2e-5}  # paper appendix B
 
 
-def cmd_train(args, stage: str):
-    """cpt_recon / cpt_next / finetune: one set-up, one loop, a stage-specific batch maker."""
-    from accelerate import Accelerator
-    full_ft = stage == "finetune" and args.mode == "full"
-    cfg = TrainConfig(stage=stage, k=args.k, steps=args.steps, lr=args.lr or STAGE_LR[stage],
-                      batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      expand_frac=getattr(args, "expand_frac", 0.0) if stage != "finetune" else args.p,
-                      expand_by=getattr(args, "expand_by", "random"),
-                      max_o=getattr(args, "max_o", 128), save_every=args.save_every, log_every=args.log_every,
-                      seed=args.seed)
-    device = resolve_device(args.device)
-    prec = train_precision(device) if args.dtype == "auto" else args.dtype
-    if prec not in ("fp32", "bf16"):
-        fail(f"--dtype {args.dtype}: expected auto, fp32 or bf16")
-    mixed = "bf16" if prec == "bf16" else "no"  # bf16 autocast (weights and optimizer state stay fp32)
-    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
-    resume = args.resume and os.path.isfile(os.path.join(args.out_dir, "train_state.json"))
-    if args.resume and not resume and acc.is_main_process:
-        print(f"{stage}: --resume given but {args.out_dir} holds no checkpoint; starting from step 0")
-    src = args.out_dir if resume else args.load_dir
-    ckpt = load_refrag_checkpoint(src, cfg.k) if src else {}
-    dec_name = ckpt.get("dec", args.dec)
-    dec_dir = os.path.join(src, "decoder") if src and os.path.isdir(os.path.join(src, "decoder")) else dec_name
-    tok = load_tokenizer(dec_dir)
-    decoder = load_decoder(dec_dir, torch.device("cpu"), torch.float32)
-    enc_name = ckpt.get("enc", args.enc)
-    encoder = ChunkEncoder(enc_name)
-    if src:
-        load_state_strict(encoder.model, os.path.join(src, "encoder.safetensors"), "--load_dir")
+def train_setup(cfg: TrainConfig, acc) -> dict:
+    """A REFRAG trainer's models (from --load_dir, or with --resume from --out_dir), which of them train
+    (paper section 3: reconstruction trains encoder + projector only; --mode full the decoder only),
+    and the optimizer."""
+    resume = resume_state(cfg.out_dir, cfg.resume, cfg.stage) if acc.is_main_process else \
+        cfg.resume and os.path.isfile(os.path.join(cfg.out_dir, "train_state.json"))
+    src = cfg.out_dir if resume else cfg.load_dir
     set_seed(cfg.seed)
-    projector = Projector(encoder.dim, decoder.get_input_embeddings().embedding_dim)
-    if src:
-        load_state_strict(projector, os.path.join(src, "projector.safetensors"), "--load_dir")
-        if acc.is_main_process:
-            print(f"{stage}: loaded {src} (stage {ckpt.get('stage')}, step {ckpt.get('step')}, trained {ckpt.get('trained')})")
+    ckpt, tok, decoder, encoder, projector = load_refrag_modules(
+        src, None if resume else cfg.dec, None if resume else cfg.enc, cfg.k, torch.device("cpu"), torch.float32,
+        seed=cfg.seed)
+    if src and acc.is_main_process:
+        print(f"{cfg.stage}: loaded {src} (stage {ckpt.get('stage')}, step {ckpt.get('step')}, trained {ckpt.get('trained')})")
     model = RefragModel(encoder, projector, decoder)
-    frozen_dec = stage == "cpt_recon"  # paper section 3: reconstruction trains encoder + projector only
-    trained = ["decoder"] if full_ft else (["encoder", "projector"] if frozen_dec else ["encoder", "projector", "decoder"])
+    trained = ["decoder"] if cfg.stage == "finetune" and cfg.mode == "full" else \
+        ["encoder", "projector"] if cfg.stage == "cpt_recon" else ["encoder", "projector", "decoder"]
     for name, module in (("encoder", encoder), ("projector", projector), ("decoder", decoder)):
         module.requires_grad_(name in trained)
     if getattr(encoder.model, "pooler", None) is not None:  # unused by mean pooling; DDP needs every trained param used
         encoder.model.pooler.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    start = 0
-    if resume:
-        from safetensors.torch import load_file
-        with open(os.path.join(src, "optimizer_meta.json"), encoding="utf-8") as fh:
-            load_optimizer_state(opt, load_file(os.path.join(src, "optimizer.safetensors")), json.load(fh))
-        with open(os.path.join(src, "train_state.json"), encoding="utf-8") as fh:
-            start = json.load(fh)["step"]
-    model = model.to(device)
-    model, opt = acc.prepare(model, opt)
-    raw = acc.unwrap_model(model)
+    start = load_train_state(src, opt)["step"] if resume else 0
+    return {"model": model, "params": params, "opt": opt, "trained": trained, "start": start, "tok": tok,
+            "dec": ckpt.get("dec", cfg.dec or DEFAULT_DEC), "enc": ckpt.get("enc", encoder.name)}
+
+
+def cpt_batches(cfg: TrainConfig, tok, acc):
+    """(batch maker, training texts, largest context in chunks) of cpt_recon / cpt_next: the curriculum
+    (paper table 8's shape) over contexts of 1, 2, 4, ... chunks, one size per batch."""
     world, rank = acc.num_processes, acc.process_index
-    bos = bos_ids(tok)
+    train = load_cpt_ids(cfg.train_json, "--train_json", tok)
+    room = lambda r: len(r["ids"]) if cfg.stage == "cpt_recon" else r["s"]  # noqa: E731  (context tokens a text holds)
+    lengths = sorted(room(r) // cfg.k for r in train)
+    max_chunks = max(1, lengths[len(lengths) // 2])  # half of the texts allow the largest size
+    max_chunks = min(max_chunks, cfg.max_chunks) if cfg.max_chunks else max_chunks
+    max_chunks = 1 << (max_chunks.bit_length() - 1)
+    n_micro = cfg.steps * cfg.grad_accum * world
+    stages = build_curriculum(n_micro * cfg.batch_size, max_chunks, random.Random(cfg.seed))
+    plan = curriculum_batches(stages, cfg.batch_size)
     if acc.is_main_process:
-        os.makedirs(args.out_dir, exist_ok=True)
-        write_run_info(args.out_dir, args)
-        n_tr = sum(p.numel() for p in params)
-        print(f"{stage}: k={cfg.k}, {n_tr / 1e6:.1f}M trainable parameters ({', '.join(trained)}), "
-              f"{world} process(es) x batch {cfg.batch_size} x accumulation {cfg.grad_accum}, lr {cfg.lr:g}, "
-              f"device {device}, mixed precision {mixed}" + (f", resuming at step {start}" if resume else ""))
+        sizes = sorted({n for st in stages for n in st})
+        print(f"{cfg.stage}: curriculum (paper table 8 shape), samples per stage and number of chunks:")
+        print("  stage | " + " | ".join(f"{n:>4d}" for n in sizes))
+        for i, st in enumerate(stages):
+            print(f"  {i + 1:5d} | " + " | ".join(f"{Counter(st).get(n, 0):4d}" for n in sizes))
+    bos, last_stage = bos_ids(tok), [-1]
 
-    if stage in ("cpt_recon", "cpt_next"):
-        train = load_cpt_ids(args.train_json, "--train_json", tok)
-        lengths = sorted((len(r["ids"]) if stage == "cpt_recon" else r["s"]) // cfg.k for r in train)
-        max_chunks = max(1, lengths[len(lengths) // 2])  # half of the texts allow the largest size
-        if args.max_chunks:
-            max_chunks = min(max_chunks, args.max_chunks)
-        max_chunks = 1 << (max_chunks.bit_length() - 1)
-        n_micro = cfg.steps * cfg.grad_accum * world
-        stages = build_curriculum(n_micro * cfg.batch_size, max_chunks, random.Random(cfg.seed))
-        plan = curriculum_batches(stages, cfg.batch_size)
-        if acc.is_main_process:
-            sizes = sorted({n for st in stages for n in st})
-            print(f"{stage}: curriculum (paper table 8 shape), samples per stage and number of chunks:")
-            print("  stage | " + " | ".join(f"{n:>4d}" for n in sizes))
-            for i, st in enumerate(stages):
-                c = Counter(st)
-                print(f"  {i + 1:5d} | " + " | ".join(f"{c.get(n, 0):4d}" for n in sizes))
-        last_stage = [-1]
+    def make_step_batch(step, micro):
+        j = (step * cfg.grad_accum + micro) * world + rank
+        st, n = plan[min(len(plan) - 1, j * len(plan) // n_micro)]
+        if st != last_stage[0] and acc.is_main_process:
+            mix = Counter(stages[st])
+            print(f"{cfg.stage}: stage {st + 1}/9 begins at step {step + 1}: " + ", ".join(
+                f"{size} chunks {100 * c / (sum(mix.values()) or 1):.0f}%" for size, c in sorted(mix.items())), flush=True)
+            last_stage[0] = st
+        rng = step_rng(cfg.seed, step * cfg.grad_accum + micro, rank)
+        pool = [r for r in train if room(r) >= n * cfg.k] or train
+        recs = [rng.choice(pool) for _ in range(cfg.batch_size)]
+        if cfg.stage == "cpt_recon":
+            smp = [recon_sample(r["ids"], n, cfg.k, bos, rng) for r in recs]
+        else:
+            smp = [next_sample(r["ids"], r["s"], min(r["o"], cfg.max_o), n, cfg.k, cfg.mixed_frac, bos, rng)
+                   for r in recs]
+        return make_batch(smp, tok, tok.pad_token_id), {"stage": st + 1, "chunks": n}
+    return make_step_batch, train, max_chunks
 
-        def make_step_batch(step, micro):
-            j = (step * cfg.grad_accum + micro) * world + rank
-            st, n = plan[min(len(plan) - 1, j * len(plan) // n_micro)]
-            if st != last_stage[0] and acc.is_main_process:
-                mix = Counter(stages[st])
-                tot = sum(mix.values()) or 1
-                print(f"{stage}: stage {st + 1}/9 begins at step {step + 1}: "
-                      + ", ".join(f"{n} chunks {100 * c / tot:.0f}%" for n, c in sorted(mix.items())), flush=True)
-                last_stage[0] = st
-            rng = step_rng(cfg.seed, step * cfg.grad_accum + micro, rank)
-            need = n * cfg.k
-            pool = [r for r in train if (len(r["ids"]) if stage == "cpt_recon" else r["s"]) >= need] or train
-            recs = [rng.choice(pool) for _ in range(cfg.batch_size)]
-            if stage == "cpt_recon":
-                smp = [recon_sample(r["ids"], n, cfg.k, bos, rng) for r in recs]
-            else:
-                smp = [next_sample(r["ids"], r["s"], min(r["o"], cfg.max_o), n, cfg.k, cfg.expand_frac, bos, rng)
-                       for r in recs]
-            return make_batch(smp, tok, tok.pad_token_id), {"stage": st + 1, "chunks": n}
+
+def finetune_batches(cfg: TrainConfig, tok, device, acc):
+    """finetune's batch maker: each question's retrieved passages (the ones generate would use) in the
+    shared prompt, a mixed fraction p of its chunks as tokens (all of them with --mode full), the gold
+    answer as target."""
+    index = PassageIndex(cfg.index_dir)
+    if index.meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tok):
+        fail(f"--index_dir {cfg.index_dir}: built with another decoder tokenizer; rebuild it with --dec")
+    qa = read_rag(cfg.rag_json, "--rag_json")
+    retriever = ChunkEncoder(index.meta["embed_model"], "--embed_model").to(device).eval()
+    q_emb = retriever.embed_texts([r["question"] for r in qa], normalize=True,
+                                  desc="retrieve" if acc.is_main_process else None).numpy()
+    contexts = [[index.passage_ids(i).tolist() for i in index.fit(index.search(q_emb[qi:qi + 1], cfg.topk)[0],
+                                                                  cfg.ctx_max)] for qi in range(len(qa))]
+    del retriever
+
+    def make_step_batch(step, micro):
+        rng = step_rng(cfg.seed, step * cfg.grad_accum + micro, acc.process_index)
+        smp = []
+        for _ in range(cfg.batch_size):
+            qi = rng.randrange(len(qa))
+            prefix, sep, suffix = prompt_pieces(tok, qa[qi]["question"])
+            chunks = [split_chunks(x, cfg.k) for x in contexts[qi]]
+            L = sum(len(c) for c in chunks)
+            if cfg.mode == "full":
+                expand = None
+            elif cfg.expand_by == "rank":  # the same leading chunks generate --heuristic rank expands
+                expand = set(select_expand(L, cfg.mixed_frac, "rank", None, None))
+            else:  # the paper's mixed input; the loop's own seeded rng keeps resumed runs exact
+                expand = set(rng.sample(range(L), int(round(cfg.mixed_frac * L))))
+            pieces = [(kind, v[2] if kind == "chunk" else v)
+                      for kind, v in prompt_segments(prefix, chunks, sep, suffix, expand)]
+            smp.append({"pieces": pieces, "target": answer_ids(tok, rng.choice(qa[qi]["answers"]))})
+        return make_batch(smp, tok, tok.pad_token_id), {}
+    return make_step_batch
+
+
+def cpt_heldout(cfg: TrainConfig, model, tok, train: list[dict], max_chunks: int):
+    """After cpt_recon / cpt_next: held-out reconstruction or next-paragraph scores, printed and saved to eval.json."""
+    ev = load_cpt_ids(cfg.eval_json, "--eval_json", tok)
+    if cfg.stage == "cpt_recon":
+        res = eval_recon(model, ev, tok, cfg.k, fact_token_ids(tok, [r["text"] for r in train]), max_chunks)
+        print(f"{cfg.stage}: held-out reconstruction ({cfg.eval_json}):\n  chunks | token acc (no context, raw tokens) "
+              "| fact-token acc (no context, raw tokens) | log-ppl (no context, raw tokens)")
+        for n, r in res.items():
+            print(f"  {int(n):6d} | {r['acc']:.3f} ({r['acc_nocontext']:.3f}, {r['acc_rawtokens']:.3f}) | "
+                  f"{r['fact_acc'] or 0:.3f} ({r['fact_acc_nocontext'] or 0:.3f}, {r['fact_acc_rawtokens'] or 0:.3f}) | "
+                  f"{r['logppl']:.3f} ({r['logppl_nocontext']:.3f}, {r['logppl_rawtokens']:.3f})")
     else:
-        index = PassageIndex(args.index_dir)
-        if index.meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tok):
-            fail(f"--index_dir {args.index_dir}: built with another decoder tokenizer; rebuild it with --dec")
-        qa = read_rag(args.rag_json, "--rag_json")
-        retriever = ChunkEncoder(index.meta["embed_model"], "--embed_model").to(device).eval()
-        with torch.inference_mode():
-            q_emb = retriever.embed_texts([r["question"] for r in qa], normalize=True,
-                                          desc="retrieve" if acc.is_main_process else None).numpy()
-        contexts = []  # the same passages generate would use
-        for qi in range(len(qa)):
-            used = index.fit(index.search(q_emb[qi:qi + 1], args.topk)[0], args.ctx_max)
-            contexts.append([index.passage_ids(i).tolist() for i in used])
-        del retriever
+        res = eval_next(model, ev, tok, cfg.k, cfg.mixed_frac, cfg.max_o, cfg.seed)
+        print(f"{cfg.stage}: held-out next-paragraph log-perplexity ({cfg.eval_json}): "
+              + " | ".join(f"{key} {v:.4f}" for key, v in res.items()))
+    write_json(os.path.join(cfg.out_dir, "eval.json"), {"stage": cfg.stage, "eval_json": cfg.eval_json, "k": cfg.k,
+                                                        "results": res})
 
-        def make_step_batch(step, micro):
-            rng = step_rng(cfg.seed, step * cfg.grad_accum + micro, rank)
-            smp = []
-            for _ in range(cfg.batch_size):
-                qi = rng.randrange(len(qa))
-                prefix, sep, suffix = prompt_pieces(tok, qa[qi]["question"])
-                chunks = [split_chunks(x, cfg.k) for x in contexts[qi]]
-                L = sum(len(c) for c in chunks)
-                if full_ft:
-                    expand = None
-                elif cfg.expand_by == "rank":  # the same leading chunks generate --heuristic rank expands
-                    expand = set(select_expand(L, cfg.expand_frac, "rank", None, None))
-                else:  # the paper's mixed input; the loop's own seeded rng keeps resumed runs exact
-                    expand = set(rng.sample(range(L), int(round(cfg.expand_frac * L))))
-                pieces = [(kind, v[2] if kind == "chunk" else v)
-                          for kind, v in prompt_segments(prefix, chunks, sep, suffix, expand)]
-                smp.append({"pieces": pieces, "target": answer_ids(tok, rng.choice(qa[qi]["answers"]))})
-            return make_batch(smp, tok, tok.pad_token_id), {}
+
+def cmd_train(cfg: TrainConfig):
+    """cpt_recon / cpt_next / finetune: one set-up, one loop (train_loop), a stage-specific batch maker."""
+    from accelerate import Accelerator
+    device = resolve_device(cfg.device)
+    mixed = "bf16" if resolve_dtype(cfg.dtype, device) == torch.bfloat16 else "no"  # autocast; weights stay fp32
+    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
+    s = train_setup(cfg, acc)
+    tok, raw = s["tok"], s["model"]
+    model, opt = acc.prepare(raw.to(device), s["opt"])
+    world = acc.num_processes
+    if acc.is_main_process:
+        write_run_info(cfg.out_dir, cfg)
+        print(f"{cfg.stage}: k={cfg.k}, {sum(p.numel() for p in s['params']) / 1e6:.1f}M trainable parameters "
+              f"({', '.join(s['trained'])}), {world} process(es) x batch {cfg.batch_size} x accumulation "
+              f"{cfg.grad_accum}, lr {cfg.lr:g}, device {device}, mixed precision {mixed}"
+              + (f", resuming at step {s['start']}" if s["start"] else ""))
+    if cfg.stage == "finetune":
+        make_step_batch, train, max_chunks = finetune_batches(cfg, tok, device, acc), None, 0
+    else:
+        make_step_batch, train, max_chunks = cpt_batches(cfg, tok, acc)
 
     def save(step):
-        save_checkpoint(args.out_dir, raw, cfg, enc_name=enc_name, dec_name=dec_name, trained=trained, opt=opt,
-                        step=step, tok=tok)
+        config = {"refrag_checkpoint": 1, "stage": cfg.stage, "enc": s["enc"], "dec": s["dec"], "k": cfg.k,
+                  "d_enc": raw.encoder.dim, "d_dec": raw.projector.fc2.out_features, "trained": s["trained"],
+                  "step": step, "train_config": dataclasses.asdict(cfg),
+                  "enc_fingerprint": weights_fingerprint(raw.encoder.model)}
+        save_checkpoint(cfg.out_dir, config, {"encoder": raw.encoder.model, "projector": raw.projector}, opt, step,
+                        {"seed": cfg.seed}, {"decoder": (raw.decoder, tok)} if "decoder" in s["trained"] else None)
 
     t0 = time.perf_counter()
-    train_loop(model, params, make_step_batch, cfg, acc, args.out_dir, save, start, opt, args.stop_after)
+    train_loop(model, s["params"], make_step_batch, cfg, acc, cfg.out_dir, save, s["start"], opt, cfg.stop_after)
     if world > 1:  # every rank must hold the same weights after DDP training
-        print(f"{stage}: rank {rank} weights fingerprint {module_fingerprint(raw)}", flush=True)
+        print(f"{cfg.stage}: rank {acc.process_index} weights fingerprint {weights_fingerprint(raw)}", flush=True)
     if not acc.is_main_process:
         return
-    print(f"{stage}: trained to step {min(cfg.steps, args.stop_after or cfg.steps)} in {time.perf_counter() - t0:.0f}s -> {args.out_dir}")
-    if stage != "finetune" and args.eval_json and (args.stop_after is None or args.stop_after >= cfg.steps):
-        ev = load_cpt_ids(args.eval_json, "--eval_json", tok)
-        if stage == "cpt_recon":
-            facts = fact_token_ids(tok, [r["text"] for r in train])
-            res = eval_recon(raw, ev, tok, cfg.k, facts, max_chunks)
-            print(f"{stage}: held-out reconstruction ({args.eval_json}):")
-            print("  chunks | token acc (no context, raw tokens) | fact-token acc (no context, raw tokens) | "
-                  "log-ppl (no context, raw tokens)")
-            for n, r in res.items():
-                print(f"  {int(n):6d} | {r['acc']:.3f} ({r['acc_nocontext']:.3f}, {r['acc_rawtokens']:.3f}) | "
-                      f"{r['fact_acc'] or 0:.3f} ({r['fact_acc_nocontext'] or 0:.3f}, {r['fact_acc_rawtokens'] or 0:.3f}) | "
-                      f"{r['logppl']:.3f} ({r['logppl_nocontext']:.3f}, {r['logppl_rawtokens']:.3f})")
-        else:
-            res = eval_next(raw, ev, tok, cfg.k, cfg.expand_frac, cfg.max_o, cfg.seed)
-            print(f"{stage}: held-out next-paragraph log-perplexity ({args.eval_json}): "
-                  + " | ".join(f"{key} {v:.4f}" for key, v in res.items()))
-        write_json(os.path.join(args.out_dir, "eval.json"), {"stage": stage, "eval_json": args.eval_json,
-                                                             "k": cfg.k, "results": res})
-
-
-def cmd_cpt_recon(args):
-    cmd_train(args, "cpt_recon")
-
-
-def cmd_cpt_next(args):
-    cmd_train(args, "cpt_next")
-
-
-def cmd_finetune(args):
-    cmd_train(args, "finetune")
+    print(f"{cfg.stage}: trained to step {min(cfg.steps, cfg.stop_after or cfg.steps)} in "
+          f"{time.perf_counter() - t0:.0f}s -> {cfg.out_dir}")
+    if cfg.stage != "finetune" and cfg.eval_json and (cfg.stop_after is None or cfg.stop_after >= cfg.steps):
+        cpt_heldout(cfg, raw, tok, train, max_chunks)
 
 
 # ---- training: the selection policy (GRPO / REINFORCE, models frozen) ----
 
-def policy_contexts(args, cfg: PolicyConfig, models: Models, index: PassageIndex, path: str, flag: str) -> list[dict]:
+def policy_contexts(cfg: PolicyConfig, models: Models, index: PassageIndex, path: str, flag: str) -> list[dict]:
     """Training or held-out examples for the policy: a RetrievedContext (QA: retrieved top-k passages
     as in generate; long text: the s tokens before the split) and the target whose log-perplexity
     is the reward (the gold answer, or x_s+1:s+o)."""
@@ -2108,7 +2317,7 @@ def policy_contexts(args, cfg: PolicyConfig, models: Models, index: PassageIndex
             if ctx.n_chunks >= 2:
                 out.append({"ctx": ctx, "target": answer_ids(tok, r["answers"][0]), "id": r["id"]})
         return out
-    if cfg.query:
+    if cfg.policy_query:
         fail(f"{flag} {path}: long-text records have no question for a query-aware policy (--policy_query)")
     bos = bos_ids(tok)
     for r in progress(load_cpt_ids(path, flag, tok), desc="encode", unit="text"):
@@ -2146,10 +2355,10 @@ def selection_rewards(models: Models, ex: dict, selections: list[list[int]], max
 
 
 def policy_eval(policy: SelectionPolicy, models: Models, index: PassageIndex | None, exs: list[dict],
-                cfg: PolicyConfig, seed: int) -> dict:
+                cfg: PolicyConfig) -> dict:
     """Held-out answer (or continuation) log-perplexity at p with the policy's deterministic picks,
     random picks, the perplexity heuristics and the leading chunks, plus all-compressed and all-expanded."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
     scores = {m: [] for m in ("policy", "random", "ppl_desc", "ppl_asc", "rank", "p=0", "p=1")}
     for ex in exs:
         ctx, L = ex["ctx"], ex["ctx"].n_chunks
@@ -2163,19 +2372,6 @@ def policy_eval(policy: SelectionPolicy, models: Models, index: PassageIndex | N
         for m, r in zip(scores, selection_rewards(models, ex, sels)):
             scores[m].append(-float(r))
     return {m: float(np.mean(v)) for m, v in scores.items()} | {"n": len(exs), "p": cfg.p, "k": cfg.k}
-
-
-def save_policy(out_dir: str, policy: SelectionPolicy, cfg: PolicyConfig, base: dict, fingerprints: dict, step: int):
-    from safetensors.torch import save_file
-    with atomic_dir(out_dir) as tmp:
-        for keep in ("metrics.jsonl", "run_config.json", "eval.json"):
-            if os.path.isfile(os.path.join(out_dir, keep)):
-                shutil.copy2(os.path.join(out_dir, keep), os.path.join(tmp, keep))
-        save_file({k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()},
-                  os.path.join(tmp, "policy.safetensors"))
-        write_json(os.path.join(tmp, "config.json"), {
-            "kind": "refrag_policy", "shape": policy.shape, "k": cfg.k, "p": cfg.p, "algo": cfg.algo,
-            "step": step, "base": base, "fingerprints": fingerprints, "train_config": dataclasses.asdict(cfg)})
 
 
 def policy_step(policy: SelectionPolicy, opt, exs: list[dict], reward_fn, cfg: PolicyConfig,
@@ -2226,65 +2422,71 @@ def policy_step(policy: SelectionPolicy, opt, exs: list[dict], reward_fn, cfg: P
     return {"reward": float(r.mean()), "reward_std": float(r.std(1).mean()), "entropy": entropy, "clipped": clipped}
 
 
-def cmd_train_policy(args):
-    """Train the selection policy (policy_step) with the decoder, encoder and projector frozen;
-    reward: minus the log-perplexity of the true target under the mixed input."""
-    cfg = PolicyConfig(k=args.k, p=args.p, steps=args.steps, lr=args.lr, algo=args.algo, group=args.group,
-                       batch_size=args.batch_size, clip=args.clip, ppo_epochs=args.ppo_epochs,
-                       query=args.policy_query, topk=args.topk, ctx_max=args.ctx_max, log_every=args.log_every,
-                       seed=args.seed)
-    device = resolve_device(args.device)
-    index = PassageIndex(args.index_dir)
-    models = load_models(dec=args.dec, enc=args.enc, embed_model=index.retriever(args.embed_model),
-                         load_dir=args.load_dir, k=cfg.k, device=device, dtype=resolve_dtype(args.dtype, device),
-                         seed=args.seed)
+def cmd_train_policy(cfg: PolicyConfig):
+    """Train the selection policy (policy_step) with the decoder, encoder and projector frozen; reward:
+    minus the log-perplexity of the true target under the mixed input. Warm-up + cosine LR as the
+    other trainers; checkpoints by save_checkpoint, so --resume continues exactly (per-step RNG)."""
+    device = resolve_device(cfg.device)
+    index = PassageIndex(cfg.index_dir)
+    models = load_models(dec=cfg.dec, enc=cfg.enc, embed_model=index.retriever(cfg.embed_model), load_dir=cfg.load_dir,
+                         k=cfg.k, device=device, dtype=resolve_dtype(cfg.dtype, device), seed=cfg.seed)
     check_index_tokenizer(index, models)
     for m in (models.decoder, models.encoder, models.projector, models.retriever):
         m.requires_grad_(False)
     print(f"train_policy: chunk cache {index.cache_status(models, cfg.k, True)}; "
           f"chunk perplexities {index.ppl_status(models, cfg.k)}")
-    train = policy_contexts(args, cfg, models, index, args.train_json, "--train_json")
-    held = policy_contexts(args, cfg, models, index, args.eval_json, "--eval_json")[:args.eval_n] if args.eval_json else []
+    train = policy_contexts(cfg, models, index, cfg.train_json, "--train_json")
+    held = policy_contexts(cfg, models, index, cfg.eval_json, "--eval_json")[:cfg.eval_n] if cfg.eval_json else []
     if not train:
-        fail(f"--train_json {args.train_json}: no example with at least 2 chunks at k={cfg.k}")
+        fail(f"--train_json {cfg.train_json}: no example with at least 2 chunks at k={cfg.k}")
     set_seed(cfg.seed)
-    policy = SelectionPolicy(models.encoder.dim, d_model=cfg.d_model, query=cfg.query,
+    policy = SelectionPolicy(models.encoder.dim, d_model=cfg.d_model, query=cfg.policy_query,
                              d_q=models.retriever.dim).to(device)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    base = {"load_dir": args.load_dir, "dec": args.dec, "enc": args.enc, "embed_model": index.meta["embed_model"]}
-    fps = model_fingerprints(models)
-    os.makedirs(args.out_dir, exist_ok=True)
-    write_run_info(args.out_dir, args)
-    metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
-    if os.path.isfile(metrics_path):
+    resume = resume_state(cfg.out_dir, cfg.resume, "train_policy")
+    state = load_train_state(cfg.out_dir, opt) if resume else {"step": 0}
+    if resume:
+        load_state_strict(policy, os.path.join(cfg.out_dir, "policy.safetensors"), "--out_dir")
+    config = {"kind": "refrag_policy", "shape": policy.shape, "k": cfg.k, "p": cfg.p, "algo": cfg.algo,
+              "base": {"load_dir": cfg.load_dir, "dec": cfg.dec, "enc": cfg.enc, "embed_model": index.meta["embed_model"]},
+              "fingerprints": model_fingerprints(models), "train_config": dataclasses.asdict(cfg)}
+    write_run_info(cfg.out_dir, cfg)
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if not resume and os.path.isfile(metrics_path):
         os.remove(metrics_path)
-    print(f"train_policy: {cfg.algo}, {'query-aware ' if cfg.query else ''}policy with "
+    print(f"train_policy: {cfg.algo}, {'query-aware ' if cfg.policy_query else ''}policy with "
           f"{sum(p.numel() for p in policy.parameters()) / 1e3:.0f}k parameters, {len(train)} training examples, "
-          f"k={cfg.k}, p={cfg.p}, G={cfg.group}, batch {cfg.batch_size}")
-    if held:
-        ev = policy_eval(policy, models, index, held, cfg, cfg.seed)
-        print("train_policy: held-out log-ppl before training: " + " | ".join(f"{m} {ev[m]:.4f}" for m in ev if m not in ("n", "p", "k")))
-    rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
-    state, t0, log = {}, time.perf_counter(), []
+          f"k={cfg.k}, p={cfg.p}, G={cfg.group}, batch {cfg.batch_size}"
+          + (f", resuming at step {state['step']}" if resume else ""))
+    show = lambda ev: " | ".join(f"{m} {ev[m]:.4f}" for m in ev if m not in ("n", "p", "k"))  # noqa: E731
+    if held and not resume:
+        print("train_policy: held-out log-ppl before training: " + show(policy_eval(policy, models, index, held, cfg)))
     reward_fn = lambda ex, sels: selection_rewards(models, ex, sels)  # noqa: E731
-    for step in range(cfg.steps):
+    t0, log, stop = time.perf_counter(), [], cfg.stop_after or cfg.steps
+    for step in range(state["step"], min(cfg.steps, stop)):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_frac)
+        rng = step_rng(cfg.seed, step)
+        gen = torch.Generator().manual_seed(rng.randrange(1 << 62))
         exs = [train[rng.randrange(len(train))] for _ in range(cfg.batch_size)]
         log.append(policy_step(policy, opt, exs, reward_fn, cfg, gen, state))
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            rec = {"step": step + 1, **{m: float(np.mean([x[m] for x in log])) for m in log[0]},
-                   "s_per_step": (time.perf_counter() - t0) / len(log)}
-            print(f"step {step + 1:5d} | reward {rec['reward']:.4f} (group std {rec['reward_std']:.4f}) | "
-                  f"first-pick entropy {rec['entropy']:.3f} | clipped {rec['clipped']:.3f} | {rec['s_per_step']:.2f} s/step", flush=True)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            rec = {"step": done, **{m: float(np.mean([x[m] for x in log])) for m in log[0]},
+                   "lr": opt.param_groups[0]["lr"], "s_per_step": (time.perf_counter() - t0) / len(log)}
+            print(f"step {done:5d} | reward {rec['reward']:.4f} (group std {rec['reward_std']:.4f}) | first-pick "
+                  f"entropy {rec['entropy']:.3f} | clipped {rec['clipped']:.3f} | lr {rec['lr']:.2e} | "
+                  f"{rec['s_per_step']:.2f} s/step", flush=True)
             append_jsonl(metrics_path, rec)
             log, t0 = [], time.perf_counter()
-    result = {}
-    if held:
-        result = policy_eval(policy, models, index, held, cfg, cfg.seed)
-        print("train_policy: held-out log-ppl after training:  " + " | ".join(
-            f"{m} {result[m]:.4f}" for m in result if m not in ("n", "p", "k")))
-        write_json(os.path.join(args.out_dir, "eval.json"), {"eval_json": args.eval_json, **result})
-    save_policy(args.out_dir, policy.eval(), cfg, base, fps, cfg.steps)
-    print(f"train_policy: saved {args.out_dir}")
+        if (cfg.save_every and done % cfg.save_every == 0) or done in (cfg.steps, stop):
+            state["step"] = done
+            save_checkpoint(cfg.out_dir, dict(config, step=done), {"policy": policy}, opt, done, state)
+    if held and stop >= cfg.steps:
+        result = policy_eval(policy.eval(), models, index, held, cfg)
+        print("train_policy: held-out log-ppl after training:  " + show(result))
+        write_json(os.path.join(cfg.out_dir, "eval.json"), {"eval_json": cfg.eval_json, **result})
+    print(f"train_policy: saved {cfg.out_dir}")
 
 
 # ---- evaluation and benchmarks ----
@@ -2362,16 +2564,8 @@ def results_markdown(result: dict) -> str:
             + "\n".join(fmt(s) for s in result["results"]) + "\n")
 
 
-def cmd_evaluate(args):
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or any(m not in ("full", "refrag", "none") for m in modes):
-        fail(f"--modes {args.modes}: a comma list of full, refrag, none")
-    ks = parse_ints(args.k, "--k")
-    ps = parse_fractions(args.p, "--p")
-    selections = [x.strip() for x in (args.heuristic or "random").split(",")]
-    for sel in selections:
-        if sel not in HEURISTICS:
-            fail(f"--heuristic {sel}: expected a comma list of {', '.join(HEURISTICS)}")
+def cmd_evaluate(args: EvalConfig):
+    modes, ks, ps, selections = args.mode_list, args.ks, args.ps, args.selections
     first = read_jsonl(args.eval_json, "--eval_json")[0][1]
     kind = "cpt" if "split" in first else "qa"
     data = read_cpt(args.eval_json, "--eval_json") if kind == "cpt" else read_rag(args.eval_json, "--eval_json")
@@ -2379,10 +2573,10 @@ def cmd_evaluate(args):
         data = data[:args.limit]
     if args.load_dir and "refrag" in modes:
         for k in ks:  # a checkpoint is trained for one k
-            load_refrag_checkpoint(args.load_dir, k)
+            read_checkpoint_config(args.load_dir, k)
     device = resolve_device(args.device)
     index = PassageIndex(args.index_dir) if kind == "qa" else None
-    embed = index.retriever(args.embed_model) if index else args.enc
+    embed = index.retriever(args.embed_model) if index else (args.enc or MINILM_ID)
     models = load_models(dec=args.dec, enc=args.enc, embed_model=embed, load_dir=args.load_dir, k=None,
                          device=device, dtype=resolve_dtype(args.dtype, device),
                          need_encoder="refrag" in modes, seed=args.seed)
@@ -2448,8 +2642,8 @@ def cmd_evaluate(args):
                   f"positions {summary['prompt_positions']:.0f}", flush=True)
         else:
             print(f"{key:34s} | log-ppl {summary['logppl']:.4f} | positions {summary['prompt_positions']:.0f}", flush=True)
-    result = {"eval_json": args.eval_json, "kind": kind, "device": device_name(device), "decoder": args.load_dir or args.dec,
-              "command": " ".join(sys.argv), "results": summaries}
+    result = {"eval_json": args.eval_json, "kind": kind, "device": device_name(device), "decoder": args.load_dir or args.dec or DEFAULT_DEC,
+              "command": command_line(args), "results": summaries}
     write_json(os.path.join(args.out, "results.json"), result)
     atomic_write_text(os.path.join(args.out, "results.md"), results_markdown(result))
     print(f"evaluate: wrote {args.out}/results.json and results.md")
@@ -2457,11 +2651,6 @@ def cmd_evaluate(args):
 
 
 
-ENCODER_PRESETS = {  # BERT/RoBERTa shapes for timing the encoder without downloading weights
-    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
-    "roberta-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "roberta-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-}
 
 
 def analytic_ttft_speedup(s: int, k: int, d: int) -> float:
@@ -2559,15 +2748,10 @@ def plot_bench(result: dict, path: str):
     plt.close(fig)
 
 
-def cmd_bench(args):
+def cmd_bench(args: BenchConfig):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    ctxs = [int(x) for x in args.ctx.split(",")]
-    ks = [int(x) for x in args.k.split(",")]
-    if any(c < 1 for c in ctxs) or any(k < 1 for k in ks):
-        fail("--ctx/--k: positive integers, comma separated")
-    if args.o < 1 or args.repeats < 1:
-        fail("--o/--repeats: must be at least 1")
+    ctxs, ks = args.ctxs, args.ks
     decoder, encoder, d_enc, dec_desc, enc_desc = bench_models(args, device, dtype)
     d = int(decoder.config.hidden_size)
     n_params = sum(p.numel() for p in decoder.parameters())
@@ -2653,7 +2837,7 @@ def cmd_bench(args):
     result = {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""), "decoder": dec_desc,
               "decoder_params": n_params, "d": d, "encoder": enc_desc, "q": args.q, "o": args.o,
               "repeats": args.repeats, "warmup": args.warmup, "torch": torch.__version__,
-              "command": " ".join(sys.argv), "records": records}
+              "command": command_line(args), "records": records}
     write_json(os.path.join(args.out, "bench.json"), result)
     plot_bench(result, os.path.join(args.out, "bench_ttft_speedup.png"))
     print(f"bench: wrote {os.path.join(args.out, 'bench.json')} and bench_ttft_speedup.png")
@@ -2661,299 +2845,54 @@ def cmd_bench(args):
 
 
 
-# ---- CLI ----
-
-def add_model_args(sp, enc=True):
-    sp.add_argument("--dec", default=DEFAULT_DEC, help="decoder: HF id, directory or .gguf (default: smollm2, SmolLM2-135M-Instruct)")
-    if enc:
-        sp.add_argument("--enc", default=MINILM_ID, help="chunk encoder: HF id or directory")
-    sp.add_argument("--embed_model", default=None,
-                    help="retrieval model; must be the one the index was built with (default: the index's)")
-    sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    sp.add_argument("--dtype", default="auto", help="auto (bf16 on capable GPUs and CPUs, else fp16 or fp32), fp32, bf16, fp16")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="refrag.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    sp = sub.add_parser("index", help="FAISS index + cached chunk embeddings")
-    sp.add_argument("--corpus", default="data/corpus_small.txt")
-    sp.add_argument("--index_dir", default=DEFAULT_INDEX)
-    sp.add_argument("--embed_model", default=MINILM_ID, help="retrieval embedding model")
-    sp.add_argument("--enc", default=MINILM_ID,
-                    help="chunk encoder whose embeddings are cached: HF id, directory, or a refrag checkpoint")
-    sp.add_argument("--dec", default=DEFAULT_DEC, help="decoder or tokenizer.json that defines a k-token chunk")
-    sp.add_argument("--k", default="16", help="chunk size(s) to cache, e.g. 16 or 8,16,32")
-    sp.add_argument("--index_type", default="flat", choices=["flat", "ivf", "hnsw"])
-    sp.add_argument("--batch_size", type=int, default=64)
-    sp.add_argument("--ppl", action="store_true",
-                    help="also cache chunk perplexities under --dec (the ppl heuristics then cost a lookup)")
-    sp.add_argument("--device", default="auto")
-    sp.add_argument("--dtype", default="auto", help="decoder precision for --ppl: auto, fp32, bf16, fp16")
-    sp.set_defaults(func=cmd_index)
-
-    sp = sub.add_parser("generate", help="answer one question with timing")
-    sp.add_argument("--index_dir", default=DEFAULT_INDEX)
-    sp.add_argument("--question", required=True)
-    add_model_args(sp)
-    sp.add_argument("--load_dir", default=None,
-                    help="refrag checkpoint (trained encoder/projector), or a policy checkpoint (its models + policy)")
-    sp.add_argument("--policy", default=None, help="selection policy checkpoint (train_policy) to use with --load_dir")
-    sp.add_argument("--policy_sample", action="store_true", help="sample the policy's picks instead of its top chunks")
-    sp.add_argument("--mode", default="refrag", choices=["refrag", "full", "none"])
-    sp.add_argument("--topk", type=int, default=8)
-    sp.add_argument("--k", type=int, default=16)
-    sp.add_argument("--p", type=float, default=0.25)
-    sp.add_argument("--ctx_max", type=int, default=1024)
-    sp.add_argument("--max_new", type=int, default=128)
-    sp.add_argument("--temperature", type=float, default=0.0)
-    sp.add_argument("--top_p", type=float, default=1.0)
-    sp.add_argument("--heuristic", nargs="?", const="ppl_desc", default=None,
-                    choices=HEURISTICS, help="selection heuristic (bare: ppl_desc)")
-    sp.add_argument("--no_cache", action="store_true", help="recompute chunk embeddings instead of the index cache")
-    sp.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs before the timed one")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--json", action="store_true", help="print the JSON record on stdout (answer streams to stderr)")
-    sp.add_argument("--out_dir", default=None, help="also write generate.json and run_config.json here")
-    sp.set_defaults(func=cmd_generate)
-
-    for name, fn, lr_help in (("cpt_recon", cmd_cpt_recon, "2e-4"), ("cpt_next", cmd_cpt_next, "5e-5"),
-                              ("finetune", cmd_finetune, "2e-5")):
-        sp = sub.add_parser(name, help=f"REFRAG training: {name}")
-        if name == "finetune":
-            sp.add_argument("--rag_json", default="data/rag_train.jsonl")
-            sp.add_argument("--index_dir", default=DEFAULT_INDEX)
-            sp.add_argument("--mode", default="refrag", choices=["refrag", "full"],
-                            help="full: fine-tune the plain decoder on full-token contexts (the fair baseline)")
-            sp.add_argument("--p", type=float, default=0.1, help="fraction of chunks kept as tokens")
-            sp.add_argument("--expand_by", default="random", choices=["random", "rank"],
-                            help="which chunks stay tokens while fine-tuning: random ones (the paper's mixed input) "
-                                 "or the leading ones (the best-ranked passages; pair with generate --heuristic rank)")
-            sp.add_argument("--topk", type=int, default=8)
-            sp.add_argument("--ctx_max", type=int, default=1024)
-        else:
-            sp.add_argument("--train_json", default="data/cpt_train.jsonl")
-            sp.add_argument("--eval_json", default="data/cpt_eval.jsonl", help="held-out texts scored at the end ('' to skip)")
-            if name == "cpt_next":
-                sp.add_argument("--expand_frac", type=float, default=0.0, help="random fraction of chunks kept as tokens")
-                sp.add_argument("--max_o", type=int, default=128, help="continuation tokens at most")
-            sp.add_argument("--max_chunks", type=int, default=0,
-                            help="largest context in chunks for the curriculum (0: what the data allows)")
-        sp.add_argument("--enc", default=MINILM_ID)
-        sp.add_argument("--dec", default=DEFAULT_DEC)
-        sp.add_argument("--load_dir", default=None, help="start from this refrag checkpoint (strict)")
-        sp.add_argument("--k", type=int, default=8)
-        sp.add_argument("--steps", type=int, default=200)
-        sp.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {lr_help}, the paper's)")
-        sp.add_argument("--batch_size", type=int, default=8)
-        sp.add_argument("--grad_accum", type=int, default=1)
-        sp.add_argument("--save_every", type=int, default=0)
-        sp.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out_dir")
-        sp.add_argument("--stop_after", type=int, default=None, help="stop (after saving) at this step")
-        sp.add_argument("--log_every", type=int, default=20)
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--device", default="auto")
-        sp.add_argument("--dtype", default="auto",
-                        help="autocast of the training steps: auto (bf16 on capable GPUs and on CPUs with AVX512-BF16/AMX), fp32, bf16")
-        sp.add_argument("--out_dir", default=f"runs/{name}")
-        sp.set_defaults(func=fn)
-
-    sp = sub.add_parser("train_policy", help="train the selective-expansion policy (GRPO or REINFORCE)")
-    sp.add_argument("--rag_json", "--train_json", dest="train_json", default="data/rag_train.jsonl",
-                    help="QA (reward: gold answer log-ppl) or long texts with a split (reward: continuation log-ppl)")
-    sp.add_argument("--eval_json", default="data/rag_eval.jsonl", help="held-out examples scored before and after ('' to skip)")
-    sp.add_argument("--eval_n", type=int, default=100)
-    sp.add_argument("--index_dir", default=DEFAULT_INDEX)
-    add_model_args(sp)
-    sp.add_argument("--load_dir", default=None, help="refrag checkpoint the policy selects for (frozen)")
-    sp.add_argument("--k", type=int, default=16)
-    sp.add_argument("--p", type=float, default=0.25)
-    sp.add_argument("--topk", type=int, default=8)
-    sp.add_argument("--ctx_max", type=int, default=1024)
-    sp.add_argument("--steps", type=int, default=300)
-    sp.add_argument("--lr", type=float, default=1e-4)
-    sp.add_argument("--algo", default="grpo", choices=["grpo", "reinforce"])
-    sp.add_argument("--group", type=int, default=8, help="selections sampled per example (G)")
-    sp.add_argument("--batch_size", type=int, default=4, help="examples per update")
-    sp.add_argument("--clip", type=float, default=0.2, help="PPO clipping epsilon")
-    sp.add_argument("--ppo_epochs", type=int, default=2)
-    sp.add_argument("--policy_query", action="store_true", help="query-aware policy: the question's embedding is an input")
-    sp.add_argument("--log_every", type=int, default=20)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--out_dir", default="runs/policy")
-    sp.set_defaults(func=cmd_train_policy)
-
-    sp = sub.add_parser("evaluate", help="exact match / F1 / timing over a QA file")
-    sp.add_argument("--eval_json", default="data/rag_eval.jsonl")
-    sp.add_argument("--index_dir", default=DEFAULT_INDEX)
-    add_model_args(sp)
-    sp.add_argument("--load_dir", default=None)
-    sp.add_argument("--modes", default="full,refrag,none")
-    sp.add_argument("--topk", type=int, default=8)
-    sp.add_argument("--k", default="16", help="chunk sizes for refrag, e.g. 8,16,32")
-    sp.add_argument("--p", default="0", help="expansion fractions for refrag, e.g. 0,0.25")
-    sp.add_argument("--ctx_max", type=int, default=1024)
-    sp.add_argument("--max_new", type=int, default=24)
-    sp.add_argument("--heuristic", default="random", help="selections when p > 0: comma list of " + ", ".join(HEURISTICS))
-    sp.add_argument("--policy", action="append", default=[],
-                    help="a policy checkpoint to compare when p > 0 (repeatable); must match --load_dir's models")
-    sp.add_argument("--limit", type=int, default=0, help="only the first N questions")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--out", default="runs/eval")
-    sp.set_defaults(func=cmd_evaluate)
-
-    sp = sub.add_parser("bench", help="TTFT / TTIT / throughput / KV memory vs context length, full vs REFRAG")
-    sp.add_argument("--dec", default=DEFAULT_DEC, help="decoder model (weights do not matter for latency)")
-    sp.add_argument("--dec_config", default=None, choices=sorted(DECODER_PRESETS),
-                    help="time a random-weight Llama of this shape instead of --dec")
-    sp.add_argument("--enc", default=MINILM_ID, help="chunk encoder for the no-cache timing")
-    sp.add_argument("--enc_config", default=None, choices=sorted(ENCODER_PRESETS),
-                    help="time a random-weight encoder of this shape instead of --enc")
-    sp.add_argument("--ctx", default="512,1024,2048,4096,8192,16384", help="context lengths s")
-    sp.add_argument("--k", default="8,16,32", help="chunk sizes")
-    sp.add_argument("--q", type=int, default=32, help="question tokens after the context")
-    sp.add_argument("--o", type=int, default=32, help="generated tokens per request")
-    sp.add_argument("--repeats", type=int, default=3)
-    sp.add_argument("--warmup", type=int, default=1)
-    sp.add_argument("--max_prefill_s", type=float, default=120.0, help="skip contexts whose full prefill would take longer")
-    sp.add_argument("--device", default="auto")
-    sp.add_argument("--dtype", default="auto")
-    sp.add_argument("--out", default="runs/bench")
-    sp.set_defaults(func=cmd_bench)
-
-    sp = sub.add_parser("chain", help="the whole chain in one command, timed: index, cpt_recon, cpt_next, finetune and "
-                                      "its full-context baseline, chunk perplexities, train_policy, evaluate")
-    sp.add_argument("--preset", default=None, choices=["quick", "cpu", "paper"],
-                    help="recipe: quick (the quickstart's, minutes), cpu (sized for 2 CPU cores), paper (the paper's "
-                         "batch 256 and learning rates; for GPUs). Default: paper on CUDA, cpu elsewhere. "
-                         "A flag given explicitly overrides the preset's value")
-    sp.add_argument("--corpus", default="data/corpus_small.txt")
-    sp.add_argument("--train_json", default="data/cpt_train.jsonl")
-    sp.add_argument("--eval_json", default="data/cpt_eval.jsonl")
-    sp.add_argument("--rag_json", default="data/rag_train.jsonl")
-    sp.add_argument("--rag_eval", default="data/rag_eval.jsonl")
-    sp.add_argument("--embed_model", default=MINILM_ID)
-    sp.add_argument("--enc", default=MINILM_ID)
-    sp.add_argument("--dec", default=DEFAULT_DEC)
-    sp.add_argument("--expand_by", default="random", choices=["random", "rank"],
-                    help="which chunks finetune expands: random (the paper's) or rank (the leading ones)")
-    for flag, kind, what in (
-            ("k", int, "chunk size"), ("p", float, "fine-tuning expansion fraction (mixed input)"),
-            ("eval_p", str, "expansion fractions evaluated, e.g. 0,0.25"), ("topk", int, "passages retrieved"),
-            ("ctx_max", int, "raw context tokens for fine-tuning and evaluation"),
-            ("recon_steps", int, "cpt_recon steps"), ("next_steps", int, "cpt_next steps"),
-            ("ft_steps", int, "REFRAG finetune steps"), ("ft_full_steps", int, "full-context baseline finetune steps"),
-            ("ft_full_topk", int, "passages the baseline is fine-tuned on (evaluated at --topk)"),
-            ("policy_steps", int, "train_policy steps (0: no policy stage)"),
-            ("lr_recon", float, "cpt_recon peak LR"), ("lr_next", float, "cpt_next peak LR"),
-            ("lr_ft", float, "finetune peak LR (both modes)"), ("lr_policy", float, "train_policy LR"),
-            ("batch_size", int, "CPT batch"), ("ft_batch_size", int, "finetune batch"),
-            ("grad_accum", int, "micro-batches per update in every trainer"),
-            ("recon_tokens", int, "longest reconstruction context in tokens"),
-            ("next_tokens", int, "longest next-paragraph context in tokens"),
-            ("ppl", int, "1: cache chunk perplexities and evaluate the ppl_desc heuristic"),
-            ("eval_limit", int, "evaluate on the first N questions (0: all)"),
-            ("max_new", int, "answer tokens generated in evaluation"),
-            ("show", int, "held-out questions printed with both modes' answers at the end")):
-        sp.add_argument("--" + flag, type=kind, default=None, help=what + " (default: the preset's)")
-    sp.add_argument("--no_baseline", action="store_true", help="skip the full-context fine-tuning baseline")
-    sp.add_argument("--resume", action="store_true", help="skip the stages chain.json records as done")
-    sp.add_argument("--log_every", type=int, default=50)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--device", default="auto")
-    sp.add_argument("--out_dir", default="runs/chain")
-    sp.set_defaults(func=cmd_chain)
-    return ap
-
-
 # ---- the training chain in one command ----
 
-# Recipes. quick: the quickstart's, minutes on 2 CPU cores, pipeline check rather than quality. cpu: the whole
-# chain sized for 2 CPU cores under bf16 autocast (about 90 minutes). paper: the paper's batch (256, by
-# accumulation), learning rates (2e-4 / 5e-5 / 2e-5) and 2,048-token contexts; its 4 epochs of 20B tokens have no
-# counterpart on the shipped data (4 epochs of cpt_train are 8 updates), so each stage runs 400 updates.
-_CHAIN_BASE = dict(k=16, p=0.1, eval_p="0,0.25", topk=8, ctx_max=1024, lr_recon=2e-4, lr_next=5e-5, lr_ft=1e-4,
-                   lr_policy=1e-4, batch_size=8, ft_batch_size=2, grad_accum=1, recon_tokens=64, next_tokens=128,
-                   ft_full_topk=4, ppl=1, eval_limit=0, max_new=16, show=5, policy_group=4, policy_batch=2)
-CHAIN_PRESETS = {
-    "quick": {**_CHAIN_BASE, "eval_p": "0", "recon_steps": 100, "next_steps": 40, "ft_steps": 100,
-              "ft_full_steps": 40, "policy_steps": 0, "ppl": 0, "eval_limit": 50},
-    "cpu": {**_CHAIN_BASE, "recon_steps": 250, "next_steps": 120, "ft_steps": 250, "ft_full_steps": 100,
-            "policy_steps": 80},
-    "paper": {**_CHAIN_BASE, "ctx_max": 2048, "recon_steps": 400, "next_steps": 400, "ft_steps": 400,
-              "ft_full_steps": 400, "ft_full_topk": 8, "policy_steps": 300, "lr_ft": 2e-5, "batch_size": 16,
-              "ft_batch_size": 16, "grad_accum": 16, "recon_tokens": 2048, "next_tokens": 2048, "max_new": 24,
-              "policy_group": 8, "policy_batch": 4},
-}
-
-
-def apply_chain_preset(a: argparse.Namespace) -> argparse.Namespace:
-    """Fill every flag left unset from the preset (default: paper on CUDA, cpu elsewhere); check the result."""
-    if a.preset is None:
-        a.preset = "paper" if resolve_device(a.device).type == "cuda" else "cpu"
-    for key, value in CHAIN_PRESETS[a.preset].items():
-        if getattr(a, key, None) is None:
-            setattr(a, key, value)
-    if a.k < 1 or not 0 <= a.p <= 1:
-        fail(f"--k {a.k} / --p {a.p}: need k >= 1 and 0 <= p <= 1")
-    a.eval_ps = parse_fractions(a.eval_p, "--eval_p")
-    return a
-
-
-def chain_stages(a: argparse.Namespace) -> list[tuple[str, list]]:
-    """(name, refrag.py argv) for every stage of the chain, in order (after apply_chain_preset)."""
+def chain_stages(a: ChainConfig) -> list[tuple[str, object]]:
+    """(name, config) for every stage of the chain, in order; each config is what its subcommand takes."""
     o = lambda name: os.path.join(a.out_dir, name)  # noqa: E731
-    dev, seed = ["--device", a.device], ["--seed", a.seed]
-    common = ["--k", a.k, "--grad_accum", a.grad_accum, "--log_every", a.log_every, *seed, *dev]
-    cpt = [*common, "--batch_size", a.batch_size]
-    ft = [*common, "--batch_size", a.ft_batch_size, "--ctx_max", a.ctx_max, "--lr", a.lr_ft]
+    dev = dict(device=a.device, dtype=a.dtype)
+    common = dict(k=a.k, grad_accum=a.grad_accum, log_every=a.log_every, seed=a.seed, **dev)
+    cpt = dict(common, train_json=a.train_json, eval_json=a.eval_json, enc=a.enc, dec=a.dec, batch_size=a.batch_size)
+    ft = dict(common, rag_json=a.rag_json, index_dir=o("index"), batch_size=a.ft_batch_size, ctx_max=a.ctx_max,
+              lr=a.lr_ft)
     baseline = not a.no_baseline
     stages = [
-        ("index", ["index", "--corpus", a.corpus, "--index_dir", o("index"), "--embed_model", a.embed_model,
-                   "--enc", a.enc, "--dec", a.dec, "--k", a.k, *dev]),
-        ("cpt_recon", ["cpt_recon", "--train_json", a.train_json, "--eval_json", a.eval_json, "--enc", a.enc,
-                       "--dec", a.dec, "--steps", a.recon_steps, "--lr", a.lr_recon,
-                       "--max_chunks", max(1, a.recon_tokens // a.k), *cpt, "--out_dir", o("cpt_recon")]),
-        ("cpt_next", ["cpt_next", "--train_json", a.train_json, "--eval_json", a.eval_json,
-                      "--load_dir", o("cpt_recon"), "--steps", a.next_steps, "--lr", a.lr_next, "--expand_frac", 0.1,
-                      "--max_chunks", max(1, a.next_tokens // a.k), *cpt, "--out_dir", o("cpt_next")]),
-        ("finetune", ["finetune", "--rag_json", a.rag_json, "--index_dir", o("index"), "--load_dir", o("cpt_next"),
-                      "--p", a.p, "--expand_by", a.expand_by, "--topk", a.topk, "--steps", a.ft_steps, *ft,
-                      "--out_dir", o("sft")]),
+        ("index", IndexConfig(corpus=a.corpus, index_dir=o("index"), embed_model=a.embed_model, enc=a.enc,
+                              dec=a.dec, k=str(a.k), **dev)),
+        ("cpt_recon", TrainConfig(stage="cpt_recon", steps=a.recon_steps, lr=a.lr_recon, out_dir=o("cpt_recon"),
+                                  max_chunks=max(1, a.recon_tokens // a.k), **cpt)),
+        ("cpt_next", TrainConfig(stage="cpt_next", load_dir=o("cpt_recon"), steps=a.next_steps, lr=a.lr_next,
+                                 expand_frac=0.1, max_chunks=max(1, a.next_tokens // a.k), out_dir=o("cpt_next"),
+                                 **cpt)),
+        ("finetune", TrainConfig(stage="finetune", load_dir=o("cpt_next"), p=a.p, expand_by=a.expand_by, topk=a.topk,
+                                 steps=a.ft_steps, out_dir=o("sft"), **ft)),
     ]
     if baseline:
-        stages.append(("finetune_full", ["finetune", "--mode", "full", "--rag_json", a.rag_json, "--index_dir",
-                                         o("index"), "--dec", a.dec, "--topk", a.ft_full_topk,
-                                         "--steps", a.ft_full_steps, *ft, "--out_dir", o("sft_full")]))
-    stages.append(("index_sft", ["index", "--corpus", a.corpus, "--index_dir", o("index_sft"), "--embed_model",
-                                 a.embed_model, "--enc", o("sft"), "--dec", o("sft/decoder"), "--k", a.k,
-                                 *(["--ppl"] if a.ppl else []), *dev]))
+        stages.append(("finetune_full", TrainConfig(stage="finetune", mode="full", dec=a.dec, topk=a.ft_full_topk,
+                                                    steps=a.ft_full_steps, out_dir=o("sft_full"), **ft)))
+    stages.append(("index_sft", IndexConfig(corpus=a.corpus, index_dir=o("index_sft"), embed_model=a.embed_model,
+                                            enc=o("sft"), dec=o("sft/decoder"), k=str(a.k), ppl=bool(a.ppl), **dev)))
     heuristics = (["rank"] if a.expand_by == "rank" else []) + ["random"] + (["ppl_desc"] if a.ppl else [])
     policy = []
     if a.policy_steps:
-        policy_p = max(a.eval_ps)
-        stages.append(("train_policy", ["train_policy", "--rag_json", a.rag_json, "--eval_json", "",
-                                        "--index_dir", o("index_sft"), "--load_dir", o("sft"), "--k", a.k,
-                                        "--p", policy_p or a.p, "--topk", a.topk, "--ctx_max", a.ctx_max,
-                                        "--steps", a.policy_steps, "--lr", a.lr_policy, "--group", a.policy_group,
-                                        "--batch_size", a.policy_batch, "--log_every", a.log_every, *seed, *dev,
-                                        "--out_dir", o("policy")]))
-        policy = ["--policy", o("policy")]
-    limit = ["--limit", a.eval_limit] if a.eval_limit else []
-    evaluation = [*limit, "--topk", a.topk, "--ctx_max", a.ctx_max, "--max_new", a.max_new, *seed, *dev]
-    stages.append(("evaluate", ["evaluate", "--eval_json", a.rag_eval, "--index_dir", o("index_sft"), "--load_dir",
-                                o("sft"), "--modes", "refrag" if baseline else "full,refrag", "--k", a.k,
-                                "--p", a.eval_p, "--heuristic", ",".join(heuristics), *policy, *evaluation,
-                                "--out", o("eval")]))
+        stages.append(("train_policy", PolicyConfig(
+            train_json=a.rag_json, eval_json="", index_dir=o("index_sft"), load_dir=o("sft"), k=a.k,
+            p=max(a.eval_ps) or a.p, topk=a.topk, ctx_max=a.ctx_max, steps=a.policy_steps, lr=a.lr_policy,
+            group=a.policy_group, batch_size=a.policy_batch, log_every=a.log_every, seed=a.seed,
+            out_dir=o("policy"), **dev)))
+        policy = [o("policy")]
+    evaluation = dict(eval_json=a.rag_eval, limit=a.eval_limit, topk=a.topk, ctx_max=a.ctx_max, max_new=a.max_new,
+                      seed=a.seed, **dev)
+    stages.append(("evaluate", EvalConfig(index_dir=o("index_sft"), load_dir=o("sft"), modes="refrag" if baseline
+                                          else "full,refrag", k=str(a.k), p=a.eval_p, heuristic=",".join(heuristics),
+                                          policy=policy, out=o("eval"), **evaluation)))
     if baseline:
-        stages.append(("evaluate_full", ["evaluate", "--eval_json", a.rag_eval, "--index_dir", o("index"), "--dec",
-                                         o("sft_full/decoder"), "--modes", "full", *evaluation, "--out", o("eval_full")]))
-    return [(name, [str(x) for x in argv]) for name, argv in stages]
+        stages.append(("evaluate_full", EvalConfig(index_dir=o("index"), dec=o("sft_full/decoder"), modes="full",
+                                                   out=o("eval_full"), **evaluation)))
+    return stages
 
 
-def chain_summary(a: argparse.Namespace, done: dict) -> dict:
+def chain_summary(a: ChainConfig, done: dict) -> dict:
     """The headline numbers of a finished chain, read back from what its stages wrote."""
     def load(*parts):
         path = os.path.join(a.out_dir, *parts)
@@ -2985,7 +2924,7 @@ def chain_summary(a: argparse.Namespace, done: dict) -> dict:
     return out
 
 
-def chain_examples(a: argparse.Namespace) -> list[dict]:
+def chain_examples(a: ChainConfig) -> list[dict]:
     """The first --show held-out questions with the baseline's and REFRAG's (p = 0) answers and TTFT."""
     if not a.show:
         return []
@@ -3007,39 +2946,33 @@ def chain_examples(a: argparse.Namespace) -> list[dict]:
     return out
 
 
-def cmd_chain(args):
+def cmd_chain(args: ChainConfig):
     """Run the stages one after another in this process, timing each; chain.json (rewritten after
     every stage) records each stage's command and seconds, so --resume skips what is done."""
-    apply_chain_preset(args)
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "chain.json")
     done = {}
     if args.resume and os.path.isfile(path):
         with open(path, encoding="utf-8") as fh:
             done = json.load(fh).get("stages", {})
-    record = {"command": " ".join(sys.argv), "preset": args.preset, "device": device_name(resolve_device(args.device)),
+    record = {"command": command_line(args), "preset": args.preset, "device": device_name(resolve_device(args.device)),
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "stages": {}}
-    parser, saved_argv = build_parser(), sys.argv
     stages = chain_stages(args)
-    for i, (name, argv) in enumerate(stages, 1):
-        prev = done.get(name)
-        if prev and prev["argv"] == argv:
+    for i, (name, cfg) in enumerate(stages, 1):
+        command, prev = command_line(cfg), done.get(name)
+        if prev and prev.get("command") == command:
             print(f"chain: [{i}/{len(stages)}] {name} done earlier ({prev['seconds']:.0f}s), skipped", flush=True)
             record["stages"][name] = prev
             continue
-        print(f"chain: [{i}/{len(stages)}] {name}: refrag.py {' '.join(argv)}", flush=True)
-        stage_args = parser.parse_args(argv)
-        if args.resume and name in ("cpt_recon", "cpt_next", "finetune", "finetune_full"):
-            stage_args.resume = True  # a stage killed mid-way continues from its last checkpoint
-        sys.argv = ["refrag.py", *argv]  # what the stage records as its command
+        print(f"chain: [{i}/{len(stages)}] {name}: {command}", flush=True)
+        if args.resume and hasattr(cfg, "resume"):
+            cfg.resume = True  # a stage killed mid-way continues from its last checkpoint
         t0 = time.perf_counter()
         try:
-            stage_args.func(stage_args)
+            COMMAND_FUNCS[type(cfg)](cfg)
         except RefragError as e:
             raise RefragError(f"chain stage {name}: {e}") from None
-        finally:
-            sys.argv = saved_argv
-        record["stages"][name] = {"argv": argv, "seconds": round(time.perf_counter() - t0, 1)}
+        record["stages"][name] = {"command": command, "seconds": round(time.perf_counter() - t0, 1)}
         write_json(path, record)
         print(f"chain: {name} took {record['stages'][name]['seconds']:.0f}s", flush=True)
     record["summary"] = chain_summary(args, record["stages"])
@@ -3074,13 +3007,66 @@ def cmd_chain(args):
               f"(README, Results: the measured presets; python refrag.py chain --help)")
 
 
+# ---- CLI ----
+
+COMMANDS = {  # subcommand: (config class, one-line help); the flags come from the class's fields
+    "index": (IndexConfig, "FAISS index + cached chunk embeddings (and, with --ppl, chunk perplexities)"),
+    "generate": (GenerateConfig, "answer one question with timing: refrag, full or none"),
+    "cpt_recon": (TrainConfig, "REFRAG training: reconstruction (encoder + projector, decoder frozen)"),
+    "cpt_next": (TrainConfig, "REFRAG training: next-paragraph prediction (continual pre-training)"),
+    "finetune": (TrainConfig, "REFRAG fine-tuning on QA; --mode full: the full-context baseline"),
+    "train_policy": (PolicyConfig, "train the selective-expansion policy (GRPO or REINFORCE), models frozen"),
+    "evaluate": (EvalConfig, "EM / F1 / answer log-ppl / timing over a QA file per mode x k x p x selection"),
+    "bench": (BenchConfig, "TTFT / TTIT / throughput / KV memory vs context length, full vs REFRAG"),
+    "chain": (ChainConfig, "the whole chain in one timed, resumable command (index, CPT, finetune and its "
+                           "full-context baseline, chunk perplexities, train_policy, evaluate)"),
+}
+COMMAND_FUNCS = {IndexConfig: cmd_index, GenerateConfig: cmd_generate, TrainConfig: cmd_train,
+                 PolicyConfig: cmd_train_policy, EvalConfig: cmd_evaluate, BenchConfig: cmd_bench, ChainConfig: cmd_chain}
+
+
+def add_flags(sp: argparse.ArgumentParser, command: str, cls):
+    """One flag per field of `cls` that opt() made a flag and that `command` shows."""
+    for f in dataclasses.fields(cls):
+        meta = dict(f.metadata)
+        if "help" not in meta or command not in meta.pop("cmds", (command,)):
+            continue
+        names = ["--" + f.name, *meta.pop("aliases", [])]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kind = meta.pop("type", None) or (type(default) if default is not None else str)
+        if default not in (None, False, []) and "default" not in meta["help"]:
+            meta["help"] += f" (default: {default})"
+        if kind is bool:
+            sp.add_argument(*names, dest=f.name, action="store_true", **meta)
+        elif meta.get("action") == "append":
+            sp.add_argument(*names, dest=f.name, default=default, **meta)
+        else:
+            sp.add_argument(*names, dest=f.name, type=kind, default=default, **meta)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="refrag.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, (cls, what) in COMMANDS.items():
+        add_flags(sub.add_parser(name, help=what, description=what), name, cls)
+    return ap
+
+
+def parse_config(argv=None):
+    """The config object a command line stands for (its class's __post_init__ validates it)."""
+    args = vars(build_parser().parse_args(argv))
+    name = args.pop("command")
+    cls = COMMANDS[name][0]
+    return cls(**args, **({"stage": name} if cls is TrainConfig else {}))
+
+
 # ---- entry point ----
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
     quiet_hf()
     try:
-        args.func(args)
+        cfg = parse_config(argv)
+        COMMAND_FUNCS[type(cfg)](cfg)
     except RefragError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

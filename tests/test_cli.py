@@ -127,7 +127,7 @@ def test_generate_streams_answer_and_writes_out_dir(tiny_index, tiny_dec_dir, tm
     assert out.strip() == rec["answer"]  # what was streamed is the recorded answer (empty only if all were EOS)
     assert 1 <= rec["generated_tokens"] <= 4 and rec["ttft_s"] > 0
     assert "TTFT" in err and "cache hit" in err
-    assert load_json(tmp_path / "g" / "run_config.json")["args"]["question"] == "Who led Event_314?"
+    assert load_json(tmp_path / "g" / "run_config.json")["config"]["question"] == "Who led Event_314?"
 
 
 def test_embed_model_flag_names_the_index_retriever_or_is_refused(tiny_index, tiny_dec_dir, tmp_path):

@@ -108,7 +108,7 @@ def test_only_the_query_aware_policy_can_follow_the_question():
     rates = {}
     for query in (False, True):
         torch.manual_seed(0)
-        cfg = refrag.PolicyConfig(k=16, p=0.25, group=8, batch_size=8, lr=3e-3, query=query)
+        cfg = refrag.PolicyConfig(k=16, p=0.25, group=8, batch_size=8, lr=3e-3, policy_query=query)
         pol = refrag.SelectionPolicy(d, d_model=32, query=query)
         opt = torch.optim.AdamW(pol.parameters(), lr=cfg.lr)
         reward = lambda ex, sels: torch.tensor([float(ex["good"] in s) for s in sels])  # noqa: E731
@@ -166,22 +166,24 @@ def test_train_policy_end_to_end_and_generate_uses_it(tiny_dec_dir, tiny_index, 
     assert [m["step"] for m in metrics] == [1, 2] and all(m["reward"] < 0 for m in metrics)
     ev = load_json(out / "eval.json")
     assert ev["n"] == 2 and all(ev[m] > 0 for m in ("policy", "random", "ppl_desc", "ppl_asc", "rank", "p=0", "p=1"))
-    code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--load_dir", out, "--k", 16, "--p", 0.25,
+    code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--policy", out, "--k", 16, "--p", 0.25,
                                 "--question", rows[0]["question"], "--max_new", 2, "--json")
     assert code == 0, err
     rec = json.loads(stdout.strip().splitlines()[-1])
     assert rec["selection"] == "policy" and len(rec["expanded"]) == round(0.25 * rec["n_chunks"])
-    code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--load_dir", out, "--k", 16, "--p", 0.25,
+    code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--policy", out, "--k", 16, "--p", 0.25,
                                 "--question", rows[0]["question"], "--max_new", 2, "--json", "--policy_sample")
     assert code == 0, err
     sampled = json.loads(stdout.strip().splitlines()[-1])
     assert sampled["selection"] == "policy" and len(sampled["expanded"]) == len(rec["expanded"])
     # the untrained projector is seeded by --seed: another seed is another model, and is refused
-    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--load_dir", out, "--k", 16,
+    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--policy", out, "--k", 16,
                            "--question", rows[0]["question"], "--seed", 7)
     assert code == 2 and "policy trained against other projector weights" in err
-    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--load_dir", out, "--k", 8, "--question", "x?")
+    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--policy", out, "--k", 8, "--question", "x?")
     assert code == 2 and "policy trained with k=16, but --k 8" in err
+    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--load_dir", out, "--question", "x?")
+    assert code == 2 and "a policy checkpoint, not a refrag one; pass it as --policy" in err
 
 
 def test_policy_refuses_models_it_was_not_trained_against(tiny_dec_dir, tiny_index, small_corpus, tmp_path, tok):

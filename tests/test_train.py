@@ -152,9 +152,13 @@ def test_finetune_trains_on_retrieved_contexts(tiny_dec_dir, tiny_index, small_c
     losses = [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")]
     assert len(losses) == 2 and all(l > 0 for l in losses)
     sel = ["--mode", "refrag", "--heuristic", "rank"] if mode == "rank" else ["--mode", mode]
-    code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--load_dir", out,
+    code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--load_dir", out,
                                 *sel, "--k", 16, "--p", 0.25, "--question", rows[0]["question"], "--max_new", 3, "--json")
     assert code == 0, err
+    if mode == "full":  # the checkpoint brings its fine-tuned decoder; naming another one is refused
+        code, _, err = run_cli("generate", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--load_dir", out,
+                               "--mode", "full", "--question", "x?")
+        assert code == 2 and "drop --dec or pass that one" in err
     rec = json.loads(stdout.strip().splitlines()[-1])
     if mode == "rank":  # the leading chunks, i.e. the top-ranked passage's text, are the expanded ones
         assert rec["selection"] == "rank" and rec["expanded"] == list(range(len(rec["expanded"]))) and rec["expanded"]
@@ -216,14 +220,15 @@ def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpu
     # every stage trained from the previous one and recorded its own command line; the preset's values
     # fill what was not given (quick evaluates 16 answer tokens unless told otherwise: here 4)
     assert json.load(open(out / "cpt_next" / "config.json"))["trained"] == ["encoder", "projector", "decoder"]
-    assert json.load(open(out / "sft" / "run_config.json"))["argv"][1] == "finetune"
-    assert json.load(open(out / "sft" / "run_config.json"))["args"]["expand_by"] == "rank"
-    argv_of = lambda stage, flag: rec["stages"][stage]["argv"][rec["stages"][stage]["argv"].index(flag) + 1]  # noqa: E731
+    run_config = json.load(open(out / "sft" / "run_config.json"))
+    assert run_config["command"].startswith("refrag.py finetune ") and run_config["config"]["expand_by"] == "rank"
+    words = lambda stage: rec["stages"][stage]["command"].split()  # noqa: E731
+    argv_of = lambda stage, flag: words(stage)[words(stage).index(flag) + 1]  # noqa: E731
     for stage in ("finetune", "finetune_full", "train_policy", "evaluate", "evaluate_full"):  # --ctx_max everywhere
         assert argv_of(stage, "--ctx_max") == "600"
     assert argv_of("finetune_full", "--topk") == "2" and argv_of("evaluate", "--max_new") == "4"
     assert argv_of("cpt_recon", "--lr") == "0.0002" and argv_of("finetune", "--lr") == "0.0001"  # from the preset
-    assert "--ppl" in rec["stages"]["index_sft"]["argv"]
+    assert "--ppl" in words("index_sft")
     assert "chain: QA full context (fine-tuned baseline): EM" in stdout
     assert stdout.count("chain: example ") == 2 and "REFRAG (" in stdout and "--preset cpu trains longer" in stdout
     code, stdout, err = run_cli(*argv, "--resume")
@@ -232,11 +237,9 @@ def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpu
 
 
 def test_chain_preset_defaults_to_cpu_without_cuda_and_checks_eval_p():
-    args = refrag.build_parser().parse_args(["chain", "--device", "cpu", "--ft_steps", "7"])
-    refrag.apply_chain_preset(args)
+    args = refrag.parse_config(["chain", "--device", "cpu", "--ft_steps", "7"])
     assert args.preset == "cpu" and args.ft_steps == 7 and args.recon_steps == refrag.CHAIN_PRESETS["cpu"]["recon_steps"]
     names = [n for n, _ in refrag.chain_stages(args)]
     assert "train_policy" in names and names[-2:] == ["evaluate", "evaluate_full"]
-    bad = refrag.build_parser().parse_args(["chain", "--device", "cpu", "--eval_p", "0,1.5"])
     with pytest.raises(refrag.RefragError, match="--eval_p 0,1.5"):
-        refrag.apply_chain_preset(bad)
+        refrag.parse_config(["chain", "--device", "cpu", "--eval_p", "0,1.5"])
