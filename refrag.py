@@ -346,6 +346,19 @@ def write_run_info(out_dir: str, cfg):
         "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
+def policy_config(path: str | None, flag: str = "--policy") -> dict | None:
+    """The config.json of a policy checkpoint, or None when `path` is not one."""
+    cfg = os.path.join(path or "", "config.json")
+    if not path or not os.path.isfile(cfg):
+        return None
+    try:
+        with open(cfg, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except ValueError as e:
+        fail(f"{flag} {cfg}: invalid JSON ({e})")
+    return data if isinstance(data, dict) and data.get("kind") == "refrag_policy" else None
+
+
 def _check(ok: bool, msg: str):
     if not ok:
         fail(msg)
@@ -429,6 +442,12 @@ class GenerateConfig(ModelArgs):
         _check(self.mode in ("refrag", "full", "none"), f"--mode {self.mode}: expected refrag, full or none")
         _check(self.heuristic in (None,) + HEURISTICS, f"--heuristic {self.heuristic}: expected one of "
                                                        f"{', '.join(HEURISTICS)}")
+
+        if self.policy is None and policy_config(self.load_dir) is not None:
+            # the community version's spelling: `--load_dir runs/policy` names a policy checkpoint
+            print(f"note: --load_dir {self.load_dir} is a policy checkpoint: read as --policy {self.load_dir}",
+                  file=sys.stderr)
+            self.policy, self.load_dir = self.load_dir, None
 
     @property
     def use_cache(self) -> bool:
@@ -1069,13 +1088,14 @@ def load_refrag_modules(load_dir: str | None, dec: str | None, enc: str | None, 
     when it trained one, else the decoder it was trained against) and its trained encoder and projector;
     an explicit --dec or --enc naming other models is an error. Without a checkpoint: --dec (default
     smollm2), --enc (default MiniLM, or a checkpoint's trained encoder) and a fresh projector (seeded).
+    (--dec naming the decoder a checkpoint was trained from loads the checkpoint's trained copy of it.)
     The decoder comes in `dtype` on `device`; encoder and projector in fp32 on the CPU."""
     ckpt = read_checkpoint_config(load_dir, k) if load_dir else {}
     dec_path, enc_name = dec or DEFAULT_DEC, enc or MINILM_ID
     if load_dir:
         own = os.path.join(load_dir, "decoder") if os.path.isdir(os.path.join(load_dir, "decoder")) else ckpt["dec"]
-        if dec is not None and not same_model(dec, own):
-            fail(f"--dec {dec}: --load_dir {load_dir} was trained with decoder {own}; drop --dec or pass that one")
+        if dec is not None and not (same_model(dec, own) or same_model(dec, ckpt["dec"])):
+            fail(f"--dec {dec}: --load_dir {load_dir} was trained from decoder {ckpt['dec']}; drop --dec or pass that one")
         if enc is not None and not (same_model(enc, ckpt["enc"]) or same_model(enc, load_dir)):
             fail(f"--enc {enc}: --load_dir {load_dir} holds its trained encoder (from {ckpt['enc']}); drop --enc")
         dec_path, enc_name = own, ckpt["enc"]
@@ -1215,19 +1235,6 @@ class SelectionPolicy(nn.Module):
         h = self.body(x, src_key_padding_mask=pad)
         h = h[:, 1:] if self.query else h
         return self.head(h).squeeze(-1).float().masked_fill(~mask, float("-inf"))               # (B, L)
-
-
-def policy_config(path: str | None, flag: str = "--policy") -> dict | None:
-    """The config.json of a policy checkpoint, or None when `path` is not one."""
-    cfg = os.path.join(path or "", "config.json")
-    if not path or not os.path.isfile(cfg):
-        return None
-    try:
-        with open(cfg, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except ValueError as e:
-        fail(f"{flag} {cfg}: invalid JSON ({e})")
-    return data if isinstance(data, dict) and data.get("kind") == "refrag_policy" else None
 
 
 def model_fingerprints(models) -> dict:
@@ -1461,24 +1468,28 @@ class PassageIndex:
 class PromptLayout:
     """A prompt as decoder positions: tok_ids[t] >= 0 is a token, slot[t] >= 0 a compressed chunk."""
     tok_ids: torch.Tensor    # (T,) long, -1 at compressed positions
-    slot: torch.Tensor       # (T,) long, index into chunk_emb, -1 at token positions
-    chunk_emb: torch.Tensor  # (L_compressed, d_enc)
+    slot: torch.Tensor       # (T,) long, index into chunks, -1 at token positions
+    chunks: list             # per compressed position: its embedding (d_enc,) (inference) or token ids (training)
+
+    @property
+    def chunk_emb(self) -> torch.Tensor:
+        """(L_compressed, d_enc): the chunk embeddings of an inference layout."""
+        return torch.stack([torch.as_tensor(c) for c in self.chunks]) if self.chunks else torch.zeros(0, 1)
 
 
 def build_layout(segments: list[tuple[str, object]]) -> PromptLayout:
-    """Segments in any order (the paper's "compress anywhere"): ("tokens", ids) or ("chunk", emb)."""
-    tok_ids, slot, embs = [], [], []
+    """Segments in any order (the paper's "compress anywhere"): ("tokens", ids) or ("chunk", an embedding
+    or the chunk's token ids, which the training forward encodes)."""
+    tok_ids, slot, chunks = [], [], []
     for kind, val in segments:
         if kind == "tokens":
             tok_ids.extend(int(x) for x in val)
             slot.extend([-1] * len(val))
         else:
             tok_ids.append(-1)
-            slot.append(len(embs))
-            embs.append(torch.as_tensor(val))
-    d = embs[0].shape[-1] if embs else 1
-    return PromptLayout(torch.tensor(tok_ids, dtype=torch.long), torch.tensor(slot, dtype=torch.long),
-                        torch.stack(embs) if embs else torch.zeros(0, d))
+            slot.append(len(chunks))
+            chunks.append(val)
+    return PromptLayout(torch.tensor(tok_ids, dtype=torch.long), torch.tensor(slot, dtype=torch.long), chunks)
 
 
 def prompt_segments(prefix: list[int], chunks: list[list[list[int]]], sep: list[int], suffix: list[int],
@@ -1506,38 +1517,67 @@ def assemble_layout(prefix: list[int], chunks: list[list[list[int]]], sep: list[
     return build_layout([(kind, chunk_embs[v[0]][v[1]] if kind == "chunk" else v) for kind, v in segs])
 
 
-def layout_embeds(layout: PromptLayout, decoder, projector: Projector | None) -> torch.Tensor:
-    """(1, T, d_dec) decoder input: token embeddings, projected chunk embeddings at their slots."""
+def batch_layouts(layouts: list[PromptLayout], targets: list[list[int]], pad_id: int) -> dict:
+    """Layouts, each followed by its target tokens, as one right-padded batch (padding after a row cannot
+    change its causal logits): tok_ids and slot (B, T) (tok_ids -1 at compressed positions; slots index the
+    concatenation of the layouts' chunks), labels (B, T) (-100 off target; position t predicts token t+1), attention_mask, chunks."""
+    B, T = len(layouts), max(lay.tok_ids.numel() + len(t) for lay, t in zip(layouts, targets))
+    tok = torch.full((B, T), pad_id, dtype=torch.long)
+    slot = torch.full((B, T), -1, dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    att = torch.zeros((B, T), dtype=torch.long)
+    chunks = []
+    for b, (lay, tgt) in enumerate(zip(layouts, targets)):
+        P, n = lay.tok_ids.numel(), lay.tok_ids.numel() + len(tgt)
+        tgt = torch.tensor(list(tgt), dtype=torch.long)
+        tok[b, :P], tok[b, P:n], att[b, :n] = lay.tok_ids, tgt, 1  # -1 at chunks: splice_embeds fills them
+        slot[b, :P] = torch.where(lay.slot >= 0, lay.slot + len(chunks), lay.slot)
+        labels[b, P - 1:n - 1] = tgt
+        chunks += lay.chunks
+    return {"tok_ids": tok, "slot": slot, "labels": labels, "attention_mask": att, "chunks": chunks}
+
+
+def splice_embeds(decoder, projector: Projector | None, tok_ids: torch.Tensor, slot: torch.Tensor,
+                  chunk_emb: torch.Tensor | None) -> torch.Tensor:
+    """The one splice (training and inference): (B, T, d_dec) decoder input, the token embeddings with
+    the projected chunk embeddings (N, d_enc) at their slots."""
     emb_layer = decoder.get_input_embeddings()
     dev = emb_layer.weight.device
-    x = emb_layer(layout.tok_ids.clamp(min=0).to(dev))                              # (T, d_dec)
-    comp = layout.slot >= 0
-    if comp.any():
-        proj = projector(layout.chunk_emb.to(device=dev, dtype=x.dtype))            # (L_c, d_dec)
-        x = x.clone()
-        x[comp.to(dev)] = proj[layout.slot[comp].to(dev)]
-    return x.unsqueeze(0)
+    x = emb_layer(tok_ids.clamp(min=0).to(dev))                                         # (B, T, d_dec)
+    if chunk_emb is None or not chunk_emb.shape[0]:
+        return x
+    slot = slot.to(dev)
+    e = projector(chunk_emb.to(device=dev, dtype=projector.fc1.weight.dtype)).to(x.dtype)  # (N, d_dec)
+    return torch.where((slot >= 0).unsqueeze(-1), e[slot.clamp(min=0)], x)
+
+
+def layout_embeds(layout: PromptLayout, decoder, projector: Projector | None) -> torch.Tensor:
+    """(1, T, d_dec) decoder input of one inference layout."""
+    return splice_embeds(decoder, projector, layout.tok_ids[None], layout.slot[None], layout.chunk_emb)
+
+
+def batch_nll(decoder, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per target token of a batch_layouts batch read from inputs x (B, T, d): (NLL, argmax == target,
+    the row each token belongs to), row-major. The LM head runs on target positions only."""
+    dev = x.device
+    h = decoder.base_model(inputs_embeds=x, attention_mask=batch["attention_mask"].to(dev)).last_hidden_state
+    labels = batch["labels"].to(dev)                                                     # (B, T)
+    sel = labels >= 0
+    logits = decoder.get_output_embeddings()(h[sel]).float()                            # (n_targets, V)
+    nll = F.cross_entropy(logits, labels[sel], reduction="none")                        # (n_targets,)
+    rows = torch.arange(labels.shape[0], device=dev)[:, None].expand_as(labels)[sel]
+    return nll, logits.argmax(-1) == labels[sel], rows
 
 
 def targets_nll(decoder, projector, layouts: list[PromptLayout], targets: list[list[int]]) -> torch.Tensor:
-    """(N,) mean NLL (nats/token) of each target read after its prompt layout, in one right-padded
-    batch (padding after a row cannot change its causal logits). Gradients flow when asked for."""
-    emb_layer = decoder.get_input_embeddings()
-    dev = emb_layer.weight.device
-    rows = [torch.cat([layout_embeds(lay, decoder, projector)[0], emb_layer(torch.tensor(t, device=dev))])
-            for lay, t in zip(layouts, targets)]                                        # each (T_i + n_i, d)
-    T = max(r.shape[0] for r in rows)
-    x = torch.zeros(len(rows), T, rows[0].shape[-1], dtype=rows[0].dtype, device=dev)
-    att = torch.zeros(len(rows), T, dtype=torch.long, device=dev)
-    for b, r in enumerate(rows):
-        x[b, :r.shape[0]], att[b, :r.shape[0]] = r, 1
-    h = decoder.base_model(inputs_embeds=x, attention_mask=att).last_hidden_state       # (N, T, d)
-    out = []
-    for b, (lay, t) in enumerate(zip(layouts, targets)):
-        P = lay.tok_ids.numel()
-        logits = decoder.get_output_embeddings()(h[b, P - 1:P - 1 + len(t)]).float()    # (n_i, V)
-        out.append(F.cross_entropy(logits, torch.tensor(t, device=dev)))
-    return torch.stack(out)
+    """(N,) mean NLL (nats/token) of each target read after its inference layout, in one batch (the
+    same batch_layouts / splice_embeds as training). Gradients flow when asked for."""
+    batch = batch_layouts(layouts, targets, 0)
+    chunks = torch.stack([torch.as_tensor(c) for c in batch["chunks"]]) if batch["chunks"] else None
+    x = splice_embeds(decoder, projector, batch["tok_ids"], batch["slot"], chunks)
+    nll, _, rows = batch_nll(decoder, x, batch)
+    return torch.zeros(len(layouts), device=nll.device).index_add_(0, rows, nll) / \
+        torch.tensor([len(t) for t in targets], device=nll.device)
 
 
 @torch.inference_mode()
@@ -1675,6 +1715,38 @@ def _stream(stream, tok, generated, shown, eos) -> str:
 
 
 @torch.inference_mode()
+def decode(decoder, inputs: dict, max_new: int, pick, stop: set, device: torch.device, on_token=None) -> dict:
+    """The one decode loop (generate, evaluate, bench): prefill `inputs` (input_ids or inputs_embeds)
+    keeping only the last position's logits, then one KV-cached step per token until a `stop` token or
+    max_new tokens. pick(logits) -> token id; on_token(tokens) runs after each token's clock reading
+    (streaming). Returns the tokens, the clock after each, the first token's logits and the KV cache."""
+    out = decoder(**inputs, use_cache=True, logits_to_keep=1)
+    first = out.logits[0, -1]
+    tokens, past, times = [pick(first)], kv_cache_of(out), [clock(device)]
+    while True:
+        if on_token is not None:
+            on_token(tokens)
+        if len(tokens) >= max_new or tokens[-1] in stop:
+            break
+        out, past = decode_step(decoder, torch.tensor([[tokens[-1]]], device=device), past)
+        tokens.append(pick(out.logits[0, -1]))
+        times.append(clock(device))
+    return {"tokens": tokens, "times": times, "first_logits": first, "past": past}
+
+
+@torch.inference_mode()
+def nll_after_prompt(decoder, decoded: dict, prompt_len: int, target: list[int]) -> float:
+    """Mean NLL of `target` read right after the prompt, from decode()'s KV cache cut back to the prompt
+    (a negative crop removes that many positions in every transformers 5.x): no second prefill."""
+    past = decoded["past"]
+    past.crop(prompt_len - past.get_seq_length())
+    logits = decoded["first_logits"].float().view(1, -1)
+    if len(target) > 1:
+        step, _ = decode_step(decoder, torch.tensor([target[:-1]], device=logits.device), past)
+        logits = torch.cat([logits, step.logits[0].float()])
+    return float(F.cross_entropy(logits, torch.tensor(target, device=logits.device)))
+
+
 @torch.inference_mode()
 def run_generation(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex,
                    stream=None, target: list[int] | None = None) -> dict:
@@ -1693,55 +1765,37 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
         fail(f"--ctx_max/--max_new: prompt of {T} positions + {cfg.max_new} new tokens exceeds the decoder's "
              f"{decoder_max_positions(models.decoder)} positions")
     if cfg.mode == "refrag":
-        x = layout_embeds(layout, models.decoder, models.projector)
+        inputs = {"inputs_embeds": layout_embeds(layout, models.decoder, models.projector)}
         marks["project"] = clock(dev)
-        out = models.decoder(inputs_embeds=x, use_cache=True, logits_to_keep=1)
     else:
+        inputs = {"input_ids": layout.tok_ids.view(1, -1).to(dev)}
         marks["project"] = marks["select"]
-        out = models.decoder(input_ids=layout.tok_ids.view(1, -1).to(dev), use_cache=True, logits_to_keep=1)
-    first_logits = out.logits[0, -1]
-    nxt = sample_next(first_logits, cfg.temperature, cfg.top_p, gen)
-    t_first = clock(dev)
-    # decode: the first token comes from the prefill logits; stop at EOS or max_new
-    past, generated, times = kv_cache_of(out), [nxt], [t_first]
-    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    shown = ""
-    if stream is not None:
-        shown = _stream(stream, tok, generated, shown, eos)
-    while len(generated) < cfg.max_new and generated[-1] not in eos:
-        out, past = decode_step(models.decoder, torch.tensor([[generated[-1]]], device=dev), past)
-        generated.append(sample_next(out.logits[0, -1], cfg.temperature, cfg.top_p, gen))
-        times.append(clock(dev))
-        if stream is not None:
-            shown = _stream(stream, tok, generated, shown, eos)
+    eos = {tok.eos_token_id} - {None}
+    shown = [""]
+
+    def on_token(tokens):
+        shown[0] = _stream(stream, tok, tokens, shown[0], eos)
+
+    d = decode(models.decoder, inputs, cfg.max_new, lambda lg: sample_next(lg, cfg.temperature, cfg.top_p, gen),
+               eos, dev, on_token if stream is not None else None)
+    generated, times = d["tokens"], d["times"]
     body = [t for t in generated if t not in eos]
-    answer = tok.decode(body, skip_special_tokens=True).strip()
     informative = next((times[i] for i in range(len(body)) if any(ch.isalnum() for ch in tok.decode(body[:i + 1]))), None)
     prev, breakdown = t0, {}
     for stage in ("retrieve", "encode", "select", "project"):
         breakdown[stage + "_s"] = marks[stage] - prev
         prev = marks[stage]
-    breakdown["prefill_s"] = t_first - prev
+    breakdown["prefill_s"] = times[0] - prev
     total = times[-1] - t0
-    nll = None
-    if target:
-        # back to the prompt alone (a negative crop removes that many positions in every transformers 5.x);
-        # then the target is read after it
-        past.crop(T - past.get_seq_length())
-        logits = first_logits.float().view(1, -1)
-        if len(target) > 1:
-            step, _ = decode_step(models.decoder, torch.tensor([target[:-1]], device=dev), past)
-            logits = torch.cat([logits, step.logits[0].float()])
-        nll = float(F.cross_entropy(logits, torch.tensor(target, device=logits.device)))
     return {
-        "question": question, "answer": answer, "mode": cfg.mode, "k": cfg.k, "p": cfg.p, "topk": cfg.topk, **info,
-        "ttft_s": t_first - t0, "ttft_breakdown": breakdown,
+        "question": question, "answer": tok.decode(body, skip_special_tokens=True).strip(), "mode": cfg.mode,
+        "k": cfg.k, "p": cfg.p, "topk": cfg.topk, **info, "ttft_s": times[0] - t0, "ttft_breakdown": breakdown,
         "ttit_s": (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
         "time_to_informative_token_s": (informative - t0) if informative is not None else None,
         "throughput_tok_s": len(generated) / total if total > 0 else None,
         "generated_tokens": len(generated), "total_s": total,
         "device": str(dev), "dtype": str(models.dtype).replace("torch.", ""),
-        **({"target_nll": nll} if target else {}),
+        **({"target_nll": nll_after_prompt(models.decoder, d, T, target)} if target else {}),
     }
 
 
@@ -1868,56 +1922,28 @@ class RefragModel(nn.Module):
 
     def forward(self, batch: dict, reduce: bool = True):
         """Mean cross-entropy over the target positions of a batch built by make_batch; with
-        reduce=False, per target token (row-major): (nll, correct, target ids)."""
-        dev = self.projector.fc1.weight.device
-        emb_layer = self.decoder.get_input_embeddings()
-        tok_ids, slot = batch["tok_ids"].to(dev), batch["slot"].to(dev)                 # (B, T)
-        x = emb_layer(tok_ids.clamp(min=0))                                             # (B, T, d_dec)
+        reduce=False, per target token (row-major): (nll, correct, target ids). The chunks are
+        encoded here (gradients reach the encoder), then spliced as at inference (splice_embeds)."""
+        c = None
         if batch["chunk_texts"]:
+            dev = self.projector.fc1.weight.device
             enc = self.encoder.tokenizer(batch["chunk_texts"], padding=True, truncation=True,
                                          max_length=self.encoder.max_len, return_tensors="pt").to(dev)
             c = self.encoder(enc["input_ids"], enc["attention_mask"])                  # (N, d_enc)
-            e = self.projector(c.to(self.projector.fc1.weight.dtype)).to(x.dtype)       # (N, d_dec)
-            x = torch.where((slot >= 0).unsqueeze(-1), e[slot.clamp(min=0)], x)
-        h = self.decoder.base_model(inputs_embeds=x, attention_mask=batch["attention_mask"].to(dev)).last_hidden_state
-        labels = batch["labels"].to(dev)                                                 # (B, T)
-        sel = labels >= 0
-        logits = self.decoder.get_output_embeddings()(h[sel]).float()                   # (n_targets, V)
+        x = splice_embeds(self.decoder, self.projector, batch["tok_ids"], batch["slot"], c)  # (B, T, d_dec)
+        nll, correct, _ = batch_nll(self.decoder, x, batch)
         if reduce:
-            return F.cross_entropy(logits, labels[sel])
-        nll = F.cross_entropy(logits, labels[sel], reduction="none")                    # (n_targets,)
-        return nll, logits.argmax(-1) == labels[sel], labels[sel]
+            return nll.mean()
+        labels = batch["labels"]
+        return nll, correct, labels[labels >= 0].to(nll.device)
 
 
 def make_batch(samples: list[dict], dec_tok, pad_id: int) -> dict:
-    """Samples {"pieces": [("tokens", ids) | ("chunk", ids)], "target": ids} -> padded tensors.
-    A ("chunk", ids) piece is one compressed position (its text goes to the encoder); target
-    tokens follow the pieces and each is predicted from the position before it."""
-    rows, texts = [], []
-    for smp in samples:
-        tok_ids, slot = [], []
-        for kind, ids in smp["pieces"]:
-            if kind == "tokens":
-                tok_ids += list(ids)
-                slot += [-1] * len(ids)
-            else:
-                tok_ids.append(-1)
-                slot.append(len(texts))
-                texts.append(dec_tok.decode(list(ids)))
-        n_ctx = len(tok_ids)
-        tgt = list(smp["target"])
-        rows.append((tok_ids + tgt, slot + [-1] * len(tgt), n_ctx))
-    T = max(len(r[0]) for r in rows)
-    B = len(rows)
-    tok = torch.full((B, T), pad_id, dtype=torch.long)
-    slot = torch.full((B, T), -1, dtype=torch.long)
-    labels = torch.full((B, T), -100, dtype=torch.long)
-    att = torch.zeros((B, T), dtype=torch.long)
-    for b, (ids, sl, n_ctx) in enumerate(rows):
-        n = len(ids)
-        tok[b, :n], slot[b, :n], att[b, :n] = torch.tensor(ids), torch.tensor(sl), 1
-        labels[b, n_ctx - 1:n - 1] = torch.tensor(ids[n_ctx:])  # position t predicts token t+1
-    return {"tok_ids": tok, "slot": slot, "labels": labels, "attention_mask": att, "chunk_texts": texts}
+    """Samples {"pieces": [("tokens", ids) | ("chunk", ids)], "target": ids} -> the batch_layouts batch
+    (inference's layout code) plus the compressed chunks' texts for the encoder."""
+    batch = batch_layouts([build_layout(s["pieces"]) for s in samples], [s["target"] for s in samples], pad_id)
+    batch["chunk_texts"] = [dec_tok.decode(list(ids)) for ids in batch["chunks"]]
+    return batch
 
 
 def chunk_pieces(ids: list[int], k: int, expand: set[int], offset: int = 0) -> list[tuple[str, list[int]]]:
@@ -2700,19 +2726,11 @@ def kv_cache_bytes(cache) -> int:
 
 @torch.inference_mode()
 def time_request(decoder, make_inputs, o: int, device) -> dict:
-    """One request: TTFT = building the decoder input (encoder/projector included for REFRAG) +
-    prefill with last-position logits + the first token; then o-1 cached decode steps."""
+    """One bench request through decode(): TTFT = building the decoder input (encoder/projector included
+    for REFRAG) + prefill + the first (greedy) token; then o-1 cached steps (no stop token)."""
     t0 = clock(device)
-    kwargs = make_inputs()
-    out = decoder(**kwargs, use_cache=True, logits_to_keep=1)
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    t1 = clock(device)
-    past = kv_cache_of(out)
-    for _ in range(o - 1):
-        out, past = decode_step(decoder, nxt, past)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    t2 = clock(device)
-    return {"ttft_s": t1 - t0, "decode_s": t2 - t1, "kv_bytes": kv_cache_bytes(past)}
+    d = decode(decoder, make_inputs(), o, lambda logits: int(torch.argmax(logits)), set(), device)
+    return {"ttft_s": d["times"][0] - t0, "decode_s": d["times"][-1] - d["times"][0], "kv_bytes": kv_cache_bytes(d["past"])}
 
 
 def plot_bench(result: dict, path: str):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import refrag
-from conftest import DATA, N_PASSAGES, load_json, run_cli, save_decoder, tiny_llama
+from conftest import DATA, N_PASSAGES, ROOT, load_json, run_cli, save_decoder, tiny_llama
 
 
 def gen_json(index_dir, dec_dir, question, *extra):
@@ -294,3 +294,29 @@ def test_answer_nll_scored_from_the_prompt_cache_equals_a_fresh_scoring(tiny_ind
     fresh = refrag.target_nll(models.decoder, models.projector, layout, target)
     assert g["generated_tokens"] >= 1 and fresh > 0
     assert g["target_nll"] == pytest.approx(fresh, rel=1e-4)
+
+
+def documented_commands():
+    """Every `python refrag.py ...` command of the module docstring and of README.md's bash blocks, with
+    line continuations joined, `[--opt ...]` taken as given (first alternative of a|b) and comments dropped."""
+    import re
+    import shlex
+    texts = [refrag.__doc__, "\n".join(re.findall(r"```bash\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(), re.S))]
+    out = []
+    for text in texts:
+        for line in text.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                part = part.split(" #")[0].strip()
+                if not part.startswith("python refrag.py "):
+                    continue
+                part = re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split("|")[0], part)
+                out.append(shlex.split(part)[2:])
+    return out
+
+
+def test_every_documented_command_parses():
+    cmds = documented_commands()
+    assert len(cmds) >= 25 and {c[0] for c in cmds} == set(refrag.COMMANDS)
+    for argv in cmds:
+        cfg = refrag.parse_config(argv)
+        assert refrag.command_line(cfg).split()[1] == argv[0], argv

@@ -50,6 +50,38 @@ def test_all_chunks_expanded_equals_plain_decoder(dec, tok):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_training_loss_with_every_chunk_expanded_equals_plain_decoder_loss(dec, tok):
+    """Equivalence on the training path: make_batch + RefragModel (batch_layouts and splice_embeds, the
+    code inference uses too) with every chunk expanded give the plain decoder's loss on the same tokens,
+    and targets_nll (the inference scorer) gives each row's mean NLL."""
+    prefix, sep, suffix = refrag.prompt_pieces(tok, "Which river flows through City_7?")
+    ctxs = [refrag.encode_text(tok, "City_7 is a city in Tarn. The Velo River flows through City_7."),
+            refrag.encode_text(tok, "Alloy_3 melts at 900 degrees.")]
+    samples = [{"pieces": [("tokens", prefix)] + refrag.chunk_pieces(c, 4, set(range(100))) + [("tokens", suffix)],
+                "target": refrag.answer_ids(tok, a)} for c, a in zip(ctxs, ["Velo River", "900"])]
+    batch = refrag.make_batch(samples, tok, tok.pad_token_id)
+    assert batch["chunk_texts"] == [] and (batch["slot"] == -1).all()
+    rows = [prefix + c + suffix + s["target"] for c, s in zip(ctxs, samples)]
+    T = max(map(len, rows))
+    ids = torch.full((2, T), tok.pad_token_id)
+    att, labels = torch.zeros(2, T, dtype=torch.long), torch.full((2, T), -100)
+    for b, (x, s) in enumerate(zip(rows, samples)):
+        ids[b, :len(x)], att[b, :len(x)] = torch.tensor(x), 1
+        labels[b, len(x) - len(s["target"]):len(x)] = torch.tensor(s["target"])  # HF shifts them itself
+    model = refrag.RefragModel(None, refrag.Projector(8, dec.config.hidden_size), dec)
+    with torch.no_grad():
+        loss = model(batch)
+        ref = dec(input_ids=ids, attention_mask=att, labels=labels).loss
+        per_row = refrag.targets_nll(dec, None, [refrag.build_layout(s["pieces"]) for s in samples],
+                                     [s["target"] for s in samples])
+        ref_rows = [dec(input_ids=ids[b:b + 1], attention_mask=att[b:b + 1], labels=labels[b:b + 1]).loss
+                    for b in range(2)]
+    assert batch["tok_ids"][0, :len(rows[0])].tolist() == rows[0]
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(per_row, torch.stack(ref_rows), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(per_row[0], per_row[1])  # two different rows: the check has teeth
+
+
 def test_compress_anywhere_places_projected_chunks_at_their_slots(dec):
     proj = refrag.Projector(8, dec.config.hidden_size)
     c1, c2 = torch.randn(8), torch.randn(8)

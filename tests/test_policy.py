@@ -182,7 +182,13 @@ def test_train_policy_end_to_end_and_generate_uses_it(tiny_dec_dir, tiny_index, 
     assert code == 2 and "policy trained against other projector weights" in err
     code, _, err = run_cli("generate", "--index_dir", tiny_index, "--policy", out, "--k", 8, "--question", "x?")
     assert code == 2 and "policy trained with k=16, but --k 8" in err
-    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--load_dir", out, "--question", "x?")
+    # the community version's spelling, --load_dir naming the policy, is read as --policy (and said so)
+    code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--load_dir", out, "--k", 16, "--p", 0.25,
+                                "--question", rows[0]["question"], "--max_new", 2, "--json")
+    assert code == 0 and "read as --policy" in err, err
+    assert json.loads(stdout.strip().splitlines()[-1])["expanded"] == rec["expanded"]
+    code, _, err = run_cli("evaluate", "--index_dir", tiny_index, "--load_dir", out, "--eval_json", qa, "--out",
+                           tmp_path / "ev")
     assert code == 2 and "a policy checkpoint, not a refrag one; pass it as --policy" in err
 
 

@@ -1,5 +1,4 @@
 """REFRAG trainers: the curriculum, reconstruction batches, resume equivalence, 2-process DDP."""
-import argparse
 import json
 import os
 import random
@@ -155,8 +154,11 @@ def test_finetune_trains_on_retrieved_contexts(tiny_dec_dir, tiny_index, small_c
     code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--load_dir", out,
                                 *sel, "--k", 16, "--p", 0.25, "--question", rows[0]["question"], "--max_new", 3, "--json")
     assert code == 0, err
-    if mode == "full":  # the checkpoint brings its fine-tuned decoder; naming another one is refused
+    if mode == "full":  # the checkpoint brings its fine-tuned decoder: --dec may name its base, not another model
         code, _, err = run_cli("generate", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--load_dir", out,
+                               "--mode", "full", "--question", "x?", "--max_new", 2, "--json")
+        assert code == 0, err
+        code, _, err = run_cli("generate", "--index_dir", tiny_index, "--dec", tmp_path / "other", "--load_dir", out,
                                "--mode", "full", "--question", "x?")
         assert code == 2 and "drop --dec or pass that one" in err
     rec = json.loads(stdout.strip().splitlines()[-1])
