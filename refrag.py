@@ -33,7 +33,8 @@ local safetensors directory; any HF id, model directory or .gguf file can take i
     python refrag.py index --index_dir runs/index --enc runs/sft --dec runs/sft/decoder --k 16 --ppl
     python refrag.py train_policy --rag_json data/rag_train.jsonl --index_dir runs/index --load_dir runs/sft \
         --k 16 --p 0.25 --steps 300 --lr 1e-4 --algo grpo [--policy_query] --out_dir runs/policy
-    python refrag.py generate --index_dir runs/index --load_dir runs/policy --k 16 --p 0.25 --question "..."
+    python refrag.py generate --index_dir runs/index --load_dir runs/sft --policy runs/policy --k 16 --p 0.25 \
+        --question "..."   # (--policy alone: the policy names its checkpoint and models)
     # 4. quality over a QA or long-text file, per mode x k x p x selection (resumable)
     python refrag.py evaluate --eval_json data/rag_eval.jsonl --index_dir runs/index \
         --modes full,refrag,none --k 8,16 --p 0 --out runs/eval
@@ -118,6 +119,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {name}: CUDA is not available in this torch build")
     return dev
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16() -> bool:
+    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX), where bf16
+    autocast roughly doubles training speed (measured: 248 vs 118 tokens/s on the 135M reader)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -282,18 +295,6 @@ def resolve_model_path(name: str) -> str:
         except ImportError:
             return MINILM_ID
     return name
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_has_bf16() -> bool:
-    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX), where bf16
-    autocast roughly doubles training speed (measured: 248 vs 118 tokens/s on the 135M reader)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def progress(iterable=None, **kw):
@@ -952,17 +953,17 @@ def _cache_kwarg(model_cls) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def kv_cache_of(out):
+    """The KV cache a forward with use_cache=True returned (`cache` or, before the rename, `past_key_values`)."""
+    return out["cache"] if "cache" in out.keys() else out.past_key_values
+
+
 def decode_step(decoder, input_ids: torch.Tensor, past):
     """One cached decoding step: (the model output, the grown KV cache). transformers 5 renamed the
     forward's `past_key_values` to `cache` (the old name goes in 5.40); either name is used, whichever
     this version's forward takes."""
     out = decoder(input_ids=input_ids, use_cache=True, **{_cache_kwarg(type(decoder)): past})
     return out, kv_cache_of(out)
-
-
-def kv_cache_of(out):
-    """The KV cache a forward with use_cache=True returned (`cache` or, before the rename, `past_key_values`)."""
-    return out["cache"] if "cache" in out.keys() else out.past_key_values
 
 
 def decoder_max_positions(decoder) -> int:
@@ -2590,6 +2591,38 @@ def results_markdown(result: dict) -> str:
             + "\n".join(fmt(s) for s in result["results"]) + "\n")
 
 
+def load_policies(dirs: list[str], models: Models, ks: tuple) -> dict:
+    """evaluate's --policy checkpoints: selection name ("policy:<dir name>") -> (policy, the k it was trained for)."""
+    policies = {}
+    for d in dirs:
+        pcfg = policy_config(d, "--policy")
+        if pcfg is None:
+            fail(f"--policy {d}: not a policy checkpoint (no config.json with kind refrag_policy)")
+        pk = int(pcfg["k"])
+        if pk not in ks:
+            fail(f"--policy {d}: trained with k={pk}, not one of --k {','.join(map(str, ks))}")
+        policies["policy:" + os.path.basename(os.path.normpath(d))] = (load_policy(d, models, pk, "--policy"), pk)
+    return policies
+
+
+def score_row(r: dict, c: dict, cfg: GenerateConfig, models: Models, index: PassageIndex, seed: int) -> dict:
+    """One QA record under one configuration: the generated answer, its metrics, the gold answer's
+    log-perplexity after the same prompt, and the timing."""
+    g = run_generation(r["question"], cfg, models, index, target=answer_ids(models.tok, r["answers"][0]))
+    holds = any(a in index.texts[i] for i in g["passages_used"] for a in r["answers"])
+    return {"answer": g["answer"], "gold": r["answers"], "em": exact_match(g["answer"], r["answers"]),
+            "f1": token_f1(g["answer"], r["answers"]), "chrf": chrf(g["answer"], r["answers"]),
+            "answer_logppl": g["target_nll"], "ttft_s": g["ttft_s"], "select_s": g["ttft_breakdown"]["select_s"],
+            "ttit_s": g["ttit_s"], "throughput_tok_s": g["throughput_tok_s"], "prompt_positions": g["prompt_positions"],
+            "answer_in_context": float(holds)}
+
+
+def score_cpt_row(r: dict, c: dict, models: Models, gen: torch.Generator) -> dict:
+    """One long text under one configuration: the continuation's log-perplexity after the context."""
+    layout, tgt, info = cpt_layout_and_target(r, c, models, gen)
+    return {"logppl": target_nll(models.decoder, models.projector, layout, tgt), "prompt_positions": info["prompt_positions"]}
+
+
 def cmd_evaluate(args: EvalConfig):
     modes, ks, ps, selections = args.mode_list, args.ks, args.ps, args.selections
     first = read_jsonl(args.eval_json, "--eval_json")[0][1]
@@ -2608,15 +2641,7 @@ def cmd_evaluate(args: EvalConfig):
                          need_encoder="refrag" in modes, seed=args.seed)
     if index:
         check_index_tokenizer(index, models)
-    policies = {}  # selection name -> (policy, its k)
-    for d in args.policy:
-        pcfg = policy_config(d, "--policy")
-        if pcfg is None:
-            fail(f"--policy {d}: not a policy checkpoint (no config.json with kind refrag_policy)")
-        pk = int(pcfg["k"])
-        if pk not in ks:
-            fail(f"--policy {d}: trained with k={pk}, not one of --k {args.k}")
-        policies["policy:" + os.path.basename(os.path.normpath(d))] = (load_policy(d, models, pk, "--policy"), pk)
+    policies = load_policies(args.policy, models, ks)
     configs = [c for c in eval_configs(modes, ks, ps, selections + list(policies))
                if c["selection"] not in policies or policies[c["selection"]][1] == c["k"]]
     os.makedirs(args.out, exist_ok=True)
@@ -2638,23 +2663,9 @@ def cmd_evaluate(args: EvalConfig):
         if todo and kind == "qa":
             run_generation(todo[0]["question"], cfg, models, index)  # warm-up, discarded
         for r in progress(todo, desc=key, unit="q"):
-            gen = torch.Generator().manual_seed(args.seed)
-            if kind == "qa":
-                g = run_generation(r["question"], cfg, models, index, target=answer_ids(models.tok, r["answers"][0]))
-                nll = g["target_nll"]
-                em = exact_match(g["answer"], r["answers"])
-                holds = [j for j, i in enumerate(g["passages_used"]) if any(a in index.texts[i] for a in r["answers"])]
-                row = {"config": key, "id": r["id"], "answer": g["answer"], "gold": r["answers"],
-                       "em": em, "f1": token_f1(g["answer"], r["answers"]),
-                       "chrf": chrf(g["answer"], r["answers"]), "answer_logppl": nll,
-                       "ttft_s": g["ttft_s"], "select_s": g["ttft_breakdown"]["select_s"],
-                       "ttit_s": g["ttit_s"], "throughput_tok_s": g["throughput_tok_s"],
-                       "prompt_positions": g["prompt_positions"],
-                       "answer_in_context": float(bool(holds))}
-            else:
-                layout, tgt, info = cpt_layout_and_target(r, c, models, gen)
-                row = {"config": key, "id": r["id"], "logppl": target_nll(models.decoder, models.projector, layout, tgt),
-                       "prompt_positions": info["prompt_positions"]}
+            row = score_row(r, c, cfg, models, index, args.seed) if kind == "qa" else \
+                score_cpt_row(r, c, models, torch.Generator().manual_seed(args.seed))
+            row = {"config": key, "id": r["id"], **row}
             done[(key, r["id"])] = row
             append_jsonl(rows_path, row)
         rows = [done[(key, r["id"])] for r in data]
@@ -2673,9 +2684,6 @@ def cmd_evaluate(args: EvalConfig):
     write_json(os.path.join(args.out, "results.json"), result)
     atomic_write_text(os.path.join(args.out, "results.md"), results_markdown(result))
     print(f"evaluate: wrote {args.out}/results.json and results.md")
-
-
-
 
 
 
@@ -2766,18 +2774,54 @@ def plot_bench(result: dict, path: str):
     plt.close(fig)
 
 
+def bench_point(decoder, make_inputs, cfg: BenchConfig, device) -> dict:
+    """Median TTFT / decode time of cfg.repeats requests after cfg.warmup discarded ones."""
+    for _ in range(cfg.warmup):
+        time_request(decoder, make_inputs, cfg.o, device)
+    runs = [time_request(decoder, make_inputs, cfg.o, device) for _ in range(cfg.repeats)]
+    ttft, dec_s = float(np.median([r["ttft_s"] for r in runs])), float(np.median([r["decode_s"] for r in runs]))
+    return {"ttft_s": ttft, "ttft_runs_s": [r["ttft_s"] for r in runs], "ttit_s": dec_s / max(1, cfg.o - 1),
+            "throughput_tok_s": cfg.o / (ttft + dec_s), "kv_bytes": runs[0]["kv_bytes"]}
+
+
+def bench_refrag(decoder, encoder, projector, q_ids, s: int, k: int, full: dict, cfg: BenchConfig, device, dtype,
+                 g: torch.Generator) -> list[dict]:
+    """REFRAG at context s and chunk size k, the chunk embeddings read from the cache (host memory, as the
+    index stores them) or computed by the encoder inside TTFT; each against the full-context point."""
+    L, d = -(-s // k), int(decoder.config.hidden_size)
+    chunk_ids = torch.randint(1000, 30000, (L, k), generator=g).to(device)
+    cached = torch.randn(L, int(encoder.config.hidden_size), generator=g).to(dtype)
+    emb_layer, out = decoder.get_input_embeddings(), []
+    sources = {"refrag_cached": lambda: cached.to(device),
+               "refrag_nocache": lambda: encoder(input_ids=chunk_ids, attention_mask=torch.ones_like(chunk_ids))
+               .last_hidden_state.mean(1)}                                                 # (L, d_enc)
+    for mode, chunks in sources.items():
+        make = lambda: {"inputs_embeds": torch.cat([projector(chunks()).unsqueeze(0), emb_layer(q_ids)], 1)}  # noqa: E731
+        try:
+            r = bench_point(decoder, make, cfg, device)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            print(f"skip s={s} k={k} {mode}: out of device memory")
+            continue
+        out.append(dict(s=s, k=k, mode=mode, prompt_positions=L + cfg.q, **r, ttft_speedup=full["ttft_s"] / r["ttft_s"],
+                        ttit_speedup=full["ttit_s"] / r["ttit_s"],
+                        throughput_speedup=r["throughput_tok_s"] / full["throughput_tok_s"],
+                        kv_reduction=full["kv_bytes"] / r["kv_bytes"], analytic_ttft_speedup=analytic_ttft_speedup(s, k, d)))
+        print(f"s={s:6d} k={k:<3d} {mode[7:]:7s} | TTFT {r['ttft_s'] * 1000:9.1f} ms | TTIT {r['ttit_s'] * 1000:7.2f} ms | "
+              f"{r['throughput_tok_s']:8.1f} tok/s | KV {r['kv_bytes'] / 2 ** 20:8.1f} MiB | TTFT x{out[-1]['ttft_speedup']:.2f} "
+              f"(analytic x{out[-1]['analytic_ttft_speedup']:.2f}) | throughput x{out[-1]['throughput_speedup']:.2f}", flush=True)
+    return out
+
+
 def cmd_bench(args: BenchConfig):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    ctxs, ks = args.ctxs, args.ks
     decoder, encoder, d_enc, dec_desc, enc_desc = bench_models(args, device, dtype)
-    d = int(decoder.config.hidden_size)
+    d, vocab = int(decoder.config.hidden_size), int(decoder.config.vocab_size)
     n_params = sum(p.numel() for p in decoder.parameters())
-    vocab = int(decoder.config.vocab_size)
     with default_dtype_device(dtype, device):
         torch.manual_seed(0)
         projector = Projector(d_enc, d).eval()
-    emb_layer = decoder.get_input_embeddings()
     max_pos = decoder_max_positions(decoder)
     write_run_info(args.out, args)
     print(f"bench: decoder {dec_desc}, {n_params / 1e6:.0f}M parameters, d={d}; encoder {enc_desc}; "
@@ -2785,73 +2829,27 @@ def cmd_bench(args: BenchConfig):
           f"median of {args.repeats} after {args.warmup} warm-up")
     g = torch.Generator().manual_seed(0)
     q_ids = torch.randint(5, vocab, (1, args.q), generator=g).to(device)
-
-    def measure(make_inputs):
-        for _ in range(args.warmup):
-            time_request(decoder, make_inputs, args.o, device)
-        runs = [time_request(decoder, make_inputs, args.o, device) for _ in range(args.repeats)]
-        ttft = float(np.median([r["ttft_s"] for r in runs]))
-        dec_s = float(np.median([r["decode_s"] for r in runs]))
-        return {"ttft_s": ttft, "ttft_runs_s": [r["ttft_s"] for r in runs],
-                "ttit_s": dec_s / max(1, args.o - 1), "throughput_tok_s": args.o / (ttft + dec_s),
-                "kv_bytes": runs[0]["kv_bytes"]}
-
     records, last_full = [], None
-    for s in ctxs:
+    for s in args.ctxs:
         if s + args.q + args.o > max_pos:
             print(f"skip s={s}: longer than the decoder's {max_pos} positions")
             continue
         if last_full and last_full[1] * (s / last_full[0]) ** 2 > args.max_prefill_s:
             print(f"skip s={s}: full-context prefill estimated above --max_prefill_s {args.max_prefill_s:g}s")
             continue
-        ctx_ids = torch.randint(5, vocab, (1, s), generator=g).to(device)
-        full_ids = torch.cat([ctx_ids, q_ids], 1)
+        full_ids = torch.cat([torch.randint(5, vocab, (1, s), generator=g).to(device), q_ids], 1)
         try:
-            full = measure(lambda: {"input_ids": full_ids})
+            full = bench_point(decoder, lambda: {"input_ids": full_ids}, args, device)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             print(f"skip s={s}: out of device memory")
             continue
         last_full = (s, full["ttft_s"])
-        rec_full = dict(s=s, k=None, mode="full", prompt_positions=s + args.q, **full)
-        records.append(rec_full)
+        records.append(dict(s=s, k=None, mode="full", prompt_positions=s + args.q, **full))
         print(f"s={s:6d} full          | TTFT {full['ttft_s'] * 1000:9.1f} ms | TTIT {full['ttit_s'] * 1000:7.2f} ms | "
               f"{full['throughput_tok_s']:8.1f} tok/s | KV {full['kv_bytes'] / 2 ** 20:8.1f} MiB")
-        for k in ks:
-            L = -(-s // k)
-            chunk_ids = torch.randint(1000, 30000, (L, k), generator=g).to(device)
-            mask = torch.ones_like(chunk_ids)
-            cached = torch.randn(L, d_enc, generator=g).to(dtype)  # as stored in the index (host memory)
-
-            def refrag_inputs(c_fn):
-                def make():
-                    e = projector(c_fn())                                     # (L, d)
-                    x = torch.cat([e.unsqueeze(0), emb_layer(q_ids)], 1)      # (1, L + q, d)
-                    return {"inputs_embeds": x}
-                return make
-
-            def encode():
-                h = encoder(input_ids=chunk_ids, attention_mask=mask).last_hidden_state  # (L, k, d_enc)
-                return h.mean(1)
-
-            for mode, c_fn in (("refrag_cached", lambda: cached.to(device, non_blocking=False)),
-                               ("refrag_nocache", encode)):
-                try:
-                    r = measure(refrag_inputs(c_fn))
-                except torch.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    print(f"skip s={s} k={k} {mode}: out of device memory")
-                    continue
-                rec = dict(s=s, k=k, mode=mode, prompt_positions=L + args.q, **r,
-                           ttft_speedup=full["ttft_s"] / r["ttft_s"],
-                           ttit_speedup=full["ttit_s"] / r["ttit_s"],
-                           throughput_speedup=r["throughput_tok_s"] / full["throughput_tok_s"],
-                           kv_reduction=full["kv_bytes"] / r["kv_bytes"],
-                           analytic_ttft_speedup=analytic_ttft_speedup(s, k, d))
-                records.append(rec)
-                print(f"s={s:6d} k={k:<3d} {mode[7:]:7s} | TTFT {r['ttft_s'] * 1000:9.1f} ms | TTIT {r['ttit_s'] * 1000:7.2f} ms | "
-                      f"{r['throughput_tok_s']:8.1f} tok/s | KV {r['kv_bytes'] / 2 ** 20:8.1f} MiB | TTFT x{rec['ttft_speedup']:.2f} "
-                      f"(analytic x{rec['analytic_ttft_speedup']:.2f}) | throughput x{rec['throughput_speedup']:.2f}", flush=True)
+        for k in args.ks:
+            records += bench_refrag(decoder, encoder, projector, q_ids, s, k, full, args, device, dtype, g)
     result = {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""), "decoder": dec_desc,
               "decoder_params": n_params, "d": d, "encoder": enc_desc, "q": args.q, "o": args.o,
               "repeats": args.repeats, "warmup": args.warmup, "torch": torch.__version__,
@@ -2859,8 +2857,6 @@ def cmd_bench(args: BenchConfig):
     write_json(os.path.join(args.out, "bench.json"), result)
     plot_bench(result, os.path.join(args.out, "bench_ttft_speedup.png"))
     print(f"bench: wrote {os.path.join(args.out, 'bench.json')} and bench_ttft_speedup.png")
-
-
 
 
 # ---- the training chain in one command ----
@@ -2964,6 +2960,9 @@ def chain_examples(a: ChainConfig) -> list[dict]:
     return out
 
 
+STAGE_FUNCS = {IndexConfig: cmd_index, TrainConfig: cmd_train, PolicyConfig: cmd_train_policy, EvalConfig: cmd_evaluate}
+
+
 def cmd_chain(args: ChainConfig):
     """Run the stages one after another in this process, timing each; chain.json (rewritten after
     every stage) records each stage's command and seconds, so --resume skips what is done."""
@@ -2987,7 +2986,7 @@ def cmd_chain(args: ChainConfig):
             cfg.resume = True  # a stage killed mid-way continues from its last checkpoint
         t0 = time.perf_counter()
         try:
-            COMMAND_FUNCS[type(cfg)](cfg)
+            STAGE_FUNCS[type(cfg)](cfg)
         except RefragError as e:
             raise RefragError(f"chain stage {name}: {e}") from None
         record["stages"][name] = {"command": command, "seconds": round(time.perf_counter() - t0, 1)}
@@ -3039,8 +3038,7 @@ COMMANDS = {  # subcommand: (config class, one-line help); the flags come from t
     "chain": (ChainConfig, "the whole chain in one timed, resumable command (index, CPT, finetune and its "
                            "full-context baseline, chunk perplexities, train_policy, evaluate)"),
 }
-COMMAND_FUNCS = {IndexConfig: cmd_index, GenerateConfig: cmd_generate, TrainConfig: cmd_train,
-                 PolicyConfig: cmd_train_policy, EvalConfig: cmd_evaluate, BenchConfig: cmd_bench, ChainConfig: cmd_chain}
+COMMAND_FUNCS = {**STAGE_FUNCS, GenerateConfig: cmd_generate, BenchConfig: cmd_bench, ChainConfig: cmd_chain}
 
 
 def add_flags(sp: argparse.ArgumentParser, command: str, cls):
