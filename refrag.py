@@ -2330,10 +2330,11 @@ def cmd_train(cfg: TrainConfig):
 
 # ---- training: the selection policy (GRPO / REINFORCE, models frozen) ----
 
-def policy_contexts(cfg: PolicyConfig, models: Models, index: PassageIndex, path: str, flag: str) -> list[dict]:
-    """Training or held-out examples for the policy: a RetrievedContext (QA: retrieved top-k passages
-    as in generate; long text: the s tokens before the split) and the target whose log-perplexity
-    is the reward (the gold answer, or x_s+1:s+o)."""
+def policy_contexts(cfg: PolicyConfig, models: Models, index: PassageIndex, path: str, flag: str,
+                    limit: int | None = None) -> list[dict]:
+    """Training or held-out examples for the policy (the first `limit` usable ones): a RetrievedContext
+    (QA: retrieved top-k passages as in generate; long text: the s tokens before the split) and the
+    target whose log-perplexity is the reward (the gold answer, or x_s+1:s+o)."""
     tok = models.tok
     gcfg = GenerateConfig(topk=cfg.topk, k=cfg.k, p=cfg.p, ctx_max=cfg.ctx_max, mode="refrag")
     first = read_jsonl(path, flag)[0][1]
@@ -2343,6 +2344,8 @@ def policy_contexts(cfg: PolicyConfig, models: Models, index: PassageIndex, path
             ctx = retrieve_context(r["question"], gcfg, models, index, {})
             if ctx.n_chunks >= 2:
                 out.append({"ctx": ctx, "target": answer_ids(tok, r["answers"][0]), "id": r["id"]})
+            if len(out) == limit:
+                break
         return out
     if cfg.policy_query:
         fail(f"{flag} {path}: long-text records have no question for a query-aware policy (--policy_query)")
@@ -2354,6 +2357,8 @@ def policy_contexts(cfg: PolicyConfig, models: Models, index: PassageIndex, path
         ctx = RetrievedContext(bos, [], [], [], [], [], [ctx_ids], chunks, embs, None, "n/a (long text)")
         if ctx.n_chunks >= 2:
             out.append({"ctx": ctx, "target": r["ids"][r["s"]:r["s"] + min(r["o"], cfg.max_o)], "id": r["id"]})
+        if len(out) == limit:
+            break
     return out
 
 
@@ -2463,7 +2468,7 @@ def cmd_train_policy(cfg: PolicyConfig):
     print(f"train_policy: chunk cache {index.cache_status(models, cfg.k, True)}; "
           f"chunk perplexities {index.ppl_status(models, cfg.k)}")
     train = policy_contexts(cfg, models, index, cfg.train_json, "--train_json")
-    held = policy_contexts(cfg, models, index, cfg.eval_json, "--eval_json")[:cfg.eval_n] if cfg.eval_json else []
+    held = policy_contexts(cfg, models, index, cfg.eval_json, "--eval_json", cfg.eval_n) if cfg.eval_json else []
     if not train:
         fail(f"--train_json {cfg.train_json}: no example with at least 2 chunks at k={cfg.k}")
     set_seed(cfg.seed)
