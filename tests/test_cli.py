@@ -320,3 +320,13 @@ def test_every_documented_command_parses():
     for argv in cmds:
         cfg = refrag.parse_config(argv)
         assert refrag.command_line(cfg).split()[1] == argv[0], argv
+
+
+def test_command_line_round_trips_through_the_shell():
+    import shlex
+    for argv in (["generate", "--question", "Où est l'été? $HOME `x`\tend", "--heuristic", "--no_cache"],
+                 ["evaluate", "--policy", "runs/a b", "--policy", "runs/c", "--p", "0,0.25"],
+                 ["finetune", "--mode", "full", "--stop_after", "3"]):
+        cfg = refrag.parse_config(argv)
+        again = refrag.parse_config(shlex.split(refrag.command_line(cfg))[1:])
+        assert again == cfg, refrag.command_line(cfg)

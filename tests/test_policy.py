@@ -235,3 +235,24 @@ def test_evaluate_compares_policy_with_heuristics(tiny_dec_dir, tiny_index, smal
     code, _, err = run_cli("evaluate", "--eval_json", qa, "--index_dir", tiny_index, "--dec", tiny_dec_dir,
                            "--modes", "refrag", "--k", 16, "--p", "0.25", "--policy", pol, "--out", out)
     assert code == 2 and "invalid JSON" in err and "config.json" in err
+
+
+def test_train_policy_resume_matches_uninterrupted_run(tiny_dec_dir, tiny_index, small_corpus, tmp_path):
+    from safetensors.torch import load_file
+    qa = tmp_path / "qa.jsonl"
+    qa_rows(small_corpus, qa, n=3)
+    base = ["train_policy", "--rag_json", qa, "--eval_json", "", "--index_dir", tiny_index, "--dec", tiny_dec_dir,
+            "--topk", 2, "--steps", 4, "--group", 2, "--batch_size", 2, "--log_every", 1, "--lr", 3e-3]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(*base, "--out_dir", a)[0] == 0
+    assert run_cli(*base, "--out_dir", b, "--stop_after", 2)[0] == 0
+    assert json.load(open(b / "train_state.json"))["step"] == 2
+    code, stdout, err = run_cli(*base, "--out_dir", b, "--resume")
+    assert code == 0 and "resuming at step 2" in stdout, err
+    wa, wb = load_file(a / "policy.safetensors"), load_file(b / "policy.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    lrs = [json.loads(line)["lr"] for line in open(b / "metrics.jsonl")]
+    assert [json.loads(line)["step"] for line in open(b / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert lrs[1] > lrs[3] and lrs == [json.loads(line)["lr"] for line in open(a / "metrics.jsonl")]  # the cosine
+    code, _, err = run_cli(*base[:-2], "--lr", 3e-3, "--p", 0.5, "--out_dir", b, "--resume")
+    assert code == 2 and "differs in p" in err
