@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -1133,6 +1134,7 @@ class Models:
     enc_fingerprint: str
     dec_fingerprint: str = ""
     policy: nn.Module | None = None   # a SelectionPolicy when one is loaded
+    prefix_cache: dict = dataclasses.field(default_factory=dict)  # template prefix ids -> its KV cache (prefix_kv)
 
 
 def load_models(dec: str | None, enc: str | None, embed_model: str, load_dir: str | None, k: int | None,
@@ -1702,7 +1704,7 @@ def prepare_prompt(question: str, cfg: GenerateConfig, models: Models, index: Pa
             "retrieved": [{"id": i, "score": round(s, 4)} for i, s in zip(ctx.ranked, ctx.scores)],
             "passages_used": ctx.used, "context_tokens": int(sum(len(x) for x in ctx.passages_ids)),
             "n_chunks": ctx.n_chunks if cfg.mode == "refrag" else 0, "expanded": expanded,
-            "prompt_positions": int(layout.tok_ids.numel())}
+            "prompt_positions": int(layout.tok_ids.numel()), "cached_prefix_positions": len(ctx.prefix)}
     return layout, info
 
 
@@ -1723,12 +1725,14 @@ def _stream(stream, tok, generated, shown, eos) -> str:
 
 
 @torch.inference_mode()
-def decode(decoder, inputs: dict, max_new: int, pick, stop: set, device: torch.device, on_token=None) -> dict:
-    """The one decode loop (generate, evaluate, bench): prefill `inputs` (input_ids or inputs_embeds)
-    keeping only the last position's logits, then one KV-cached step per token until a `stop` token or
-    max_new tokens. pick(logits) -> token id; on_token(tokens) runs after each token's clock reading
-    (streaming). Returns the tokens, the clock after each, the first token's logits and the KV cache."""
-    out = decoder(**inputs, use_cache=True, logits_to_keep=1)
+def decode(decoder, inputs: dict, max_new: int, pick, stop: set, device: torch.device, on_token=None,
+           past=None) -> dict:
+    """The one decode loop (generate, evaluate, bench): prefill `inputs` (input_ids or inputs_embeds;
+    after the KV cache `past` when given) keeping only the last position's logits, then one KV-cached
+    step per token until a `stop` token or max_new tokens. pick(logits) -> token id; on_token(tokens)
+    runs after each token's clock reading (streaming). Returns the tokens, the clock after each, the
+    first token's logits and the KV cache."""
+    out = decoder(**inputs, use_cache=True, logits_to_keep=1, **({_cache_kwarg(type(decoder)): past} if past else {}))
     first = out.logits[0, -1]
     tokens, past, times = [pick(first)], kv_cache_of(out), [clock(device)]
     while True:
@@ -1756,6 +1760,18 @@ def nll_after_prompt(decoder, decoded: dict, prompt_len: int, target: list[int])
 
 
 @torch.inference_mode()
+def prefix_kv(models: Models, prefix: list[int]):
+    """A copy of the KV cache of the prompt template's constant prefix (the system turn and "Context:"),
+    computed once per process and used by every mode alike, as a serving system's prefix cache: a
+    request prefills only its own positions (passages or chunks, question) after it."""
+    key = tuple(prefix)
+    if key not in models.prefix_cache:
+        out = models.decoder(input_ids=torch.tensor([prefix], device=models.device), use_cache=True, logits_to_keep=1)
+        models.prefix_cache[key] = kv_cache_of(out)
+    return copy.deepcopy(models.prefix_cache[key])
+
+
+@torch.inference_mode()
 def run_generation(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex,
                    stream=None, target: list[int] | None = None) -> dict:
     """Answer one question and time it. The clock starts when the question is received and every
@@ -1772,11 +1788,13 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
     if T + cfg.max_new > decoder_max_positions(models.decoder):
         fail(f"--ctx_max/--max_new: prompt of {T} positions + {cfg.max_new} new tokens exceeds the decoder's "
              f"{decoder_max_positions(models.decoder)} positions")
+    P = min(info["cached_prefix_positions"], T - 1)  # the template's constant prefix comes from prefix_kv
+    past = prefix_kv(models, layout.tok_ids[:P].tolist()) if P else None
     if cfg.mode == "refrag":
-        inputs = {"inputs_embeds": layout_embeds(layout, models.decoder, models.projector)}
+        inputs = {"inputs_embeds": layout_embeds(layout, models.decoder, models.projector)[:, P:]}
         marks["project"] = clock(dev)
     else:
-        inputs = {"input_ids": layout.tok_ids.view(1, -1).to(dev)}
+        inputs = {"input_ids": layout.tok_ids[P:].view(1, -1).to(dev)}
         marks["project"] = marks["select"]
     eos = {tok.eos_token_id} - {None}
     shown = [""]
@@ -1785,7 +1803,7 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
         shown[0] = _stream(stream, tok, tokens, shown[0], eos)
 
     d = decode(models.decoder, inputs, cfg.max_new, lambda lg: sample_next(lg, cfg.temperature, cfg.top_p, gen),
-               eos, dev, on_token if stream is not None else None)
+               eos, dev, on_token if stream is not None else None, past)
     generated, times = d["tokens"], d["times"]
     body = [t for t in generated if t not in eos]
     informative = next((times[i] for i in range(len(body)) if any(ch.isalnum() for ch in tok.decode(body[:i + 1]))), None)

@@ -294,6 +294,10 @@ def test_answer_nll_scored_from_the_prompt_cache_equals_a_fresh_scoring(tiny_ind
     fresh = refrag.target_nll(models.decoder, models.projector, layout, target)
     assert g["generated_tokens"] >= 1 and fresh > 0
     assert g["target_nll"] == pytest.approx(fresh, rel=1e-4)
+    # the template's constant prefix came from the prefix cache, computed once and reused unchanged
+    assert g["cached_prefix_positions"] > 0 and len(models.prefix_cache) == 1
+    again = refrag.run_generation(q, cfg, models, idx, target=target)
+    assert again["answer"] == g["answer"] and again["target_nll"] == pytest.approx(g["target_nll"], rel=1e-6)
 
 
 def documented_commands():
