@@ -334,3 +334,16 @@ def test_command_line_round_trips_through_the_shell():
         cfg = refrag.parse_config(argv)
         again = refrag.parse_config(shlex.split(refrag.command_line(cfg))[1:])
         assert again == cfg, refrag.command_line(cfg)
+
+
+def test_launchers_run_the_chain_once_with_every_override():
+    for name in ("refrag_quickstart_auto_accel.sh", "refrag_quickstart_auto_accel.bat"):
+        text = open(os.path.join(ROOT, name), encoding="utf-8").read()
+        runs = [line.strip() for line in text.splitlines() if line.strip().startswith("python refrag.py")]
+        assert len(runs) == 1 and runs[0].startswith("python refrag.py chain "), (name, runs)
+        for var in ("ENC_MODEL", "DEC_MODEL", "EMBED_MODEL", "TOPK", "K", "P", "CTX_MAX", "MAX_NEW", "STEPS",
+                    "LR_RECON", "LR_NEXT", "LR_POLICY"):
+            assert var in text, (name, var)
+    bat = open(os.path.join(ROOT, "refrag_quickstart_auto_accel.bat"), encoding="utf-8").read()
+    assert bat.count(":error") == 1 + bat.count("goto :error")  # one handler, at the end
+    assert bat.rstrip().endswith("exit /b 1")
