@@ -66,6 +66,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import string
 import sys
@@ -329,7 +330,6 @@ def opt(default=None, help: str = "", **argparse_kw):
 def command_line(cfg) -> str:
     """The refrag.py command a config stands for: its subcommand and every flag that differs from the default
     (what run_config.json and the results record, also for stages the chain ran in-process)."""
-    import shlex
     parts = ["refrag.py", getattr(cfg, "stage", None) or cfg.COMMAND]
     for f in dataclasses.fields(cfg):
         value, default = getattr(cfg, f.name), f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
@@ -462,7 +462,18 @@ CPT, FT = ("cpt_recon", "cpt_next"), ("finetune",)
 
 
 @dataclass
-class TrainConfig(ModelArgs):
+class LoopArgs(ModelArgs):
+    """What every trainer's loop takes: schedule, checkpoints, resume, logging, seed."""
+    warmup_frac: float = opt(0.04, "linear warm-up fraction of the cosine schedule (paper appendix B)")
+    save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
+    resume: bool = opt(False, "continue from the checkpoint in --out_dir")
+    stop_after: int = opt(None, "stop (after saving) at this step", type=int)
+    log_every: int = opt(20, "steps per progress line and metrics.jsonl record")
+    seed: int = opt(0, "seed of every step's randomness")
+
+
+@dataclass
+class TrainConfig(LoopArgs):
     """cpt_recon, cpt_next and finetune (one class: they share the loop; `stage` is the subcommand)."""
     stage: str = "cpt_recon"
     train_json: str = opt("data/cpt_train.jsonl", "long texts {text, split: {s, o}}", cmds=CPT)
@@ -487,14 +498,8 @@ class TrainConfig(ModelArgs):
                           "finetune)", type=float)
     batch_size: int = opt(8, "samples per micro-batch per process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (batch = batch_size x grad_accum x processes)")
-    warmup_frac: float = opt(0.04, "linear warm-up fraction of the cosine schedule (paper appendix B)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     grad_clip: float = opt(1.0, "gradient norm clipping")
-    save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
-    resume: bool = opt(False, "continue from the checkpoint in --out_dir")
-    stop_after: int = opt(None, "stop (after saving) at this step", type=int)
-    log_every: int = opt(20, "steps per progress line and metrics.jsonl record")
-    seed: int = opt(0, "seed of every step's randomness")
     out_dir: str = opt(None, "checkpoint directory (default runs/<stage>)")
 
     def __post_init__(self):
@@ -514,7 +519,7 @@ class TrainConfig(ModelArgs):
 
 
 @dataclass
-class PolicyConfig(ModelArgs):
+class PolicyConfig(LoopArgs):
     COMMAND: ClassVar[str] = "train_policy"
     train_json: str = opt("data/rag_train.jsonl", "QA (reward: gold answer log-ppl) or long texts with a split "
                                                   "(reward: continuation log-ppl)", aliases=["--rag_json"])
@@ -529,7 +534,6 @@ class PolicyConfig(ModelArgs):
     max_o: int = opt(64, "long-text data: continuation tokens scored")
     steps: int = opt(300, "policy updates")
     lr: float = opt(1e-4, "peak AdamW learning rate of the policy (warm-up, then cosine, as the other trainers)")
-    warmup_frac: float = opt(0.04, "linear warm-up fraction")
     algo: str = opt("grpo", "grpo (group advantage + PPO clipping) or reinforce (moving baseline)",
                     choices=["grpo", "reinforce"])
     group: int = opt(8, "G selections sampled per example")
@@ -539,11 +543,6 @@ class PolicyConfig(ModelArgs):
     baseline_decay: float = opt(0.9, "REINFORCE: moving-average decay of the reward baseline")
     policy_query: bool = opt(False, "query-aware policy: the question's embedding is an extra input")
     d_model: int = opt(128, "policy transformer width (2 layers, as in the paper)")
-    save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
-    resume: bool = opt(False, "continue from the checkpoint in --out_dir")
-    stop_after: int = opt(None, "stop (after saving) at this step", type=int)
-    log_every: int = opt(20, "steps per progress line")
-    seed: int = opt(0, "seed")
     out_dir: str = opt("runs/policy", "policy checkpoint directory")
 
     def __post_init__(self):
@@ -1057,7 +1056,8 @@ def read_checkpoint_config(load_dir: str, k: int | None, flag: str = "--load_dir
 
 
 def same_model(a: str, b: str) -> bool:
-    return a == b or resolve_model_path(a) == resolve_model_path(b) or os.path.abspath(a) == os.path.abspath(b)
+    """Whether two model names load the same model (aliases, a GGUF and its converted directory, paths)."""
+    return a == b or os.path.abspath(a) == os.path.abspath(b) or resolve_decoder(a) == resolve_decoder(b)
 
 
 def load_state_strict(module: nn.Module, path: str, flag: str):
@@ -1101,7 +1101,7 @@ def load_refrag_modules(load_dir: str | None, dec: str | None, enc: str | None, 
     dec_path, enc_name = dec or DEFAULT_DEC, enc or MINILM_ID
     if load_dir:
         own = os.path.join(load_dir, "decoder") if os.path.isdir(os.path.join(load_dir, "decoder")) else ckpt["dec"]
-        if dec is not None and not any(same_model(dec, m) or resolve_decoder(dec) == resolve_decoder(m) for m in (own, ckpt["dec"])):
+        if dec is not None and not any(same_model(dec, m) for m in (own, ckpt["dec"])):
             fail(f"--dec {dec}: --load_dir {load_dir} was trained from decoder {ckpt['dec']}; drop --dec or pass that one")
         if enc is not None and not (same_model(enc, ckpt["enc"]) or same_model(enc, load_dir)):
             fail(f"--enc {enc}: --load_dir {load_dir} holds its trained encoder (from {ckpt['enc']}); drop --enc")
