@@ -71,6 +71,7 @@ import shutil
 import string
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -804,6 +805,18 @@ def answer_ids(tok, answer: str) -> list[int]:
     return encode_text(tok, answer.strip() if uses_chat(tok) else " " + answer.strip()) + eos
 
 
+def fit_passages(ranked: list[int], lengths: list[int], ctx_max: int) -> list[int]:
+    """Whole passages in rank order while their raw tokens fit in ctx_max (every mode, the fine-tuning
+    data and a caller's own passages use the same rule)."""
+    used, budget = [], ctx_max
+    for i, n in zip(ranked, lengths):
+        if n > budget:
+            break
+        used.append(i)
+        budget -= n
+    return used
+
+
 def split_chunks(ids: list[int] | np.ndarray, k: int) -> list[list[int]]:
     """A passage's decoder tokens cut into consecutive k-token chunks (the last may be shorter)."""
     ids = [int(x) for x in ids]
@@ -1134,6 +1147,7 @@ class Models:
     enc_fingerprint: str
     dec_fingerprint: str = ""
     policy: nn.Module | None = None   # a SelectionPolicy when one is loaded
+    name: str = ""                    # the decoder / checkpoint as the user named it (records say it)
     prefix_cache: dict = dataclasses.field(default_factory=dict)  # template prefix ids -> its KV cache (prefix_kv)
 
 
@@ -1427,16 +1441,7 @@ class PassageIndex:
         return [int(i) for i in ids[0][keep]], [float(s) for s in scores[0][keep]]
 
     def fit(self, ranked: list[int], ctx_max: int) -> list[int]:
-        """Whole passages in rank order while their raw tokens fit in ctx_max (every mode and the
-        fine-tuning data use the same passages)."""
-        used, budget = [], ctx_max
-        for i in ranked:
-            n = int(self.tok_offsets[i + 1] - self.tok_offsets[i])
-            if n > budget:
-                break
-            used.append(i)
-            budget -= n
-        return used
+        return fit_passages(ranked, [int(self.tok_offsets[i + 1] - self.tok_offsets[i]) for i in ranked], ctx_max)
 
     def passage_ids(self, i: int) -> np.ndarray:
         return self.tokens[self.tok_offsets[i]:self.tok_offsets[i + 1]]
@@ -1626,6 +1631,7 @@ class RetrievedContext:
     chunk_embs: list | None    # per passage, (n_chunks, d_enc); None outside refrag mode
     q_emb: torch.Tensor | None  # (d_q,) L2-normalised retrieval embedding of the question
     cache: str = "n/a"
+    source: str = "index"      # or "caller": passages given with the request (ids index them)
 
     @property
     def n_chunks(self) -> int:
@@ -1633,20 +1639,30 @@ class RetrievedContext:
 
 
 def retrieve_context(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex | None,
-                     marks: dict) -> RetrievedContext:
-    """Retrieve and encode (cache lookup or encoder); clock readings go into `marks`."""
+                     marks: dict, passages: list[str] | None = None) -> RetrievedContext:
+    """Retrieve and encode (cache lookup or encoder); clock readings go into `marks`. With `passages`
+    (the caller's own, in their order) nothing is searched and their chunks are encoded on the fly."""
     dev, tok = models.device, models.tok
     prefix, sep, suffix = prompt_pieces(tok, question)
-    ranked, scores, used, q = [], [], [], None
+    ranked, scores, used, q, all_ids = [], [], [], None, []
     if cfg.mode != "none":
         q = models.retriever.embed_texts([question], normalize=True)
-        ranked, scores = index.search(q.numpy(), cfg.topk)
-        used = index.fit(ranked, cfg.ctx_max)
-    passages_ids = [index.passage_ids(i) for i in used]
+        if passages is None:
+            ranked, scores = index.search(q.numpy(), cfg.topk)
+            used = index.fit(ranked, cfg.ctx_max)
+        else:
+            all_ids = [encode_text(tok, text) for text in passages]
+            ranked = list(range(len(passages)))
+            used = fit_passages(ranked, [len(x) for x in all_ids], cfg.ctx_max)
+    passages_ids = [all_ids[i] if passages is not None else index.passage_ids(i) for i in used]
     marks["retrieve"] = clock(dev)
     ctx = RetrievedContext(prefix, sep, suffix, used, ranked, scores, passages_ids,
-                           [split_chunks(x, cfg.k) for x in passages_ids], None, q[0] if q is not None else None)
-    if cfg.mode == "refrag" and used:
+                           [split_chunks(x, cfg.k) for x in passages_ids], None, q[0] if q is not None else None,
+                           source="index" if passages is None else "caller")
+    if cfg.mode == "refrag" and used and ctx.source == "caller":
+        ctx.cache = "n/a (caller passages, encoded on the fly)"
+        ctx.chunk_embs = encode_chunks(models.encoder, tok, passages_ids, cfg.k)
+    elif cfg.mode == "refrag" and used:
         ctx.cache = index.cache_status(models, cfg.k, cfg.use_cache)
         if ctx.cache == "hit":
             ctx.chunk_embs = [torch.from_numpy(np.array(index.cached_chunks(i, cfg.k))) for i in used]
@@ -1659,7 +1675,7 @@ def retrieve_context(question: str, cfg: GenerateConfig, models: Models, index: 
 def context_perplexities(ctx: RetrievedContext, models: Models, index: PassageIndex | None, k: int) -> tuple[torch.Tensor, str]:
     """(L,) chunk perplexities of a context, from the index's cache when it holds them for this
     decoder and k, else one batched decoder pass; and where they came from."""
-    status = index.ppl_status(models, k) if index is not None and ctx.used else "miss (not index passages)"
+    status = index.ppl_status(models, k) if ctx.source == "index" and ctx.used else "miss (not index passages)"
     if status == "hit":
         return torch.cat([torch.from_numpy(np.array(index.cached_ppl(i, k))) for i in ctx.used]), status
     return torch.cat(chunk_perplexities(models.decoder, ctx.passages_ids, k, models.device, models.tok.pad_token_id)), status
@@ -1691,17 +1707,18 @@ def select_chunks(ctx: RetrievedContext, cfg: GenerateConfig, models: Models, in
 
 
 def prepare_prompt(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex | None,
-                   gen: torch.Generator, marks: dict) -> tuple[PromptLayout, dict]:
-    """Retrieve, encode (cache lookup or encoder), select, and lay out the prompt. Clock readings
-    after each stage go into `marks`; the returned dict describes what was done."""
-    ctx = retrieve_context(question, cfg, models, index, marks)
+                   gen: torch.Generator, marks: dict, passages: list[str] | None = None) -> tuple[PromptLayout, dict]:
+    """Retrieve (or take the caller's `passages`), encode (cache lookup or encoder), select, and lay out
+    the prompt. Clock readings after each stage go into `marks`; the returned dict describes what was done."""
+    ctx = retrieve_context(question, cfg, models, index, marks, passages)
     expanded, method, ppl_src = [], "n/a", "n/a"
     if cfg.mode == "refrag" and ctx.used:
         expanded, method, ppl_src = select_chunks(ctx, cfg, models, index, gen)
     marks["select"] = clock(models.device)
     layout = assemble_layout(ctx.prefix, ctx.chunks, ctx.sep, ctx.suffix, ctx.chunk_embs, expanded)
-    info = {"selection": method, "chunk_cache": ctx.cache, "ppl_cache": ppl_src,
-            "retrieved": [{"id": i, "score": round(s, 4)} for i, s in zip(ctx.ranked, ctx.scores)],
+    info = {"selection": method, "chunk_cache": ctx.cache, "ppl_cache": ppl_src, "context_source": ctx.source,
+            "retrieved": [{"id": i, "score": round(s, 4) if ctx.scores else None}
+                          for i, s in zip(ctx.ranked, ctx.scores or [None] * len(ctx.ranked))],
             "passages_used": ctx.used, "context_tokens": int(sum(len(x) for x in ctx.passages_ids)),
             "n_chunks": ctx.n_chunks if cfg.mode == "refrag" else 0, "expanded": expanded,
             "prompt_positions": int(layout.tok_ids.numel()), "cached_prefix_positions": len(ctx.prefix)}
@@ -1716,11 +1733,11 @@ def check_question(tok, question: str):
         fail(f"--question: {n} tokens, longer than the 512-token limit")
 
 
-def _stream(stream, tok, generated, shown, eos) -> str:
+def _stream(on_text, tok, generated, shown, eos) -> str:
+    """Hand on_text the answer's new text (a token that completes no character waits for the next)."""
     text = tok.decode([t for t in generated if t not in eos], skip_special_tokens=True)
-    if text.startswith(shown):
-        stream.write(text[len(shown):])
-        stream.flush()
+    if text.startswith(shown) and len(text) > len(shown):
+        on_text(text[len(shown):])
     return text
 
 
@@ -1772,18 +1789,19 @@ def prefix_kv(models: Models, prefix: list[int]):
 
 
 @torch.inference_mode()
-def run_generation(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex,
-                   stream=None, target: list[int] | None = None) -> dict:
+def run_generation(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex | None,
+                   on_text=None, target: list[int] | None = None, passages: list[str] | None = None) -> dict:
     """Answer one question and time it. The clock starts when the question is received and every
     stage (retrieve, encode, select, project, prefill) is inside TTFT; the device is synchronised
-    before each reading. With `target` (token ids) the record also holds its mean NLL after the
-    prompt, scored after the clock stops from the prompt's KV cache (no second prefill)."""
+    before each reading. on_text(piece) receives the answer as it is generated. With `target` (token
+    ids) the record also holds its mean NLL after the prompt, scored after the clock stops from the
+    prompt's KV cache (no second prefill). `passages`: the caller's, instead of retrieval."""
     dev, tok = models.device, models.tok
     check_question(tok, question)
     gen = torch.Generator().manual_seed(cfg.seed)
     marks = {}
     t0 = clock(dev)
-    layout, info = prepare_prompt(question, cfg, models, index, gen, marks)
+    layout, info = prepare_prompt(question, cfg, models, index, gen, marks, passages)
     T = info["prompt_positions"]
     if T + cfg.max_new > decoder_max_positions(models.decoder):
         fail(f"--ctx_max/--max_new: prompt of {T} positions + {cfg.max_new} new tokens exceeds the decoder's "
@@ -1800,10 +1818,10 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
     shown = [""]
 
     def on_token(tokens):
-        shown[0] = _stream(stream, tok, tokens, shown[0], eos)
+        shown[0] = _stream(on_text, tok, tokens, shown[0], eos)
 
     d = decode(models.decoder, inputs, cfg.max_new, lambda lg: sample_next(lg, cfg.temperature, cfg.top_p, gen),
-               eos, dev, on_token if stream is not None else None, past)
+               eos, dev, on_token if on_text is not None else None, past)
     generated, times = d["tokens"], d["times"]
     body = [t for t in generated if t not in eos]
     informative = next((times[i] for i in range(len(body)) if any(ch.isalnum() for ch in tok.decode(body[:i + 1]))), None)
@@ -1833,32 +1851,99 @@ def check_index_tokenizer(index: PassageIndex, models: Models):
              f"rebuild the index with `refrag.py index --dec ...`")
 
 
+class RefragPipeline:
+    """The Python API: the models and index loaded once, then one call per question (generate and serve use
+    it; calls are serialised by a lock, so threads may share one pipeline).
+
+        import refrag
+        pipe = refrag.RefragPipeline.load(index_dir="runs/index", load_dir="runs/sft", policy="runs/policy")
+        rec = pipe.generate("Which river flows through City_191?", mode="refrag", k=16, p=0.25, max_new=32)
+        rec["answer"], rec["ttft_s"], rec["ttit_s"]     # the record `generate --json` prints
+
+    generate(..., passages=[...]) answers from the caller's passages instead of the index: their chunk
+    embeddings are computed on the fly and the record says "context_source": "caller". stream: a callable
+    that receives each new piece of the answer, or a file it is written to."""
+
+    def __init__(self, cfg: GenerateConfig, models: Models, index: PassageIndex | None):
+        self.cfg, self.models, self.index = cfg, models, index
+        self.lock = threading.Lock()
+
+    @classmethod
+    def load(cls, cfg: GenerateConfig | None = None, encoder: bool = True, **settings) -> "RefragPipeline":
+        """settings: GenerateConfig fields (index_dir, load_dir, policy, dec, enc, embed_model, k, device, dtype,
+        and the request defaults mode, topk, p, ...). index_dir=None: no index (requests bring passages).
+        encoder=False skips the chunk encoder (full and none modes only)."""
+        cfg = dataclasses.replace(cfg or GenerateConfig(), **settings)
+        index = PassageIndex(cfg.index_dir) if cfg.index_dir else None
+        device = resolve_device(cfg.device)
+        # a policy names the models it was trained against: they are the defaults; explicit flags win
+        base = (policy_config(cfg.policy) or {}).get("base", {}) if cfg.policy else {}
+        cfg.load_dir = cfg.load_dir or base.get("load_dir")
+        dec = cfg.dec or (None if cfg.load_dir else base.get("dec"))
+        enc = cfg.enc or (None if cfg.load_dir else base.get("enc"))
+        embed = index.retriever(cfg.embed_model) if index else cfg.embed_model or MINILM_ID
+        models = load_models(dec=dec, enc=enc, embed_model=embed, load_dir=cfg.load_dir, k=cfg.k, device=device,
+                             dtype=resolve_dtype(cfg.dtype, device), need_encoder=encoder, seed=cfg.seed)
+        models.name = cfg.load_dir or dec or DEFAULT_DEC
+        if index:
+            check_index_tokenizer(index, models)
+        if cfg.policy and encoder:
+            models.policy = load_policy(cfg.policy, models, cfg.k, "--policy")
+        if encoder and index and index.cache_status(models, cfg.k, cfg.use_cache).startswith("miss (index cached encoder"):
+            print(f"warning: the index's cached chunk embeddings come from another encoder than the one loaded; "
+                  f"they are recomputed per query. Rebuild with `refrag.py index --enc {cfg.load_dir or cfg.enc}`.",
+                  file=sys.stderr)
+        return cls(cfg, models, index)
+
+    def request_config(self, question: str, **overrides) -> GenerateConfig:
+        """This pipeline's settings with one request's overrides (validated, errors name the field)."""
+        bad = sorted(set(overrides) - set(REQUEST_FIELDS))
+        _check(not bad, f"{', '.join(bad)}: not a per-request setting (those are {', '.join(REQUEST_FIELDS)})")
+        cfg = dataclasses.replace(self.cfg, question=question, **overrides)
+        _check(cfg.mode != "refrag" or self.models.encoder is not None,
+               "--mode refrag: this pipeline was loaded without the chunk encoder")
+        _check(cfg.k == self.cfg.k or not (self.cfg.load_dir or self.models.policy),
+               f"--k {cfg.k}: the loaded checkpoint and policy are for k={self.cfg.k}")
+        return cfg
+
+    def generate(self, question: str, passages: list[str] | None = None, stream=None, **overrides) -> dict:
+        """Answer one question; overrides: any of REQUEST_FIELDS. Returns generate's JSON record."""
+        cfg = self.request_config(question, **overrides)
+        _check(passages is not None or self.index is not None or cfg.mode == "none",
+               "passages: this pipeline has no index, so a request must bring its passages")
+        on_text = stream if callable(stream) or stream is None else lambda piece: (stream.write(piece), stream.flush())
+        with self.lock:
+            rec = run_generation(question, cfg, self.models, self.index, on_text=on_text, passages=passages)
+        rec["decoder"] = self.models.name
+        return rec
+
+    def context_chunks(self, rec: dict, passages: list[str] | None = None) -> list[dict]:
+        """The passages a record's prompt used, as chunks of text marked expanded (raw tokens) or compressed
+        (one embedding each; every chunk is raw in full mode)."""
+        expanded, n, out = set(rec["expanded"]), 0, []
+        tok = self.models.tok
+        for i in rec["passages_used"]:
+            ids = encode_text(tok, passages[i]) if passages is not None else self.index.passage_ids(i)
+            chunks = split_chunks(ids, rec["k"])
+            out.append({"id": i, "chunks": [{"text": tok.decode(c), "expanded": rec["mode"] == "full" or n + j in expanded}
+                                            for j, c in enumerate(chunks)]})
+            n += len(chunks)
+        return out
+
+
+REQUEST_FIELDS = ("mode", "k", "p", "topk", "ctx_max", "max_new", "temperature", "top_p", "heuristic",
+                  "policy_sample", "seed")
+
+
 def cmd_generate(cfg: GenerateConfig):
     if not cfg.question.strip():
         fail("--question: empty question")
-    index = PassageIndex(cfg.index_dir)
-    device = resolve_device(cfg.device)
-    # a policy names the models it was trained against: they are the defaults; explicit flags win
-    base = (policy_config(cfg.policy) or {}).get("base", {}) if cfg.policy else {}
-    load_dir = cfg.load_dir or base.get("load_dir")
-    dec, enc = cfg.dec or (None if load_dir else base.get("dec")), cfg.enc or (None if load_dir else base.get("enc"))
-    models = load_models(dec=dec, enc=enc, embed_model=index.retriever(cfg.embed_model),
-                         load_dir=load_dir, k=cfg.k, device=device, dtype=resolve_dtype(cfg.dtype, device),
-                         need_encoder=(cfg.mode == "refrag"), seed=cfg.seed)
-    check_index_tokenizer(index, models)
-    if cfg.policy and cfg.mode == "refrag":
-        models.policy = load_policy(cfg.policy, models, cfg.k, "--policy")
-    status = index.cache_status(models, cfg.k, cfg.use_cache) if cfg.mode == "refrag" else "hit"
-    if status.startswith("miss (index cached encoder"):
-        print(f"warning: the index's cached chunk embeddings come from another encoder than the one loaded; "
-              f"they are recomputed per query. Rebuild with `refrag.py index --enc {load_dir or cfg.enc}`.",
-              file=sys.stderr)
+    pipe = RefragPipeline.load(cfg, encoder=cfg.mode == "refrag")
     for _ in range(cfg.warmup):  # discarded: first-call allocations and kernel selection
-        run_generation(cfg.question, cfg, models, index)
-    stream = sys.stderr if cfg.json else sys.stdout
-    rec = run_generation(cfg.question, cfg, models, index, stream=stream)
-    stream.write("\n")
-    rec.update(decoder=load_dir or dec or DEFAULT_DEC, warmup_runs=cfg.warmup)
+        pipe.generate(cfg.question)
+    rec = pipe.generate(cfg.question, stream=sys.stderr if cfg.json else sys.stdout)
+    print(file=sys.stderr if cfg.json else sys.stdout)
+    rec["warmup_runs"] = cfg.warmup
     if cfg.json:
         print(json.dumps(rec))
     else:
