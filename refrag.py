@@ -414,7 +414,7 @@ HEURISTICS = ("random", "ppl_desc", "ppl_asc", "rank")
 class GenerateConfig(ModelArgs):
     """generate's flags; evaluate and the policy trainer build one per request setting."""
     COMMAND: ClassVar[str] = "generate"
-    question: str = opt("", "the question", required=True)
+    question: str = opt("", "the question", required=True, cmds=("generate",))
     index_dir: str = opt(DEFAULT_INDEX, "index built by `refrag.py index`")
     load_dir: str = opt(None, "refrag checkpoint (trained encoder / projector / decoder)")
     policy: str = opt(None, "selection policy checkpoint (train_policy) for refrag mode with p > 0")
@@ -433,8 +433,8 @@ class GenerateConfig(ModelArgs):
     no_cache: bool = opt(False, "recompute chunk embeddings instead of reading the index's cache")
     warmup: int = opt(1, "untimed warm-up runs before the timed one")
     seed: int = opt(0, "sampling / random selection seed")
-    json: bool = opt(False, "print the JSON record on stdout (the answer streams to stderr)")
-    out_dir: str = opt(None, "also write generate.json and run_config.json here")
+    json: bool = opt(False, "print the JSON record on stdout (the answer streams to stderr)", cmds=("generate",))
+    out_dir: str = opt(None, "also write generate.json and run_config.json here", cmds=("generate",))
 
     def __post_init__(self):
         for flag, ok in (("topk", self.topk >= 1), ("k", self.k >= 1), ("ctx_max", self.ctx_max >= 1),
@@ -632,6 +632,24 @@ class BenchConfig(ModelArgs):
         self.ctxs, self.ks = parse_ints(self.ctx, "--ctx"), parse_ints(self.k, "--k")
         _check(min(self.ctxs) >= 1 and min(self.ks) >= 1, "--ctx/--k: positive integers, comma separated")
         _check(self.o >= 1 and self.repeats >= 1, "--o/--repeats: must be at least 1")
+
+
+@dataclass
+class ServeConfig(GenerateConfig):
+    """serve: generate's flags are the models and each request's defaults (a request may override them)."""
+    COMMAND: ClassVar[str] = "serve"
+    host: str = opt("127.0.0.1", "address to bind (0.0.0.0 exposes the server to the network)")
+    port: int = opt(8000, "TCP port")
+    api_key: str = opt(None, "require `Authorization: Bearer KEY` on every API route (not /health or the page)")
+    runs_dir: str = opt("runs", "run directories the web page lists (nothing outside it is readable through it)")
+    max_passages: int = opt(32, "passages a request may bring at most")
+    max_passage_chars: int = opt(20000, "characters per passage a request may bring at most")
+    no_jobs: bool = opt(False, "the web page may not start evaluate / bench / chain runs")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(0 < self.port < 65536, f"--port {self.port}: must be in 1..65535")
+        _check(self.max_passages >= 1 and self.max_passage_chars >= 1, "--max_passages/--max_passage_chars: at least 1")
 
 
 # Chain recipes. quick: the quickstart's, minutes on 2 CPU cores, a pipeline check rather than quality. cpu: the
@@ -1838,6 +1856,7 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
         "time_to_informative_token_s": (informative - t0) if informative is not None else None,
         "throughput_tok_s": len(generated) / total if total > 0 else None,
         "generated_tokens": len(generated), "total_s": total,
+        "finish_reason": "stop" if generated[-1] in eos else "length",
         "device": str(dev), "dtype": str(models.dtype).replace("torch.", ""),
         **({"target_nll": nll_after_prompt(models.decoder, d, T, target)} if target else {}),
     }
@@ -3149,6 +3168,381 @@ def cmd_chain(args: ChainConfig):
               f"(README, Results: the measured presets; python refrag.py chain --help)")
 
 
+# ---- serving: the OpenAI-compatible API, the web page and its run browser (FastAPI + uvicorn) ----
+# One RefragPipeline answers every request; its lock queues them (never two generations at once), so a
+# greedy answer does not depend on what else is being asked. Bad requests get the OpenAI error shape.
+
+WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
+# what the page's run form may start: subcommand -> its flags (values are checked, no shell is involved)
+JOB_FLAGS = {
+    "evaluate": (EvalConfig, ("eval_json", "index_dir", "load_dir", "policy", "modes", "topk", "k", "p", "heuristic",
+                              "limit", "max_new", "out")),
+    "bench": (BenchConfig, ("dec_config", "enc_config", "ctx", "k", "q", "o", "repeats", "out")),
+    "chain": (ChainConfig, ("preset", "k", "topk", "eval_p", "eval_limit", "resume", "out_dir")),
+}
+RUN_FILES = ("run_config.json", "metrics.jsonl", "results.json", "eval.json", "chain.json", "bench.json", "generate.json")
+
+
+class RequestError(RefragError):
+    """A bad API request: HTTP status, message, the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+def _field(obj: dict, name: str, kinds, where: str, check=None, what: str = ""):
+    """obj[name] if present (None otherwise), type-checked: a wrong type or value names the field."""
+    if obj.get(name) is None:
+        return None
+    value, kinds = obj[name], kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+        raise RequestError(f"{where}{name}: expected {what}, got {type(value).__name__}",
+                           where + name)
+    if check is not None and not check(value):
+        raise RequestError(f"{where}{name}: {value!r} is out of range ({what})", where + name)
+    return value
+
+
+def chat_request(body, cfg: ServeConfig) -> tuple[str, dict, list | None, bool, bool]:
+    """An OpenAI chat request -> (question, pipeline overrides, passages, stream, return the context)."""
+    if not isinstance(body, dict):
+        raise RequestError("request body: expected a JSON object")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+        raise RequestError("messages: expected a non-empty list of {role, content} objects", "messages")
+    users = [m for m in msgs if m.get("role") == "user"]
+    if not users:
+        raise RequestError("messages: no user message (its last one is the question)", "messages")
+    content = users[-1].get("content")
+    if isinstance(content, list):  # content parts: the text ones
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    if not isinstance(content, str) or not content.strip():
+        raise RequestError("messages: the last user message has no text content", "messages")
+    over = {}
+    n = _field(body, "max_completion_tokens", int, "", lambda v: v >= 1, "an integer >= 1")
+    n = n or _field(body, "max_tokens", int, "", lambda v: v >= 1, "an integer >= 1")
+    for key, value in (("max_new", n), ("temperature", _field(body, "temperature", (int, float), "", lambda v: 0 <= v <= 2, "0..2")),
+                       ("top_p", _field(body, "top_p", (int, float), "", lambda v: 0 < v <= 1, "(0, 1]")),
+                       ("seed", _field(body, "seed", int, "", None, "an integer"))):
+        if value is not None:
+            over[key] = value
+    stream = _field(body, "stream", bool, "", None, "true or false") or False
+    rf = _field(body, "refrag", dict, "", None, "an object") or {}
+    allowed = {"mode", "k", "p", "topk", "ctx_max", "heuristic", "policy", "policy_sample", "passages", "return_context"}
+    bad = sorted(set(rf) - allowed)
+    if bad:
+        raise RequestError(f"refrag.{bad[0]}: unknown field (known: {', '.join(sorted(allowed))})", "refrag." + bad[0])
+    for key, kinds, check, what in (
+            ("mode", str, lambda v: v in ("refrag", "full", "none"), "refrag, full or none"),
+            ("k", int, lambda v: v >= 1, "an integer >= 1"), ("p", (int, float), lambda v: 0 <= v <= 1, "0..1"),
+            ("topk", int, lambda v: v >= 1, "an integer >= 1"), ("ctx_max", int, lambda v: v >= 1, "an integer >= 1"),
+            ("heuristic", str, lambda v: v in HEURISTICS, " / ".join(HEURISTICS)),
+            ("policy_sample", bool, None, "true or false")):
+        value = _field(rf, key, kinds, "refrag.", check, what)
+        if value is not None:
+            over[key] = float(value) if key == "p" else value
+    use_policy = _field(rf, "policy", (bool, str), "refrag.", None, "true, false or the served policy's path")
+    if use_policy is not None:
+        if use_policy and not cfg.policy or isinstance(use_policy, str) and not same_model(use_policy, cfg.policy):
+            raise RequestError(f"refrag.policy: this server loaded {cfg.policy or 'no policy'}", "refrag.policy")
+        if not use_policy and "heuristic" not in over:
+            over["heuristic"] = "random"
+    passages = _field(rf, "passages", list, "refrag.", None, "a list of strings")
+    if passages is not None:
+        if not 1 <= len(passages) <= cfg.max_passages:
+            raise RequestError(f"refrag.passages: {len(passages)} passages; 1 to {cfg.max_passages} allowed", "refrag.passages")
+        if not all(isinstance(x, str) and 0 < len(x) <= cfg.max_passage_chars for x in passages):
+            raise RequestError(f"refrag.passages: each must be a non-empty string of at most {cfg.max_passage_chars} "
+                               f"characters", "refrag.passages")
+    context = _field(rf, "return_context", bool, "refrag.", None, "true or false") or False
+    return content, over, passages, stream, context
+
+
+def inside(root: str, rel: str) -> str:
+    """The real path of `rel` under `root`, or a 403 when it resolves (links followed) outside it."""
+    base = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(base, rel or ""))
+    if path != base and not path.startswith(base + os.sep):
+        raise RequestError(f"path {rel}: outside {root}", "path", 403)
+    return path
+
+
+def list_runs(root: str, depth: int = 3) -> list[dict]:
+    """Directories under `root` holding a run's files (run_config.json, metrics, results), newest first."""
+    found = []
+    for cur, dirs, files in os.walk(inside(root, "")):
+        rel = os.path.relpath(cur, os.path.realpath(root))
+        dirs[:] = sorted(d for d in dirs if d not in ("jobs",)) if rel.count(os.sep) < depth - 1 else []
+        have = [f for f in RUN_FILES if f in files]
+        if have and rel != ".":
+            found.append({"path": rel, "files": have + sorted(f for f in files if f.endswith(".png")),
+                          "mtime": max(os.path.getmtime(os.path.join(cur, f)) for f in have)})
+    return sorted(found, key=lambda r: -r["mtime"])
+
+
+def read_run(root: str, rel: str) -> dict:
+    """A run directory's files as the page shows them (metrics.jsonl as lists, bad lines skipped)."""
+    d = inside(root, rel)
+    if not os.path.isdir(d):
+        raise RequestError(f"path {rel}: no such run under {root}", "path", 404)
+    out = {"path": rel}
+    for name in RUN_FILES:
+        f = os.path.join(d, name)
+        if not os.path.isfile(f):
+            continue
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            if name.endswith(".jsonl"):
+                rows = []
+                for line in fh:
+                    with contextlib.suppress(ValueError):
+                        rows.append(json.loads(line))
+                out[name] = rows[-5000:]
+            else:
+                with contextlib.suppress(ValueError):
+                    out[name] = json.load(fh)
+    out["plots"] = sorted(f for f in os.listdir(d) if f.endswith(".png"))
+    return out
+
+
+class Jobs:
+    """One refrag.py run at a time started from the page: a fixed subcommand and flag set, argv without a
+    shell, its output in <runs_dir>/jobs/<id>.log."""
+
+    def __init__(self, runs_dir: str):
+        self.runs_dir, self.proc, self.current = runs_dir, None, None
+
+    def argv(self, command: str, flags: dict) -> list[str]:
+        """The command line of a page's job: its config built (and validated) from the allowed flags."""
+        if command not in JOB_FLAGS:
+            raise RequestError(f"command {command}: the page may start {', '.join(JOB_FLAGS)}", "command")
+        if not isinstance(flags, dict):
+            raise RequestError("flags: expected an object of flag: value", "flags")
+        cls, allowed = JOB_FLAGS[command]
+        kinds, values = {f.name: f.type for f in dataclasses.fields(cls)}, {}
+        for name, value in flags.items():
+            if name not in allowed:
+                raise RequestError(f"flags.{name}: not a flag the page may set for {command} ({', '.join(allowed)})",
+                                   "flags." + name)
+            if value in (None, ""):
+                continue
+            if not isinstance(value, (str, int, float, bool)) or isinstance(value, str) and (
+                    value.startswith("-") or "\n" in value or len(value) > 300):
+                raise RequestError(f"flags.{name}: {value!r} is not a plain value", "flags." + name)
+            if name in ("out", "out_dir"):
+                inside(self.runs_dir, os.path.relpath(os.path.abspath(str(value)), os.path.abspath(self.runs_dir)))
+            try:
+                kind = {"int": int, "float": float, "bool": bool, "list": lambda v: [str(v)]}.get(kinds[name], str)
+                values[name] = kind(value)
+            except ValueError:
+                raise RequestError(f"flags.{name}: {value!r} is not a {kinds[name]}", "flags." + name) from None
+        try:
+            cfg = cls(**values)
+        except RefragError as e:
+            raise RequestError(f"flags: {e}", "flags") from None
+        return shlex.split(command_line(cfg))[1:]
+
+    def start(self, command: str, flags: dict) -> dict:
+        import subprocess
+        argv = self.argv(command, flags)
+        if self.proc is not None and self.proc.poll() is None:
+            raise RequestError(f"job {self.current['id']} is still running; one job at a time", "command", 409)
+        os.makedirs(os.path.join(self.runs_dir, "jobs"), exist_ok=True)
+        job_id = time.strftime("%Y%m%d-%H%M%S-") + command
+        log = os.path.join(self.runs_dir, "jobs", job_id + ".log")
+        with open(log, "w", encoding="utf-8") as fh:
+            self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=fh,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.current = {"id": job_id, "command": "refrag.py " + shlex.join(argv), "log": log}
+        return self.status()
+
+    def status(self, offset: int = 0) -> dict:
+        if self.current is None:
+            return {"job": None}
+        code = self.proc.poll()
+        with open(self.current["log"], encoding="utf-8", errors="replace") as fh:
+            fh.seek(max(0, offset))
+            text = fh.read(1 << 20)
+        return {"job": {"id": self.current["id"], "command": self.current["command"],
+                        "running": code is None, "returncode": code}, "log": text, "offset": max(0, offset) + len(text.encode())}
+
+
+def make_app(pipe: RefragPipeline, cfg: ServeConfig):
+    """The FastAPI application: /v1/chat/completions (+ SSE streaming), /v1/models, /health, the page at /
+    and its /api routes."""
+    import asyncio
+    import uuid
+
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    app, jobs, model_id = FastAPI(title="refrag", docs_url=None, redoc_url=None), Jobs(cfg.runs_dir), "refrag"
+
+    def error(status: int, message: str, param=None):
+        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(status)
+        return JSONResponse({"error": {"message": message, "type": kind or ("invalid_request_error" if status < 500
+                            else "server_error"), "param": param, "code": None}}, status_code=status)
+
+    @app.middleware("http")
+    async def guard(request, call_next):
+        public = request.url.path in ("/", "/health") or request.url.path.startswith("/static/")
+        if cfg.api_key and not public and request.headers.get("authorization") != f"Bearer {cfg.api_key}":
+            return error(401, "missing or wrong API key (Authorization: Bearer ...)")
+        return await call_next(request)
+
+    @app.exception_handler(RefragError)  # RequestError carries its status and field
+    async def refrag_error(_, e):
+        return error(getattr(e, "status", 400), str(e), getattr(e, "param", None))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e):
+        return error(e.status_code, f"{request.url.path}: {e.detail}")
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_query(request, e):
+        first = e.errors()[0] if e.errors() else {}
+        return error(400, f"{request.url.path}: {'.'.join(map(str, first.get('loc', [])))} {first.get('msg', 'invalid')}")
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "decoder": pipe.models.name, "index": cfg.index_dir, "k": cfg.k,
+                "policy": cfg.policy, "encoder": pipe.models.encoder is not None}
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "refrag",
+                                            "decoder": pipe.models.name}]}
+
+    def completion(rid: str, rec: dict, context: list | None) -> dict:
+        extra = dict(rec, **({"context": context} if context is not None else {}))
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": rec["answer"]},
+                             "finish_reason": rec["finish_reason"]}],
+                "usage": {"prompt_tokens": rec["prompt_positions"], "completion_tokens": rec["generated_tokens"],
+                          "total_tokens": rec["prompt_positions"] + rec["generated_tokens"]}, "refrag": extra}
+
+    async def chat(request):  # a plain Starlette route: the body is parsed and checked here, with OpenAI errors
+        try:
+            body = json.loads(await request.body())
+        except ValueError as e:
+            raise RequestError(f"request body: malformed JSON ({e})") from None
+        question, over, passages, stream, want_context = chat_request(body, cfg)
+        pipe.request_config(question, **over)  # settings errors are a 400 before anything streams
+        rid = "chatcmpl-" + uuid.uuid4().hex[:24]
+
+        def answer(on_text=None):
+            rec = pipe.generate(question, passages=passages, stream=on_text, **over)
+            return rec, pipe.context_chunks(rec, passages) if want_context else None
+
+        if not stream:
+            return JSONResponse(completion(rid, *await run_in_threadpool(answer)))
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def work():
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", answer(
+                    lambda piece: loop.call_soon_threadsafe(queue.put_nowait, ("text", piece)))))
+            except Exception as e:  # handed to the response: a 400 before the stream starts, else its last event
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+
+        loop.run_in_executor(None, work)
+        first = await queue.get()
+        if first[0] == "error":
+            raise first[1]
+
+        def chunk(delta: dict, finish=None, **extra) -> str:
+            return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                                          "model": model_id, "choices": [{"index": 0, "delta": delta,
+                                                                          "finish_reason": finish}], **extra}) + "\n\n"
+
+        async def events():
+            yield chunk({"role": "assistant", "content": ""})
+            event = first
+            while True:
+                if event[0] == "text":
+                    yield chunk({"content": event[1]})
+                elif event[0] == "done":
+                    done = completion(rid, *event[1])
+                    yield chunk({}, done["choices"][0]["finish_reason"], usage=done["usage"], refrag=done["refrag"])
+                    break
+                else:
+                    msg = str(event[1]) if isinstance(event[1], RefragError) else f"server error: {event[1]!r}"
+                    yield "data: " + json.dumps({"error": {"message": msg, "type": "server_error"}}) + "\n\n"
+                    break
+                event = await queue.get()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app.add_route("/v1/chat/completions", chat, methods=["POST"])
+
+    @app.get("/")
+    def page():
+        return FileResponse(os.path.join(WEB_DIR, "index.html"))
+
+    @app.get("/static/{name}")
+    def static(name: str):
+        path = inside(WEB_DIR, name)
+        if not os.path.isfile(path):
+            raise RequestError(f"{name}: no such file", "name", 404)
+        return FileResponse(path)
+
+    @app.get("/api/config")
+    def config():
+        return {"defaults": {f: getattr(cfg, f) for f in REQUEST_FIELDS}, "policy": cfg.policy,
+                "load_dir": cfg.load_dir, "decoder": pipe.models.name, "index": cfg.index_dir,
+                "jobs": None if cfg.no_jobs else {c: list(flags) for c, (_, flags) in JOB_FLAGS.items()}, "runs_dir": cfg.runs_dir}
+
+    @app.get("/api/runs")
+    def runs():
+        return {"runs": list_runs(cfg.runs_dir) if os.path.isdir(cfg.runs_dir) else []}
+
+    @app.get("/api/run")
+    def run(path: str):
+        return read_run(cfg.runs_dir, path)
+
+    @app.get("/api/file")
+    def run_file(path: str):
+        f = inside(cfg.runs_dir, path)
+        if not (os.path.isfile(f) and f.endswith(".png")):
+            raise RequestError(f"path {path}: not a plot under {cfg.runs_dir}", "path", 404)
+        return FileResponse(f)
+
+    async def start_job(request):
+        if cfg.no_jobs:
+            raise RequestError("this server was started with --no_jobs", "command", 403)
+        try:
+            body = json.loads(await request.body())
+        except ValueError as e:
+            raise RequestError(f"request body: malformed JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise RequestError("request body: expected {command, flags}")
+        return JSONResponse(jobs.start(body.get("command"), body.get("flags") or {}))
+
+    app.add_route("/api/jobs", start_job, methods=["POST"])
+
+    @app.get("/api/jobs")
+    def job_status(offset: int = 0):
+        return jobs.status(offset)
+
+    return app
+
+
+def cmd_serve(cfg: ServeConfig):
+    import uvicorn
+    pipe = RefragPipeline.load(cfg)
+    if pipe.index is not None:
+        for _ in range(cfg.warmup):  # first-call allocations, before the first user waits
+            for mode in ("full", "refrag") if pipe.models.encoder is not None else ("full",):
+                pipe.generate("warm-up", mode=mode, max_new=2)
+    print(f"serve: http://{cfg.host}:{cfg.port}/ (page), OpenAI base URL http://{cfg.host}:{cfg.port}/v1; "
+          f"decoder {pipe.models.name}", file=sys.stderr, flush=True)
+    uvicorn.run(make_app(pipe, cfg), host=cfg.host, port=cfg.port, log_level="warning")
+
+
 # ---- CLI ----
 
 COMMANDS = {  # subcommand: (config class, one-line help); the flags come from the class's fields
@@ -3162,8 +3556,10 @@ COMMANDS = {  # subcommand: (config class, one-line help); the flags come from t
     "bench": (BenchConfig, "TTFT / TTIT / throughput / KV memory vs context length, full vs REFRAG"),
     "chain": (ChainConfig, "the whole chain in one timed, resumable command (index, CPT, finetune and its "
                            "full-context baseline, chunk perplexities, train_policy, evaluate)"),
+    "serve": (ServeConfig, "OpenAI-compatible API (/v1/chat/completions, streaming) and the web page"),
 }
-COMMAND_FUNCS = {**STAGE_FUNCS, GenerateConfig: cmd_generate, BenchConfig: cmd_bench, ChainConfig: cmd_chain}
+COMMAND_FUNCS = {**STAGE_FUNCS, GenerateConfig: cmd_generate, BenchConfig: cmd_bench, ChainConfig: cmd_chain,
+                 ServeConfig: cmd_serve}
 
 
 def add_flags(sp: argparse.ArgumentParser, command: str, cls):
