@@ -1,0 +1,258 @@
+"""`refrag.py serve` as a client sees it: a real server process on loopback with a tiny decoder, the OpenAI
+wire format (plain and streamed, and the openai client itself), bad requests, a load check, the run browser."""
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import refrag
+from conftest import DATA, ROOT, run_cli
+
+QUESTIONS = ["Who led Event_314?", "Where does Person_233 work?", "What is Alloy_270 mainly used for?",
+             "Which river flows through City_191?"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*args):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "refrag.py"), "serve", "--port", str(port), *map(str, args)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        if proc.poll() is not None:
+            raise AssertionError("serve exited: " + proc.stdout.read())
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            return proc, url
+        except OSError:
+            time.sleep(0.25)
+    proc.kill()
+    raise AssertionError("serve did not come up")
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory, tiny_dec_dir):
+    d = tmp_path_factory.mktemp("runs")
+    code, out, err = run_cli("cpt_recon", "--dec", tiny_dec_dir, "--train_json", os.path.join(DATA, "cpt_eval.jsonl"),
+                             "--eval_json", "", "--k", 8, "--max_chunks", 2, "--steps", 4, "--batch_size", 2,
+                             "--log_every", 1, "--out_dir", d / "cpt_recon")
+    assert code == 0, err
+    (d / "bench_like").mkdir()
+    (d / "bench_like" / "results.json").write_text(json.dumps({"results": [{"mode": "full", "em": 0.5}]}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(tiny_index, tiny_dec_dir, runs_dir):
+    proc, url = start_server("--index_dir", tiny_index, "--dec", tiny_dec_dir, "--runs_dir", runs_dir,
+                             "--max_new", 6, "--topk", 4, "--max_passages", 4)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_index, tiny_dec_dir):
+    return refrag.RefragPipeline.load(index_dir=tiny_index, dec=tiny_dec_dir, max_new=6, topk=4)
+
+
+def post(url, body, path="/v1/chat/completions", headers=None):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def get(url, path):
+    try:
+        with urllib.request.urlopen(url + path, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def chat(question, stream=False, **refrag_opts):
+    return {"model": "refrag", "stream": stream, "messages": [{"role": "system", "content": "be brief"},
+                                                               {"role": "user", "content": question}],
+            "refrag": refrag_opts}
+
+
+def sse_events(text):
+    events = [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_chat_completion_is_the_pipelines_answer(server, pipe):
+    for mode in ("full", "refrag"):
+        status, text = post(server, chat(QUESTIONS[0], mode=mode, p=0.25))
+        assert status == 200, text
+        body = json.loads(text)
+        rec = pipe.generate(QUESTIONS[0], mode=mode, p=0.25)
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+        assert body["choices"][0]["message"]["content"] == rec["answer"]
+        assert body["refrag"]["mode"] == mode and body["refrag"]["ttft_s"] > 0
+        assert body["usage"]["completion_tokens"] == rec["generated_tokens"]
+        assert body["choices"][0]["finish_reason"] == rec["finish_reason"]
+
+
+def test_streamed_answer_equals_the_plain_one_and_carries_the_timing(server):
+    _, plain = post(server, chat(QUESTIONS[1], mode="refrag", p=0.5))
+    status, text = post(server, chat(QUESTIONS[1], stream=True, mode="refrag", p=0.5, return_context=True))
+    assert status == 200
+    events = sse_events(text)
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    last = events[-1]
+    assert streamed.strip() == json.loads(plain)["choices"][0]["message"]["content"] == last["refrag"]["answer"]
+    assert last["choices"][0]["finish_reason"] in ("stop", "length") and last["refrag"]["ttft_s"] > 0
+    flags = [c["expanded"] for p in last["refrag"]["context"] for c in p["chunks"]]
+    assert [i for i, f in enumerate(flags) if f] == last["refrag"]["expanded"]
+
+
+def test_openai_client_gets_a_streamed_answer(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["refrag"]
+    msgs = [{"role": "user", "content": QUESTIONS[2]}]
+    whole = client.chat.completions.create(model="refrag", messages=msgs, max_tokens=5, extra_body={"refrag": {"mode": "full"}})
+    parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="refrag", messages=msgs, max_tokens=5, stream=True, extra_body={"refrag": {"mode": "full"}}) if c.choices]
+    assert whole.choices[0].message.content and "".join(parts).strip() == whole.choices[0].message.content
+    assert whole.usage.completion_tokens <= 5
+
+
+def test_caller_passages_over_the_api(server):
+    status, text = post(server, chat("Who led Event_9?", mode="full", passages=["Event_9 was led by Person_77.", "x"]))
+    rec = json.loads(text)["refrag"]
+    assert status == 200 and rec["context_source"] == "caller" and rec["passages_used"] == [0, 1]
+
+
+BAD = [
+    (b"{not json", "malformed JSON", None),
+    ({"messages": []}, "messages: expected a non-empty list", "messages"),
+    ({"messages": [{"role": "system", "content": "x"}]}, "no user message", "messages"),
+    (chat(QUESTIONS[0], mode="fast"), "refrag.mode: 'fast' is out of range", "refrag.mode"),
+    (chat(QUESTIONS[0], p=1.5), "refrag.p: 1.5 is out of range", "refrag.p"),
+    (chat(QUESTIONS[0], k="8"), "refrag.k: expected an integer >= 1, got str", "refrag.k"),
+    (chat(QUESTIONS[0], topk=True), "refrag.topk: expected an integer >= 1, got bool", "refrag.topk"),
+    (chat(QUESTIONS[0], heuristic="best"), "refrag.heuristic", "refrag.heuristic"),
+    (chat(QUESTIONS[0], colour="red"), "refrag.colour: unknown field", "refrag.colour"),
+    (chat(QUESTIONS[0], policy=True), "refrag.policy: this server loaded no policy", "refrag.policy"),
+    (chat(QUESTIONS[0], passages=["a"] * 5), "refrag.passages: 5 passages; 1 to 4 allowed", "refrag.passages"),
+    (chat(QUESTIONS[0], passages=[3]), "refrag.passages: each must be a non-empty string", "refrag.passages"),
+    (dict(chat(QUESTIONS[0]), max_tokens=0), "max_tokens: 0 is out of range", "max_tokens"),
+    (dict(chat(QUESTIONS[0]), temperature="hot"), "temperature: expected 0..2, got str", "temperature"),
+    (dict(chat(QUESTIONS[0]), stream="yes"), "stream: expected true or false", "stream"),
+    (chat("word " * 600), "longer than the 512-token limit", None),
+]
+
+
+@pytest.mark.parametrize("body,message,param", BAD, ids=[b[1][:30] for b in BAD])
+def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(server, body, message, param):
+    for stream in (False, True):  # a streamed request is refused before anything streams
+        sent = dict(body, stream=True) if stream and isinstance(body, dict) and "stream" not in body else body
+        status, text = post(server, sent)
+        err = json.loads(text)["error"]
+        assert status == 400 and message in err["message"] and err["type"] == "invalid_request_error", text
+        assert err["param"] == param
+    assert get(server, "/health")[1]["status"] == "ok"
+
+
+def test_sixteen_concurrent_clients_get_the_answers_they_get_alone(server, capsys):
+    requests = [chat(q, mode=m, p=0.25) for q in QUESTIONS for m in ("full", "refrag")]
+    alone = [json.loads(post(server, r)[1])["choices"][0]["message"]["content"] for r in requests]
+    latencies, errors, got = [], [], {}
+
+    def client(c):
+        for j in range(4):
+            i = (c + j) % len(requests)
+            t0 = time.perf_counter()
+            stream = (c + j) % 2 == 1
+            status, text = post(server, dict(requests[i], stream=stream))
+            latencies.append(time.perf_counter() - t0)
+            if status != 200:
+                errors.append(text)
+                continue
+            answer = sse_events(text)[-1]["refrag"]["answer"] if stream else json.loads(text)["choices"][0]["message"]["content"]
+            got[(c, j)] = (i, answer)
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 64
+    assert all(answer == alone[i] for i, answer in got.values())
+    q = statistics.quantiles(latencies, n=20)
+    with capsys.disabled():
+        print(f"\nserve load check: 16 clients x 4 requests, p50 {statistics.median(latencies) * 1000:.0f} ms, "
+              f"p95 {q[18] * 1000:.0f} ms")
+
+
+def test_run_browser_lists_reads_and_refuses_paths_outside_runs(server, runs_dir, tmp_path):
+    status, body = get(server, "/api/runs")
+    paths = {r["path"]: r for r in body["runs"]}
+    assert status == 200 and {"cpt_recon", "bench_like"} <= set(paths)
+    status, run = get(server, "/api/run?path=cpt_recon")
+    assert status == 200 and [r["step"] for r in run["metrics.jsonl"]] == [1, 2, 3, 4]
+    assert run["run_config.json"]["command"].startswith("refrag.py cpt_recon")
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "run_config.json").write_text("{}")
+    os.symlink(secret, runs_dir / "link")
+    for path in ("../", "..%2F..%2Fetc", "link", "/etc", "cpt_recon/../../"):
+        status, body = get(server, "/api/run?path=" + path)
+        assert status == 403 and "outside" in body["error"]["message"], path
+    assert get(server, "/api/file?path=../../etc/passwd")[0] == 403
+    assert get(server, "/api/file?path=cpt_recon/run_config.json")[0] == 404  # plots only
+
+
+def test_page_jobs_are_checked_and_their_log_follows(server, runs_dir):
+    for body, status, message in (
+            ({"command": "rm", "flags": {}}, 400, "command rm: the page may start evaluate, bench, chain"),
+            ({"command": "evaluate", "flags": {"dec": "x"}}, 400, "flags.dec: not a flag the page may set"),
+            ({"command": "evaluate", "flags": {"limit": "--all"}}, 400, "is not a plain value"),
+            ({"command": "evaluate", "flags": {"out": "/tmp/elsewhere"}}, 403, "outside"),
+            ({"command": "evaluate", "flags": {"p": "2"}}, 400, "--p")):
+        code, text = post(server, body, "/api/jobs")
+        assert code == status and message in json.loads(text)["error"]["message"], text
+    code, text = post(server, {"command": "evaluate", "flags": {"eval_json": "missing.jsonl",
+                                                                "out": str(runs_dir / "ev")}}, "/api/jobs")
+    assert code == 200, text
+    for _ in range(240):
+        status, st = get(server, "/api/jobs")
+        if not st["job"]["running"]:
+            break
+        time.sleep(0.25)
+    assert st["job"]["returncode"] == 2 and "--eval_json missing.jsonl" in st["log"]
+    assert st["job"]["command"].startswith("refrag.py evaluate --eval_json missing.jsonl")
+
+
+def test_api_key_guards_every_route_but_health_and_the_page(pipe, tiny_index):
+    from starlette.testclient import TestClient
+    cfg = refrag.ServeConfig(index_dir=tiny_index, api_key="s3cret", max_new=3)
+    client = TestClient(refrag.make_app(pipe, cfg))
+    assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
+    for path in ("/v1/models", "/api/runs", "/api/config"):
+        r = client.get(path)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert client.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    r = client.post("/v1/chat/completions", json=chat(QUESTIONS[0], mode="full"), headers={"Authorization": "Bearer no"})
+    assert r.status_code == 401
