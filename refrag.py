@@ -350,6 +350,81 @@ def write_run_info(out_dir: str, cfg):
         "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
+def mlflow_opt():
+    return opt(None, "log this run to MLflow: a tracking URI or directory (bare flag: the local file store mlruns/)",
+               nargs="?", const="mlruns")
+
+
+def _numbers(obj, prefix: str = "") -> dict:
+    """The numbers of a nested JSON result as flat MLflow metric names (a list of result rows is keyed by the
+    row's mode / k / p / selection)."""
+    if isinstance(obj, bool) or obj is None:
+        return {}
+    if isinstance(obj, (int, float)):
+        return {prefix.strip("."): float(obj)} if math.isfinite(obj) else {}
+    if isinstance(obj, list):
+        keyed = lambda x: "_".join(f"{x[key]:g}" if isinstance(x[key], float) else str(x[key]) for key in  # noqa: E731
+                                   ("mode", "k", "p", "selection", "s") if x.get(key) is not None) if isinstance(x, dict) else ""
+        return {k: v for i, x in enumerate(obj) for k, v in _numbers(x, f"{prefix}{keyed(x) or i}.").items()}
+    if isinstance(obj, dict):
+        return {k: v for key, x in obj.items() for k, v in _numbers(x, f"{prefix}{key}.").items()}
+    return {}
+
+
+def log_mlflow(uri: str, cfg, out_dir: str, status: str):
+    """A finished (or failed) run directory into MLflow: the config and command line as parameters, every
+    metrics.jsonl row as step metrics, the numbers of eval.json / results.json / bench.json as final
+    metrics, and its JSON, Markdown and PNG files as artifacts."""
+    if "://" not in uri and not uri.startswith("file:"):
+        uri = "file:" + os.path.abspath(uri)
+    if uri.startswith("file:"):  # MLflow 3 keeps its local file store behind this switch
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    import mlflow
+    from mlflow.entities import Metric, Param
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("refrag")
+    run = client.create_run(exp.experiment_id if exp else client.create_experiment("refrag"),
+                            run_name=f"{getattr(cfg, 'stage', None) or cfg.COMMAND} {out_dir}",
+                            tags={"command": command_line(cfg), "out_dir": out_dir})
+    rid, now = run.info.run_id, int(time.time() * 1000)
+    params = {k: str(v)[:500] for k, v in dataclasses.asdict(cfg).items() if k != "mlflow" and v is not None}
+    client.log_batch(rid, params=[Param(k, v) for k, v in params.items()])
+    metrics = []
+    if os.path.isfile(os.path.join(out_dir, "metrics.jsonl")):
+        for _, row in read_jsonl(os.path.join(out_dir, "metrics.jsonl"), "metrics.jsonl"):
+            metrics += [Metric(k, v, now, int(row["step"])) for k, v in _numbers(row).items() if k != "step"]
+    for name in ("eval.json", "results.json", "bench.json"):
+        if os.path.isfile(os.path.join(out_dir, name)):
+            with open(os.path.join(out_dir, name), encoding="utf-8") as fh:
+                data = json.load(fh)
+            found = _numbers(data.get("results", data) if isinstance(data, dict) else data)
+            metrics += [Metric(re.sub(r"[^\w./ -]", "_", f"{name[:-5]}.{k}"), v, now, 0) for k, v in found.items()]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(rid, metrics=metrics[i:i + 1000])
+    for f in sorted(os.listdir(out_dir)):
+        if f.endswith((".json", ".md", ".png", ".jsonl")) and f != "rows.jsonl":
+            client.log_artifact(rid, os.path.join(out_dir, f))
+    client.set_terminated(rid, status)
+    print(f"mlflow: {status.lower()} run {rid} logged to {uri} (experiment refrag)", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def tracked(cfg):
+    """With --mlflow the command's run directory goes to MLflow when it ends (finished or failed); without it
+    nothing happens and MLflow is not imported. metrics.jsonl stays the source every run writes."""
+    uri, out_dir = getattr(cfg, "mlflow", None), getattr(cfg, "out_dir", None) or getattr(cfg, "out", None)
+    if not uri:
+        yield
+        return
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    finally:
+        if out_dir and os.path.isdir(out_dir):
+            log_mlflow(uri, cfg, out_dir, status)
+
+
 def policy_config(path: str | None, flag: str = "--policy") -> dict | None:
     """The config.json of a policy checkpoint, or None when `path` is not one."""
     cfg = os.path.join(path or "", "config.json")
@@ -471,6 +546,7 @@ class LoopArgs(ModelArgs):
     stop_after: int = opt(None, "stop (after saving) at this step", type=int)
     log_every: int = opt(20, "steps per progress line and metrics.jsonl record")
     seed: int = opt(0, "seed of every step's randomness")
+    mlflow: str = mlflow_opt()
 
 
 @dataclass
@@ -576,6 +652,7 @@ class EvalConfig(ModelArgs):
     limit: int = opt(0, "only the first N records (0: all)")
     seed: int = opt(0, "seed of random selections")
     out: str = opt("runs/eval", "output directory (rows.jsonl makes a rerun resume)")
+    mlflow: str = mlflow_opt()
 
     def __post_init__(self):
         self.mode_list = [m.strip() for m in self.modes.split(",") if m.strip()]
@@ -627,6 +704,7 @@ class BenchConfig(ModelArgs):
     warmup: int = opt(1, "untimed runs per point")
     max_prefill_s: float = opt(120.0, "skip contexts whose full prefill would take longer")
     out: str = opt("runs/bench", "output directory")
+    mlflow: str = mlflow_opt()
 
     def __post_init__(self):
         self.ctxs, self.ks = parse_ints(self.ctx, "--ctx"), parse_ints(self.k, "--k")
@@ -723,6 +801,7 @@ class ChainConfig(ModelArgs):
     log_every: int = opt(50, "trainers' steps per progress line")
     seed: int = opt(0, "seed of every stage")
     out_dir: str = opt("runs/chain", "one directory per stage, chain.json")
+    mlflow: str = mlflow_opt()
 
     def __post_init__(self):
         self.preset = self.preset or ("paper" if resolve_device(self.device).type == "cuda" else "cpu")
@@ -1870,6 +1949,11 @@ def check_index_tokenizer(index: PassageIndex, models: Models):
              f"rebuild the index with `refrag.py index --dec ...`")
 
 
+# the GenerateConfig fields one request may set (the rest are the pipeline's: models, index, device)
+REQUEST_FIELDS = ("mode", "k", "p", "topk", "ctx_max", "max_new", "temperature", "top_p", "heuristic",
+                  "policy_sample", "seed")
+
+
 class RefragPipeline:
     """The Python API: the models and index loaded once, then one call per question (generate and serve use
     it; calls are serialised by a lock, so threads may share one pipeline).
@@ -1948,10 +2032,6 @@ class RefragPipeline:
                                             for j, c in enumerate(chunks)]})
             n += len(chunks)
         return out
-
-
-REQUEST_FIELDS = ("mode", "k", "p", "topk", "ctx_max", "max_new", "temperature", "top_p", "heuristic",
-                  "policy_sample", "seed")
 
 
 def cmd_generate(cfg: GenerateConfig):
@@ -2709,6 +2789,52 @@ def cpt_layout_and_target(rec: dict, c: dict, models: Models, gen: torch.Generat
     return layout, tgt, {"prompt_positions": int(layout.tok_ids.numel())}
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None (with a note) when it is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return None
+
+
+def save_figure(fig, path: str):
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    fig.clf()
+
+
+def plot_quality(result: dict, path: str) -> list[tuple[str, float, float]]:
+    """evaluate's picture: EM against TTFT for every configuration scored (full, none, each k, p, selection).
+    Returns the points drawn (label, TTFT ms, EM)."""
+    plt = pyplot()
+    rows = [r for r in result["results"] if r.get("em") is not None and r.get("ttft_s")]
+    if plt is None or not rows:
+        return []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = []
+    for i, r in enumerate(rows):
+        label = r["mode"] if r["mode"] != "refrag" else f"refrag k={r['k']} p={r['p']:g} {r['selection']}"
+        points.append((label, r["ttft_s"] * 1000, r["em"]))
+        ax.scatter(r["ttft_s"] * 1000, r["em"], color=f"C{i % 10}", marker="o" if r["mode"] == "refrag" else "s",
+                   label=label, zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT (ms, log scale)")
+    ax.set_ylabel("exact match")
+    ax.set_title(f"{result['decoder']} on {result['eval_json']} ({rows[0]['n']} questions), {result['device']}",
+                 fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+    plt.close(fig)
+    return points
+
+
 def results_markdown(result: dict) -> str:
     def num(x, fmt=".3f", scale=1.0):
         return "-" if x is None else format(x * scale, fmt)
@@ -2822,7 +2948,9 @@ def cmd_evaluate(args: EvalConfig):
               "command": command_line(args), "results": summaries}
     write_json(os.path.join(args.out, "results.json"), result)
     atomic_write_text(os.path.join(args.out, "results.md"), results_markdown(result))
-    print(f"evaluate: wrote {args.out}/results.json and results.md")
+    if kind == "qa":
+        plot_quality(result, os.path.join(args.out, "em_vs_ttft.png"))
+    print(f"evaluate: wrote {args.out}/results.json, results.md" + (" and em_vs_ttft.png" if kind == "qa" else ""))
 
 
 
@@ -2882,12 +3010,8 @@ def time_request(decoder, make_inputs, o: int, device) -> dict:
 
 def plot_bench(result: dict, path: str):
     """TTFT speed-up vs context length for each k: measured (cached, uncached) beside the analytic curve."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("bench: matplotlib not installed, no plot")
+    plt = pyplot()
+    if plt is None:
         return
     recs = [r for r in result["records"] if r["k"] is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -2906,10 +3030,7 @@ def plot_bench(result: dict, path: str):
     ax.set_title(f"{result['decoder']}, {result['device']}, {result['dtype']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -3128,9 +3249,12 @@ def cmd_chain(args: ChainConfig):
         if (rerun or prev) and os.path.isfile(stale):
             os.remove(stale)  # rows scored with the models of an earlier run
         rerun = True
+        if hasattr(cfg, "mlflow"):
+            cfg.mlflow = args.mlflow  # tracking changes no result: not part of the command compared on resume
         t0 = time.perf_counter()
         try:
-            STAGE_FUNCS[type(cfg)](cfg)
+            with tracked(cfg):
+                STAGE_FUNCS[type(cfg)](cfg)
         except RefragError as e:
             raise RefragError(f"chain stage {name}: {e}") from None
         record["stages"][name] = {"command": command, "seconds": round(time.perf_counter() - t0, 1)}
@@ -3603,7 +3727,8 @@ def main(argv=None):
     quiet_hf()
     try:
         cfg = parse_config(argv)
-        COMMAND_FUNCS[type(cfg)](cfg)
+        with tracked(cfg) if not isinstance(cfg, ChainConfig) else contextlib.nullcontext():  # chain: per stage
+            COMMAND_FUNCS[type(cfg)](cfg)
     except RefragError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
