@@ -41,6 +41,10 @@ local safetensors directory; any HF id, model directory or .gguf file can take i
     #    (--p 0,0.1,0.25 --heuristic random,ppl_desc,ppl_asc,rank --policy runs/policy: the selection comparison)
     # 5. latency vs context length, full vs REFRAG, random-weight shapes allowed
     python refrag.py bench --dec_config llama-220m --ctx 512,1024,2048,4096 --k 8,16,32 --out runs/bench
+    # 6. serve: OpenAI-compatible /v1/chat/completions (streaming) and the web page at /, models loaded once
+    python refrag.py serve --index_dir runs/index --load_dir runs/sft [--policy runs/policy] [--port 8000]
+    #    (in Python: refrag.RefragPipeline.load(index_dir=..., load_dir=...).generate(question, mode=..., p=...);
+    #     --mlflow on the trainers, evaluate, bench and chain logs the run to MLflow)
     # CPU smoke run on the small corpus (a few minutes on 2 cores):
     python refrag.py index --index_dir runs/smoke_index --k 16 && \
     python refrag.py generate --index_dir runs/smoke_index --mode full --question "Where does Person_233 work?"
@@ -385,23 +389,26 @@ def log_mlflow(uri: str, cfg, out_dir: str, status: str):
     exp = client.get_experiment_by_name("refrag")
     run = client.create_run(exp.experiment_id if exp else client.create_experiment("refrag"),
                             run_name=f"{getattr(cfg, 'stage', None) or cfg.COMMAND} {out_dir}",
-                            tags={"command": command_line(cfg), "out_dir": out_dir})
+                            tags={"command": command_line(cfg), "out_dir": out_dir or ""})
     rid, now = run.info.run_id, int(time.time() * 1000)
     params = {k: str(v)[:500] for k, v in dataclasses.asdict(cfg).items() if k != "mlflow" and v is not None}
     client.log_batch(rid, params=[Param(k, v) for k, v in params.items()])
-    metrics = []
-    if os.path.isfile(os.path.join(out_dir, "metrics.jsonl")):
-        for _, row in read_jsonl(os.path.join(out_dir, "metrics.jsonl"), "metrics.jsonl"):
-            metrics += [Metric(k, v, now, int(row["step"])) for k, v in _numbers(row).items() if k != "step"]
+    metrics, files = [], sorted(os.listdir(out_dir)) if out_dir and os.path.isdir(out_dir) else []
+    if "metrics.jsonl" in files:
+        with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as fh:
+            for line in fh:
+                with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut by a crash is skipped
+                    row = json.loads(line)
+                    metrics += [Metric(k, v, now, int(row["step"])) for k, v in _numbers(row).items() if k != "step"]
     for name in ("eval.json", "results.json", "bench.json"):
-        if os.path.isfile(os.path.join(out_dir, name)):
+        if name in files:
             with open(os.path.join(out_dir, name), encoding="utf-8") as fh:
                 data = json.load(fh)
             found = _numbers(data.get("results", data) if isinstance(data, dict) else data)
             metrics += [Metric(re.sub(r"[^\w./ -]", "_", f"{name[:-5]}.{k}"), v, now, 0) for k, v in found.items()]
     for i in range(0, len(metrics), 1000):
         client.log_batch(rid, metrics=metrics[i:i + 1000])
-    for f in sorted(os.listdir(out_dir)):
+    for f in files:
         if f.endswith((".json", ".md", ".png", ".jsonl")) and f != "rows.jsonl":
             client.log_artifact(rid, os.path.join(out_dir, f))
     client.set_terminated(rid, status)
@@ -421,8 +428,10 @@ def tracked(cfg):
         yield
         status = "FINISHED"
     finally:
-        if out_dir and os.path.isdir(out_dir):
+        try:  # tracking never hides the command's own outcome
             log_mlflow(uri, cfg, out_dir, status)
+        except Exception as e:  # an unreachable server, a missing package, ...
+            print(f"warning: --mlflow {uri}: the run was not logged ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def policy_config(path: str | None, flag: str = "--policy") -> dict | None:
@@ -723,11 +732,13 @@ class ServeConfig(GenerateConfig):
     max_passages: int = opt(32, "passages a request may bring at most")
     max_passage_chars: int = opt(20000, "characters per passage a request may bring at most")
     no_jobs: bool = opt(False, "the web page may not start evaluate / bench / chain runs")
+    max_queue: int = opt(64, "requests waiting at most; more get a 429")
 
     def __post_init__(self):
         super().__post_init__()
         _check(0 < self.port < 65536, f"--port {self.port}: must be in 1..65535")
-        _check(self.max_passages >= 1 and self.max_passage_chars >= 1, "--max_passages/--max_passage_chars: at least 1")
+        _check(min(self.max_passages, self.max_passage_chars, self.max_queue) >= 1,
+               "--max_passages/--max_passage_chars/--max_queue: at least 1")
 
 
 # Chain recipes. quick: the quickstart's, minutes on 2 CPU cores, a pipeline check rather than quality. cpu: the
@@ -1831,8 +1842,11 @@ def check_question(tok, question: str):
 
 
 def _stream(on_text, tok, generated, shown, eos) -> str:
-    """Hand on_text the answer's new text (a token that completes no character waits for the next)."""
+    """Hand on_text the answer's new text; a token that ends inside a character (byte-level BPE) waits for
+    the one that completes it. Returns the text handed on so far."""
     text = tok.decode([t for t in generated if t not in eos], skip_special_tokens=True)
+    if text.endswith("\ufffd"):
+        return shown
     if text.startswith(shown) and len(text) > len(shown):
         on_text(text[len(shown):])
     return text
@@ -2009,15 +2023,27 @@ class RefragPipeline:
                f"--k {cfg.k}: the loaded checkpoint and policy are for k={self.cfg.k}")
         return cfg
 
-    def generate(self, question: str, passages: list[str] | None = None, stream=None, **overrides) -> dict:
-        """Answer one question; overrides: any of REQUEST_FIELDS. Returns generate's JSON record."""
+    def generate(self, question: str, passages: list[str] | None = None, stream=None, context: bool = False,
+                 **overrides) -> dict:
+        """Answer one question; overrides: any of REQUEST_FIELDS. Returns generate's JSON record (with
+        context=True also its "context": context_chunks). An exception raised by `stream` stops the
+        generation (a server does so when its client goes away)."""
         cfg = self.request_config(question, **overrides)
         _check(passages is not None or self.index is not None or cfg.mode == "none",
                "passages: this pipeline has no index, so a request must bring its passages")
+        _check(passages is None or isinstance(passages, list) and passages and all(isinstance(x, str) and x.strip()
+                                                                                   for x in passages),
+               "passages: expected a non-empty list of non-empty strings")
         on_text = stream if callable(stream) or stream is None else lambda piece: (stream.write(piece), stream.flush())
         with self.lock:
             rec = run_generation(question, cfg, self.models, self.index, on_text=on_text, passages=passages)
+            if passages is not None and cfg.mode != "none" and not rec["passages_used"]:
+                fail(f"passages: the first passage alone is longer than ctx_max = {cfg.ctx_max} tokens")
+            if context:
+                rec["context"] = self.context_chunks(rec, passages)
         rec["decoder"] = self.models.name
+        if passages is not None:
+            rec["passages_given"] = len(passages)
         return rec
 
     def context_chunks(self, rec: dict, passages: list[str] | None = None) -> list[dict]:
@@ -3297,7 +3323,8 @@ def cmd_chain(args: ChainConfig):
 # greedy answer does not depend on what else is being asked. Bad requests get the OpenAI error shape.
 
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
-# what the page's run form may start: subcommand -> its flags (values are checked, no shell is involved)
+# what the page's run form may start: subcommand -> (its config, the flags it may set); values are checked
+# like the command line's and the run gets argv, never a shell
 JOB_FLAGS = {
     "evaluate": (EvalConfig, ("eval_json", "index_dir", "load_dir", "policy", "modes", "topk", "k", "p", "heuristic",
                               "limit", "max_new", "out")),
@@ -3305,6 +3332,7 @@ JOB_FLAGS = {
     "chain": (ChainConfig, ("preset", "k", "topk", "eval_p", "eval_limit", "resume", "out_dir")),
 }
 RUN_FILES = ("run_config.json", "metrics.jsonl", "results.json", "eval.json", "chain.json", "bench.json", "generate.json")
+OPENAI_NAMES = {"max_new": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
 
 
 class RequestError(RefragError):
@@ -3315,21 +3343,24 @@ class RequestError(RefragError):
         self.param, self.status = param, status
 
 
+class Cancelled(Exception):
+    """Raised from the streaming callback when the client has gone away: the generation stops."""
+
+
 def _field(obj: dict, name: str, kinds, where: str, check=None, what: str = ""):
     """obj[name] if present (None otherwise), type-checked: a wrong type or value names the field."""
     if obj.get(name) is None:
         return None
     value, kinds = obj[name], kinds if isinstance(kinds, tuple) else (kinds,)
     if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
-        raise RequestError(f"{where}{name}: expected {what}, got {type(value).__name__}",
-                           where + name)
+        raise RequestError(f"{where}{name}: expected {what}, got {type(value).__name__}", where + name)
     if check is not None and not check(value):
         raise RequestError(f"{where}{name}: {value!r} is out of range ({what})", where + name)
     return value
 
 
-def chat_request(body, cfg: ServeConfig) -> tuple[str, dict, list | None, bool, bool]:
-    """An OpenAI chat request -> (question, pipeline overrides, passages, stream, return the context)."""
+def question_of(body) -> str:
+    """The last user message's text (string content, or the text parts of a content list)."""
     if not isinstance(body, dict):
         raise RequestError("request body: expected a JSON object")
     msgs = body.get("messages")
@@ -3339,48 +3370,77 @@ def chat_request(body, cfg: ServeConfig) -> tuple[str, dict, list | None, bool, 
     if not users:
         raise RequestError("messages: no user message (its last one is the question)", "messages")
     content = users[-1].get("content")
-    if isinstance(content, list):  # content parts: the text ones
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
+            raise RequestError("messages: content parts must be objects with a string text", "messages")
+        content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
     if not isinstance(content, str) or not content.strip():
         raise RequestError("messages: the last user message has no text content", "messages")
-    over = {}
-    n = _field(body, "max_completion_tokens", int, "", lambda v: v >= 1, "an integer >= 1")
-    n = n or _field(body, "max_tokens", int, "", lambda v: v >= 1, "an integer >= 1")
-    for key, value in (("max_new", n), ("temperature", _field(body, "temperature", (int, float), "", lambda v: 0 <= v <= 2, "0..2")),
-                       ("top_p", _field(body, "top_p", (int, float), "", lambda v: 0 < v <= 1, "(0, 1]")),
-                       ("seed", _field(body, "seed", int, "", None, "an integer"))):
-        if value is not None:
-            over[key] = value
+    return content
+
+
+SAMPLING = (("max_completion_tokens", int, lambda v: v >= 1, "an integer >= 1"),
+            ("max_tokens", int, lambda v: v >= 1, "an integer >= 1"),
+            ("temperature", (int, float), lambda v: 0 <= v <= 2, "a number in 0..2"),
+            ("top_p", (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
+            ("seed", int, lambda v: 0 <= v < 2 ** 63, "an integer in 0..2^63-1"),
+            ("n", int, lambda v: v == 1, "1: one answer per request"))
+REFRAG_FIELDS = (("mode", str, lambda v: v in ("refrag", "full", "none"), "refrag, full or none"),
+                 ("k", int, lambda v: v >= 1, "an integer >= 1"), ("p", (int, float), lambda v: 0 <= v <= 1, "0..1"),
+                 ("topk", int, lambda v: v >= 1, "an integer >= 1"),
+                 ("ctx_max", int, lambda v: v >= 1, "an integer >= 1"),
+                 ("heuristic", str, lambda v: v in HEURISTICS, " / ".join(HEURISTICS)),
+                 ("policy_sample", bool, None, "true or false"), ("return_context", bool, None, "true or false"),
+                 ("policy", (bool, str), None, "true, false or the served policy's path"),
+                 ("passages", list, None, "a list of strings"))
+
+
+def chat_request(body, cfg: ServeConfig) -> tuple[str, dict, list | None, bool, bool]:
+    """An OpenAI chat request -> (question, pipeline overrides, passages, stream, return the context)."""
+    question = question_of(body)
+    if body.get("stop") not in (None, [], ""):
+        raise RequestError("stop: stop sequences are not supported (the answer ends at the end-of-turn token)", "stop")
+    got = {name: _field(body, name, kinds, "", check, what) for name, kinds, check, what in SAMPLING}
+    over = {key: got[name] for key, name in (("max_new", "max_completion_tokens"), ("temperature", "temperature"),
+                                               ("top_p", "top_p"), ("seed", "seed")) if got[name] is not None}
+    if "max_new" not in over and got["max_tokens"] is not None:
+        over["max_new"] = got["max_tokens"]
     stream = _field(body, "stream", bool, "", None, "true or false") or False
     rf = _field(body, "refrag", dict, "", None, "an object") or {}
-    allowed = {"mode", "k", "p", "topk", "ctx_max", "heuristic", "policy", "policy_sample", "passages", "return_context"}
-    bad = sorted(set(rf) - allowed)
+    bad = sorted(set(rf) - {name for name, *_ in REFRAG_FIELDS})
     if bad:
-        raise RequestError(f"refrag.{bad[0]}: unknown field (known: {', '.join(sorted(allowed))})", "refrag." + bad[0])
-    for key, kinds, check, what in (
-            ("mode", str, lambda v: v in ("refrag", "full", "none"), "refrag, full or none"),
-            ("k", int, lambda v: v >= 1, "an integer >= 1"), ("p", (int, float), lambda v: 0 <= v <= 1, "0..1"),
-            ("topk", int, lambda v: v >= 1, "an integer >= 1"), ("ctx_max", int, lambda v: v >= 1, "an integer >= 1"),
-            ("heuristic", str, lambda v: v in HEURISTICS, " / ".join(HEURISTICS)),
-            ("policy_sample", bool, None, "true or false")):
-        value = _field(rf, key, kinds, "refrag.", check, what)
-        if value is not None:
-            over[key] = float(value) if key == "p" else value
-    use_policy = _field(rf, "policy", (bool, str), "refrag.", None, "true, false or the served policy's path")
-    if use_policy is not None:
-        if use_policy and not cfg.policy or isinstance(use_policy, str) and not same_model(use_policy, cfg.policy):
+        raise RequestError(f"refrag.{bad[0]}: unknown field (known: {', '.join(n for n, *_ in REFRAG_FIELDS)})",
+                           "refrag." + bad[0])
+    r = {name: _field(rf, name, kinds, "refrag.", check, what) for name, kinds, check, what in REFRAG_FIELDS}
+    over.update({key: float(r[key]) if key == "p" else r[key] for key in ("mode", "k", "p", "topk", "ctx_max",
+                                                                           "heuristic", "policy_sample") if r[key] is not None})
+    if r["policy"] is not None:
+        wanted = bool(r["policy"])
+        if wanted and (not cfg.policy or isinstance(r["policy"], str) and not same_model(r["policy"], cfg.policy)):
             raise RequestError(f"refrag.policy: this server loaded {cfg.policy or 'no policy'}", "refrag.policy")
-        if not use_policy and "heuristic" not in over:
+        if wanted:
+            over["heuristic"] = None  # the policy, whatever heuristic the server defaults to
+        elif "heuristic" not in over:
             over["heuristic"] = "random"
-    passages = _field(rf, "passages", list, "refrag.", None, "a list of strings")
+    passages = r["passages"]
     if passages is not None:
         if not 1 <= len(passages) <= cfg.max_passages:
             raise RequestError(f"refrag.passages: {len(passages)} passages; 1 to {cfg.max_passages} allowed", "refrag.passages")
-        if not all(isinstance(x, str) and 0 < len(x) <= cfg.max_passage_chars for x in passages):
+        if not all(isinstance(x, str) and x.strip() and len(x) <= cfg.max_passage_chars for x in passages):
             raise RequestError(f"refrag.passages: each must be a non-empty string of at most {cfg.max_passage_chars} "
                                f"characters", "refrag.passages")
-    context = _field(rf, "return_context", bool, "refrag.", None, "true or false") or False
-    return content, over, passages, stream, context
+    return question, over, passages, stream, bool(r["return_context"])
+
+
+def as_request_error(e: RefragError) -> RequestError:
+    """A pipeline error in API terms: `--k 8: ...` -> field refrag.k (or the OpenAI name, e.g. max_tokens)."""
+    if isinstance(e, RequestError):
+        return e
+    m = re.match(r"--(\w+)|(\w+):", str(e))
+    name = m and (m.group(1) or m.group(2))
+    param = OPENAI_NAMES.get(name) or (f"refrag.{name}" if name in REQUEST_FIELDS or name == "passages" else
+                                       "messages" if name == "question" else None)
+    return RequestError(re.sub(r"^--(\w+)", lambda g: param or g.group(0), str(e)), param)
 
 
 def inside(root: str, rel: str) -> str:
@@ -3394,10 +3454,10 @@ def inside(root: str, rel: str) -> str:
 
 def list_runs(root: str, depth: int = 3) -> list[dict]:
     """Directories under `root` holding a run's files (run_config.json, metrics, results), newest first."""
-    found = []
-    for cur, dirs, files in os.walk(inside(root, "")):
-        rel = os.path.relpath(cur, os.path.realpath(root))
-        dirs[:] = sorted(d for d in dirs if d not in ("jobs",)) if rel.count(os.sep) < depth - 1 else []
+    found, base = [], inside(root, "")
+    for cur, dirs, files in os.walk(base):
+        rel = os.path.relpath(cur, base)
+        dirs[:] = sorted(dirs) if rel.count(os.sep) < depth - 1 else []
         have = [f for f in RUN_FILES if f in files]
         if have and rel != ".":
             found.append({"path": rel, "files": have + sorted(f for f in files if f.endswith(".png")),
@@ -3406,230 +3466,227 @@ def list_runs(root: str, depth: int = 3) -> list[dict]:
 
 
 def read_run(root: str, rel: str) -> dict:
-    """A run directory's files as the page shows them (metrics.jsonl as lists, bad lines skipped)."""
+    """A run directory's files as the page shows them (metrics.jsonl as rows; bad lines, NaN and files that
+    link outside `root` are skipped)."""
     d = inside(root, rel)
     if not os.path.isdir(d):
         raise RequestError(f"path {rel}: no such run under {root}", "path", 404)
-    out = {"path": rel}
+    out, finite = {"path": rel}, dict(parse_constant=lambda _: None)  # NaN / Infinity -> null
     for name in RUN_FILES:
-        f = os.path.join(d, name)
-        if not os.path.isfile(f):
-            continue
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            if name.endswith(".jsonl"):
-                rows = []
-                for line in fh:
-                    with contextlib.suppress(ValueError):
-                        rows.append(json.loads(line))
-                out[name] = rows[-5000:]
-            else:
-                with contextlib.suppress(ValueError):
-                    out[name] = json.load(fh)
+        with contextlib.suppress(RequestError, OSError, ValueError):
+            with open(inside(root, os.path.join(rel, name)), encoding="utf-8", errors="replace") as fh:
+                if name.endswith(".jsonl"):
+                    rows = []
+                    for line in fh:
+                        with contextlib.suppress(ValueError):
+                            rows.append(json.loads(line, **finite))
+                    out[name] = rows[-5000:]
+                else:
+                    out[name] = json.load(fh, **finite)
     out["plots"] = sorted(f for f in os.listdir(d) if f.endswith(".png"))
     return out
 
 
 class Jobs:
     """One refrag.py run at a time started from the page: a fixed subcommand and flag set, argv without a
-    shell, its output in <runs_dir>/jobs/<id>.log."""
+    shell, outputs under <runs_dir> (default <runs_dir>/jobs/<id>), its log in <runs_dir>/jobs/<id>.log."""
 
     def __init__(self, runs_dir: str):
         self.runs_dir, self.proc, self.current = runs_dir, None, None
 
-    def argv(self, command: str, flags: dict) -> list[str]:
+    def value(self, cls, name: str, value):
+        """One form value as the config field's type (choices checked; booleans only true / false)."""
+        f = {f.name: f for f in dataclasses.fields(cls)}[name]
+        if not isinstance(value, (str, int, float, bool)) or isinstance(value, str) and (
+                value.startswith("-") or "\n" in value or len(value) > 300):
+            raise RequestError(f"flags.{name}: {value!r} is not a plain value", "flags." + name)
+        try:
+            if f.type == "bool":
+                if str(value).lower() not in ("true", "false"):
+                    raise ValueError
+                return str(value).lower() == "true"
+            v = {"int": int, "float": float, "list": lambda x: [str(x)]}.get(f.type, str)(value)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError
+        except (ValueError, TypeError, OverflowError):
+            raise RequestError(f"flags.{name}: {value!r} is not a {f.type}", "flags." + name) from None
+        if f.metadata.get("choices") and v not in f.metadata["choices"]:
+            raise RequestError(f"flags.{name}: {v!r} is not one of {', '.join(f.metadata['choices'])}", "flags." + name)
+        return v
+
+    def argv(self, command: str, flags: dict, job_id: str) -> list[str]:
         """The command line of a page's job: its config built (and validated) from the allowed flags."""
         if command not in JOB_FLAGS:
             raise RequestError(f"command {command}: the page may start {', '.join(JOB_FLAGS)}", "command")
         if not isinstance(flags, dict):
             raise RequestError("flags: expected an object of flag: value", "flags")
         cls, allowed = JOB_FLAGS[command]
-        kinds, values = {f.name: f.type for f in dataclasses.fields(cls)}, {}
-        for name, value in flags.items():
-            if name not in allowed:
-                raise RequestError(f"flags.{name}: not a flag the page may set for {command} ({', '.join(allowed)})",
-                                   "flags." + name)
-            if value in (None, ""):
-                continue
-            if not isinstance(value, (str, int, float, bool)) or isinstance(value, str) and (
-                    value.startswith("-") or "\n" in value or len(value) > 300):
-                raise RequestError(f"flags.{name}: {value!r} is not a plain value", "flags." + name)
-            if name in ("out", "out_dir"):
-                inside(self.runs_dir, os.path.relpath(os.path.abspath(str(value)), os.path.abspath(self.runs_dir)))
-            try:
-                kind = {"int": int, "float": float, "bool": bool, "list": lambda v: [str(v)]}.get(kinds[name], str)
-                values[name] = kind(value)
-            except ValueError:
-                raise RequestError(f"flags.{name}: {value!r} is not a {kinds[name]}", "flags." + name) from None
+        out_flag = "out_dir" if "out_dir" in allowed else "out"
+        bad = sorted(set(flags) - set(allowed))
+        if bad:
+            raise RequestError(f"flags.{bad[0]}: not a flag the page may set for {command} ({', '.join(allowed)})",
+                               "flags." + bad[0])
+        values = {n: self.value(cls, n, v) for n, v in flags.items() if v not in (None, "")}
+        out = os.path.join(self.runs_dir, values.get(out_flag) or os.path.join("jobs", job_id))
+        inside(self.runs_dir, os.path.relpath(os.path.abspath(out), os.path.abspath(self.runs_dir)))
+        if os.path.isdir(out) and os.listdir(out) and not values.get("resume"):
+            raise RequestError(f"flags.{out_flag}: {out} exists; name a new directory", "flags." + out_flag, 409)
         try:
-            cfg = cls(**values)
+            cfg = cls(**dict(values, **{out_flag: out}))
         except RefragError as e:
             raise RequestError(f"flags: {e}", "flags") from None
         return shlex.split(command_line(cfg))[1:]
 
     def start(self, command: str, flags: dict) -> dict:
         import subprocess
-        argv = self.argv(command, flags)
+        job_id = time.strftime("%Y%m%d-%H%M%S-") + str(command)[:20]
+        argv = self.argv(command, flags, job_id)
         if self.proc is not None and self.proc.poll() is None:
             raise RequestError(f"job {self.current['id']} is still running; one job at a time", "command", 409)
         os.makedirs(os.path.join(self.runs_dir, "jobs"), exist_ok=True)
-        job_id = time.strftime("%Y%m%d-%H%M%S-") + command
         log = os.path.join(self.runs_dir, "jobs", job_id + ".log")
-        with open(log, "w", encoding="utf-8") as fh:
+        with open(log, "wb") as fh:
             self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=fh,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.current = {"id": job_id, "command": "refrag.py " + shlex.join(argv), "log": log}
         return self.status()
 
     def status(self, offset: int = 0) -> dict:
+        """The current job and its log from byte `offset` (the page follows it with the returned offset)."""
         if self.current is None:
             return {"job": None}
         code = self.proc.poll()
-        with open(self.current["log"], encoding="utf-8", errors="replace") as fh:
+        with open(self.current["log"], "rb") as fh:
             fh.seek(max(0, offset))
-            text = fh.read(1 << 20)
-        return {"job": {"id": self.current["id"], "command": self.current["command"],
-                        "running": code is None, "returncode": code}, "log": text, "offset": max(0, offset) + len(text.encode())}
+            data = fh.read(1 << 20)
+        return {"job": {"id": self.current["id"], "command": self.current["command"], "running": code is None,
+                        "returncode": code}, "log": data.decode("utf-8", "replace"), "offset": max(0, offset) + len(data)}
 
 
-def make_app(pipe: RefragPipeline, cfg: ServeConfig):
-    """The FastAPI application: /v1/chat/completions (+ SSE streaming), /v1/models, /health, the page at /
-    and its /api routes."""
+def openai_error(status: int, message: str, param=None):
+    from fastapi.responses import JSONResponse
+    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 415: "invalid_request_error",
+            429: "rate_limit_error"}.get(status) or ("invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+
+
+async def json_body(request):
+    """A POST body as JSON, refused unless sent as application/json (a page elsewhere cannot post it)."""
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        raise RequestError("request body: send it as Content-Type: application/json", None, 415)
+    try:
+        return json.loads(await request.body(), parse_constant=lambda c: float("nan"))
+    except ValueError as e:
+        raise RequestError(f"request body: malformed JSON ({e})") from None
+
+
+def completion(rid: str, rec: dict) -> dict:
+    """A generate record as an OpenAI chat.completion (the record itself under "refrag")."""
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": "refrag",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": rec["answer"]},
+                         "finish_reason": rec["finish_reason"]}],
+            "usage": {"prompt_tokens": rec["prompt_positions"], "completion_tokens": rec["generated_tokens"],
+                      "total_tokens": rec["prompt_positions"] + rec["generated_tokens"]}, "refrag": rec}
+
+
+def sse_chunk(rid: str, delta: dict, finish=None, **extra) -> str:
+    return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
+                                  "model": "refrag", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                                  **extra}) + "\n\n"
+
+
+def chat_route(pipe: RefragPipeline, cfg: ServeConfig, pending: list):
+    """POST /v1/chat/completions: checked before anything streams; the generation runs on a worker thread
+    (pipe.lock queues them) and streams through an asyncio queue; a client that goes away stops it."""
     import asyncio
     import uuid
 
-    from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
+    from fastapi.responses import JSONResponse, StreamingResponse
 
-    app, jobs, model_id = FastAPI(title="refrag", docs_url=None, redoc_url=None), Jobs(cfg.runs_dir), "refrag"
-
-    def error(status: int, message: str, param=None):
-        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(status)
-        return JSONResponse({"error": {"message": message, "type": kind or ("invalid_request_error" if status < 500
-                            else "server_error"), "param": param, "code": None}}, status_code=status)
-
-    @app.middleware("http")
-    async def guard(request, call_next):
-        public = request.url.path in ("/", "/health") or request.url.path.startswith("/static/")
-        if cfg.api_key and not public and request.headers.get("authorization") != f"Bearer {cfg.api_key}":
-            return error(401, "missing or wrong API key (Authorization: Bearer ...)")
-        return await call_next(request)
-
-    @app.exception_handler(RefragError)  # RequestError carries its status and field
-    async def refrag_error(_, e):
-        return error(getattr(e, "status", 400), str(e), getattr(e, "param", None))
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e):
-        return error(e.status_code, f"{request.url.path}: {e.detail}")
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_query(request, e):
-        first = e.errors()[0] if e.errors() else {}
-        return error(400, f"{request.url.path}: {'.'.join(map(str, first.get('loc', [])))} {first.get('msg', 'invalid')}")
-
-    @app.get("/health")
-    def health():
-        return {"status": "ok", "decoder": pipe.models.name, "index": cfg.index_dir, "k": cfg.k,
-                "policy": cfg.policy, "encoder": pipe.models.encoder is not None}
-
-    @app.get("/v1/models")
-    def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "refrag",
-                                            "decoder": pipe.models.name}]}
-
-    def completion(rid: str, rec: dict, context: list | None) -> dict:
-        extra = dict(rec, **({"context": context} if context is not None else {}))
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": rec["answer"]},
-                             "finish_reason": rec["finish_reason"]}],
-                "usage": {"prompt_tokens": rec["prompt_positions"], "completion_tokens": rec["generated_tokens"],
-                          "total_tokens": rec["prompt_positions"] + rec["generated_tokens"]}, "refrag": extra}
-
-    async def chat(request):  # a plain Starlette route: the body is parsed and checked here, with OpenAI errors
+    async def chat(request):
+        question, over, passages, stream, context = chat_request(await json_body(request), cfg)
         try:
-            body = json.loads(await request.body())
-        except ValueError as e:
-            raise RequestError(f"request body: malformed JSON ({e})") from None
-        question, over, passages, stream, want_context = chat_request(body, cfg)
-        pipe.request_config(question, **over)  # settings errors are a 400 before anything streams
-        rid = "chatcmpl-" + uuid.uuid4().hex[:24]
+            pipe.request_config(question, **over)
+        except RefragError as e:
+            raise as_request_error(e) from None
+        if pending[0] >= cfg.max_queue:
+            raise RequestError(f"server busy: {pending[0]} requests queued (--max_queue {cfg.max_queue})", None, 429)
+        rid, loop, queue, gone = "chatcmpl-" + uuid.uuid4().hex[:24], asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+        put = lambda *event: loop.call_soon_threadsafe(queue.put_nowait, event)  # noqa: E731
 
-        def answer(on_text=None):
-            rec = pipe.generate(question, passages=passages, stream=on_text, **over)
-            return rec, pipe.context_chunks(rec, passages) if want_context else None
-
-        if not stream:
-            return JSONResponse(completion(rid, *await run_in_threadpool(answer)))
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        def on_text(piece):
+            if gone.is_set():
+                raise Cancelled()
+            if stream:
+                put("text", piece)
 
         def work():
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", answer(
-                    lambda piece: loop.call_soon_threadsafe(queue.put_nowait, ("text", piece)))))
-            except Exception as e:  # handed to the response: a 400 before the stream starts, else its last event
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+                put("done", pipe.generate(question, passages=passages, stream=on_text, context=context, **over))
+            except Exception as e:  # to the response: a 4xx before the stream starts, else its last event
+                put("error", e)
+            finally:
+                loop.call_soon_threadsafe(pending.__setitem__, 0, pending[0] - 1)  # counted on the loop's thread
 
+        pending[0] += 1
         loop.run_in_executor(None, work)
-        first = await queue.get()
+        try:
+            first = await queue.get()
+        except asyncio.CancelledError:
+            gone.set()
+            raise
         if first[0] == "error":
-            raise first[1]
-
-        def chunk(delta: dict, finish=None, **extra) -> str:
-            return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                                          "model": model_id, "choices": [{"index": 0, "delta": delta,
-                                                                          "finish_reason": finish}], **extra}) + "\n\n"
+            raise as_request_error(first[1]) if isinstance(first[1], RefragError) else first[1]
+        if not stream:
+            return JSONResponse(completion(rid, first[1]))
 
         async def events():
-            yield chunk({"role": "assistant", "content": ""})
-            event = first
-            while True:
-                if event[0] == "text":
-                    yield chunk({"content": event[1]})
-                elif event[0] == "done":
-                    done = completion(rid, *event[1])
-                    yield chunk({}, done["choices"][0]["finish_reason"], usage=done["usage"], refrag=done["refrag"])
-                    break
+            try:
+                yield sse_chunk(rid, {"role": "assistant", "content": ""})
+                event = first
+                while event[0] == "text":
+                    yield sse_chunk(rid, {"content": event[1]})
+                    event = await queue.get()
+                if event[0] == "done":
+                    done = completion(rid, event[1])
+                    yield sse_chunk(rid, {}, done["choices"][0]["finish_reason"], usage=done["usage"], refrag=event[1])
                 else:
-                    msg = str(event[1]) if isinstance(event[1], RefragError) else f"server error: {event[1]!r}"
-                    yield "data: " + json.dumps({"error": {"message": msg, "type": "server_error"}}) + "\n\n"
-                    break
-                event = await queue.get()
-            yield "data: [DONE]\n\n"
+                    yield "data: " + json.dumps({"error": {"message": str(event[1]), "type": "server_error"}}) + "\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                gone.set()  # finished, or the client went away: a generation still running stops at its next token
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return chat
 
-    app.add_route("/v1/chat/completions", chat, methods=["POST"])
 
-    @app.get("/")
-    def page():
+def add_page_routes(app, pipe: RefragPipeline, cfg: ServeConfig):
+    """The page (/ and /static/) and what it reads: /api/config, /api/runs, /api/run, /api/file, /api/jobs."""
+    from fastapi.responses import FileResponse, JSONResponse
+    jobs = Jobs(cfg.runs_dir)
+
+    async def page():
         return FileResponse(os.path.join(WEB_DIR, "index.html"))
 
-    @app.get("/static/{name}")
-    def static(name: str):
+    async def static(name: str):
         path = inside(WEB_DIR, name)
         if not os.path.isfile(path):
             raise RequestError(f"{name}: no such file", "name", 404)
         return FileResponse(path)
 
-    @app.get("/api/config")
-    def config():
-        return {"defaults": {f: getattr(cfg, f) for f in REQUEST_FIELDS}, "policy": cfg.policy,
-                "load_dir": cfg.load_dir, "decoder": pipe.models.name, "index": cfg.index_dir,
-                "jobs": None if cfg.no_jobs else {c: list(flags) for c, (_, flags) in JOB_FLAGS.items()}, "runs_dir": cfg.runs_dir}
+    async def config():
+        return {"defaults": {f: getattr(cfg, f) for f in REQUEST_FIELDS}, "policy": cfg.policy, "load_dir": cfg.load_dir,
+                "decoder": pipe.models.name, "index": cfg.index_dir, "runs_dir": cfg.runs_dir,
+                "jobs": None if cfg.no_jobs else {c: list(flags) for c, (_, flags) in JOB_FLAGS.items()}}
 
-    @app.get("/api/runs")
-    def runs():
+    async def runs():
         return {"runs": list_runs(cfg.runs_dir) if os.path.isdir(cfg.runs_dir) else []}
 
-    @app.get("/api/run")
-    def run(path: str):
+    async def run(path: str):
         return read_run(cfg.runs_dir, path)
 
-    @app.get("/api/file")
-    def run_file(path: str):
+    async def run_file(path: str):
         f = inside(cfg.runs_dir, path)
         if not (os.path.isfile(f) and f.endswith(".png")):
             raise RequestError(f"path {path}: not a plot under {cfg.runs_dir}", "path", 404)
@@ -3638,20 +3695,70 @@ def make_app(pipe: RefragPipeline, cfg: ServeConfig):
     async def start_job(request):
         if cfg.no_jobs:
             raise RequestError("this server was started with --no_jobs", "command", 403)
-        try:
-            body = json.loads(await request.body())
-        except ValueError as e:
-            raise RequestError(f"request body: malformed JSON ({e})") from None
+        body = await json_body(request)
         if not isinstance(body, dict):
             raise RequestError("request body: expected {command, flags}")
         return JSONResponse(jobs.start(body.get("command"), body.get("flags") or {}))
 
-    app.add_route("/api/jobs", start_job, methods=["POST"])
-
-    @app.get("/api/jobs")
-    def job_status(offset: int = 0):
+    async def job_status(offset: int = 0):
         return jobs.status(offset)
 
+    for path, fn in (("/", page), ("/static/{name}", static), ("/api/config", config), ("/api/runs", runs),
+                     ("/api/run", run), ("/api/file", run_file), ("/api/jobs", job_status)):
+        app.get(path)(fn)
+    app.add_route("/api/jobs", start_job, methods=["POST"])
+
+
+def make_app(pipe: RefragPipeline, cfg: ServeConfig):
+    """The FastAPI application: /v1/chat/completions (+ SSE streaming), /v1/models, /health, the page at / and
+    its /api routes; the Host header must name this machine unless --host exposes the server (DNS rebinding)."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="refrag", docs_url=None, redoc_url=None, openapi_url=None)
+    local = cfg.host in ("127.0.0.1", "localhost", "::1")
+
+    @app.middleware("http")
+    async def guard(request, call_next):
+        host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
+        if local and host not in ("127.0.0.1", "localhost", "::1"):
+            return openai_error(403, f"Host {host}: this server answers on 127.0.0.1 / localhost only (see --host)")
+        public = request.url.path in ("/", "/health") or request.url.path.startswith("/static/")
+        if cfg.api_key and not public and request.headers.get("authorization") != f"Bearer {cfg.api_key}":
+            return openai_error(401, "missing or wrong API key (Authorization: Bearer ...)")
+        return await call_next(request)
+
+    @app.exception_handler(RefragError)  # RequestError carries its status and field
+    async def refrag_error(_, e):
+        return openai_error(getattr(e, "status", 400), str(e), getattr(e, "param", None))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e):
+        return openai_error(e.status_code, f"{request.url.path}: {e.detail}")
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_query(request, e):
+        first = (e.errors() or [{}])[0]
+        return openai_error(400, f"{request.url.path}: {'.'.join(map(str, first.get('loc', [])))} "
+                                 f"{first.get('msg', 'invalid')}")
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e):
+        return openai_error(500, f"{request.url.path}: server error ({type(e).__name__}: {e})")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "decoder": pipe.models.name, "index": cfg.index_dir, "k": cfg.k,
+                "policy": cfg.policy, "encoder": pipe.models.encoder is not None}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "refrag", "object": "model", "created": 0, "owned_by": "refrag",
+                                            "decoder": pipe.models.name}]}
+
+    app.add_route("/v1/chat/completions", chat_route(pipe, cfg, [0]), methods=["POST"])
+    add_page_routes(app, pipe, cfg)
     return app
 
 

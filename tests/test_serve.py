@@ -139,6 +139,18 @@ def test_openai_client_gets_a_streamed_answer(server):
     assert whole.usage.completion_tokens <= 5
 
 
+def test_posts_must_be_json_and_the_host_this_machine(server):
+    req = urllib.request.Request(server + "/v1/chat/completions", data=json.dumps(chat(QUESTIONS[0])).encode(),
+                                 headers={"Content-Type": "text/plain"})  # what a page elsewhere may post unasked
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 415 and "application/json" in json.loads(e.value.read())["error"]["message"]
+    req = urllib.request.Request(server + "/health", headers={"Host": "evil.example:8000"})  # DNS rebinding
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 403
+
+
 def test_caller_passages_over_the_api(server):
     status, text = post(server, chat("Who led Event_9?", mode="full", passages=["Event_9 was led by Person_77.", "x"]))
     rec = json.loads(text)["refrag"]
@@ -159,16 +171,24 @@ BAD = [
     (chat(QUESTIONS[0], passages=["a"] * 5), "refrag.passages: 5 passages; 1 to 4 allowed", "refrag.passages"),
     (chat(QUESTIONS[0], passages=[3]), "refrag.passages: each must be a non-empty string", "refrag.passages"),
     (dict(chat(QUESTIONS[0]), max_tokens=0), "max_tokens: 0 is out of range", "max_tokens"),
-    (dict(chat(QUESTIONS[0]), temperature="hot"), "temperature: expected 0..2, got str", "temperature"),
+    (dict(chat(QUESTIONS[0]), temperature="hot"), "temperature: expected a number in 0..2, got str", "temperature"),
     (dict(chat(QUESTIONS[0]), stream="yes"), "stream: expected true or false", "stream"),
-    (chat("word " * 600), "longer than the 512-token limit", None),
+    (chat("word " * 600), "longer than the 512-token limit", "messages"),
+    (dict(chat(QUESTIONS[0]), n=2), "n: 2 is out of range (1: one answer per request)", "n"),
+    (dict(chat(QUESTIONS[0]), stop=["\n"]), "stop: stop sequences are not supported", "stop"),
+    (dict(chat(QUESTIONS[0]), seed=2 ** 70), "seed: ", "seed"),
+    (dict(chat(QUESTIONS[0]), top_p=[1]), "top_p: expected a number in (0, 1], got list", "top_p"),
+    (dict(chat(QUESTIONS[0]), max_completion_tokens=-1), "max_completion_tokens: -1 is out of range", "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "content parts must be objects", "messages"),
+    # found by the pipeline once the prompt is built, still before anything streams
+    (dict(chat(QUESTIONS[0]), max_tokens=5000), "new tokens exceeds the decoder's 2048 positions", "refrag.ctx_max"),
 ]
 
 
 @pytest.mark.parametrize("body,message,param", BAD, ids=[b[1][:30] for b in BAD])
 def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(server, body, message, param):
     for stream in (False, True):  # a streamed request is refused before anything streams
-        sent = dict(body, stream=True) if stream and isinstance(body, dict) and "stream" not in body else body
+        sent = dict(body, stream=True) if stream and isinstance(body, dict) and body.get("stream", False) is False else body
         status, text = post(server, sent)
         err = json.loads(text)["error"]
         assert status == 400 and message in err["message"] and err["type"] == "invalid_request_error", text
@@ -215,8 +235,13 @@ def test_run_browser_lists_reads_and_refuses_paths_outside_runs(server, runs_dir
     assert run["run_config.json"]["command"].startswith("refrag.py cpt_recon")
     secret = tmp_path / "secret"
     secret.mkdir()
-    (secret / "run_config.json").write_text("{}")
+    (secret / "run_config.json").write_text('{"command": "secret"}')
     os.symlink(secret, runs_dir / "link")
+    (runs_dir / "filelink").mkdir()
+    (runs_dir / "filelink" / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\nnot json\n')
+    os.symlink(secret / "run_config.json", runs_dir / "filelink" / "run_config.json")
+    status, run = get(server, "/api/run?path=filelink")  # a linked file is skipped, NaN read as null
+    assert status == 200 and "run_config.json" not in run and run["metrics.jsonl"] == [{"step": 1, "loss": None}]
     for path in ("../", "..%2F..%2Fetc", "link", "/etc", "cpt_recon/../../"):
         status, body = get(server, "/api/run?path=" + path)
         assert status == 403 and "outside" in body["error"]["message"], path
@@ -230,12 +255,17 @@ def test_page_jobs_are_checked_and_their_log_follows(server, runs_dir):
             ({"command": "evaluate", "flags": {"dec": "x"}}, 400, "flags.dec: not a flag the page may set"),
             ({"command": "evaluate", "flags": {"limit": "--all"}}, 400, "is not a plain value"),
             ({"command": "evaluate", "flags": {"out": "/tmp/elsewhere"}}, 403, "outside"),
+            ({"command": "evaluate", "flags": {"out": "../up"}}, 403, "outside"),
+            ({"command": "evaluate", "flags": {"out": "cpt_recon"}}, 409, "exists; name a new directory"),
+            ({"command": "chain", "flags": {"resume": "maybe"}}, 400, "flags.resume: 'maybe' is not a bool"),
+            ({"command": "chain", "flags": {"preset": "huge"}}, 400, "flags.preset: 'huge' is not one of"),
+            ({"command": "evaluate", "flags": {"topk": "Infinity"}}, 400, "flags.topk"),
             ({"command": "evaluate", "flags": {"p": "2"}}, 400, "--p")):
         code, text = post(server, body, "/api/jobs")
         assert code == status and message in json.loads(text)["error"]["message"], text
-    code, text = post(server, {"command": "evaluate", "flags": {"eval_json": "missing.jsonl",
-                                                                "out": str(runs_dir / "ev")}}, "/api/jobs")
+    code, text = post(server, {"command": "evaluate", "flags": {"eval_json": "missing.jsonl"}}, "/api/jobs")
     assert code == 200, text
+    assert f"--out {runs_dir}/jobs/" in json.loads(text)["job"]["command"]  # the default output: under runs_dir
     for _ in range(240):
         status, st = get(server, "/api/jobs")
         if not st["job"]["running"]:
@@ -248,11 +278,33 @@ def test_page_jobs_are_checked_and_their_log_follows(server, runs_dir):
 def test_api_key_guards_every_route_but_health_and_the_page(pipe, tiny_index):
     from starlette.testclient import TestClient
     cfg = refrag.ServeConfig(index_dir=tiny_index, api_key="s3cret", max_new=3)
-    client = TestClient(refrag.make_app(pipe, cfg))
+    client = TestClient(refrag.make_app(pipe, cfg), base_url="http://127.0.0.1")
     assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
-    for path in ("/v1/models", "/api/runs", "/api/config"):
+    for path in ("/v1/models", "/api/runs", "/api/config", "/api/run?path=x", "/api/file?path=x.png", "/api/jobs"):
         r = client.get(path)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-        assert client.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    r = client.post("/v1/chat/completions", json=chat(QUESTIONS[0], mode="full"), headers={"Authorization": "Bearer no"})
-    assert r.status_code == 401
+        assert client.get(path, headers={"Authorization": "Bearer s3cret"}).status_code in (200, 404)  # past the key
+    for path in ("/v1/chat/completions", "/api/jobs"):
+        r = client.post(path, json=chat(QUESTIONS[0], mode="full"), headers={"Authorization": "Bearer no"})
+        assert r.status_code == 401
+
+
+def test_a_client_that_goes_away_stops_its_generation(pipe):
+    pieces = []
+
+    def hang_up(piece):
+        pieces.append(piece)
+        if len(pieces) == 2:
+            raise refrag.Cancelled()
+    with pytest.raises(refrag.Cancelled):
+        pipe.generate(QUESTIONS[0], mode="full", max_new=40, stream=hang_up)
+    assert len(pieces) == 2 and not pipe.lock.locked()  # stopped at once; the next request is not blocked
+    assert pipe.generate(QUESTIONS[0], mode="full")["generated_tokens"] >= 1
+
+
+def test_streamed_text_never_splits_a_character(tok):
+    text = "café ünïcode 東京"
+    ids, got, shown = tok.encode(text, add_special_tokens=False), [], ""
+    for i in range(1, len(ids) + 1):
+        shown = refrag._stream(got.append, tok, ids[:i], shown, set())
+    assert "".join(got) == text and not any("\ufffd" in g for g in got)

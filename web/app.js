@@ -22,9 +22,10 @@ function api(path, options = {}) {
 }
 async function apiJson(path, options) {
   const r = await api(path, options);
-  const body = await r.json();
   if (r.status === 401) $("#key-box").hidden = false;
-  if (!r.ok) throw new Error((body.error && body.error.message) || r.statusText);
+  let body = null;
+  try { body = await r.json(); } catch (e) { if (r.ok) throw e; }
+  if (!r.ok) throw new Error((body && body.error && body.error.message) || `${r.status} ${r.statusText}`);
   return body;
 }
 
@@ -174,10 +175,13 @@ async function openRun(path, slot) {
       const v = run[name];
       if (!v) continue;
       view.append(el("h4", {}, name), table(name === "results.json" && v.results ? v.results
-        : name === "bench.json" && v.points ? v.points : name === "chain.json" ? v.stages : v));
+        : name === "bench.json" && v.records ? v.records : name === "chain.json" ? v.stages : v));
     }
-    for (const p of run.plots) {
-      view.append(el("img", { class: "plot", alt: p, src: "/api/file?path=" + encodeURIComponent(run.path + "/" + p) }));
+    for (const p of run.plots) {  // fetched with the API key, shown from a blob
+      const img = el("img", { class: "plot", alt: p });
+      view.append(img);
+      api("/api/file?path=" + encodeURIComponent(run.path + "/" + p)).then((r) => (r.ok ? r.blob() : null))
+        .then((b) => { if (b) img.src = URL.createObjectURL(b); });
     }
   } catch (e) {
     view.replaceChildren(el("p", { class: "error" }, String(e.message || e)));
@@ -204,7 +208,8 @@ let jobFlags = {}, logOffset = 0, polling = null;
 function showJobFlags() {
   const cmd = $("#job-command").value;
   $("#job-flags").replaceChildren(...(jobFlags[cmd] || []).map((f) =>
-    el("label", {}, "--" + f, el("input", { name: f, placeholder: f === "resume" ? "true to resume" : "" }))));
+    el("label", {}, "--" + f, el("input", { name: f, placeholder: f === "resume" ? "true to resume"
+      : f === "out" || f === "out_dir" ? "under the runs directory (default jobs/<id>)" : "" }))));
 }
 $("#job-command").addEventListener("change", showJobFlags);
 async function pollJob() {
@@ -214,7 +219,8 @@ async function pollJob() {
     $("#job-status").textContent = `${st.job.command} — ${st.job.running ? "running" : "exit " + st.job.returncode}`;
     if (st.log) { $("#job-log").textContent += st.log; $("#job-log").scrollTop = 1e9; }
     logOffset = st.offset;
-    if (!st.job.running) { clearInterval(polling); polling = null; loadRuns(); }
+    if (st.job.running && !polling) polling = setInterval(pollJob, 1000);
+    if (!st.job.running && polling) { clearInterval(polling); polling = null; loadRuns(); }
   } catch (e) { $("#job-status").textContent = String(e.message || e); }
 }
 $("#job-form").addEventListener("submit", async (ev) => {
@@ -228,7 +234,6 @@ $("#job-form").addEventListener("submit", async (ev) => {
     await apiJson("/api/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ command: $("#job-command").value, flags }) });
     $("#job-log").textContent = ""; logOffset = 0;
-    if (!polling) polling = setInterval(pollJob, 1000);
     pollJob();
   } catch (e) { $("#job-status").textContent = String(e.message || e); }
 });
