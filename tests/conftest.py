@@ -2,7 +2,11 @@
 data/ tokenizer) and a small index built by `refrag.py index` with the packaged MiniLM encoder."""
 import json
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -95,3 +99,50 @@ def first_question_about(passages, i=0):
 def load_json(path):
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+# ---- a real `refrag.py serve` process on loopback (tests/test_serve.py, tests/test_web.py) ----
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*args):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "refrag.py"), "serve", "--port", str(port), *map(str, args)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        if proc.poll() is not None:
+            raise AssertionError("serve exited: " + proc.stdout.read())
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            return proc, url
+        except OSError:
+            time.sleep(0.25)
+    proc.kill()
+    raise AssertionError("serve did not come up")
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory, tiny_dec_dir):
+    d = tmp_path_factory.mktemp("runs")
+    code, out, err = run_cli("cpt_recon", "--dec", tiny_dec_dir, "--train_json", os.path.join(DATA, "cpt_eval.jsonl"),
+                             "--eval_json", "", "--k", 8, "--max_chunks", 2, "--steps", 4, "--batch_size", 2,
+                             "--log_every", 1, "--out_dir", d / "cpt_recon")
+    assert code == 0, err
+    (d / "bench_like").mkdir()
+    (d / "bench_like" / "results.json").write_text(json.dumps({"results": [{"mode": "full", "em": 0.5}]}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(tiny_index, tiny_dec_dir, runs_dir):
+    proc, url = start_server("--index_dir", tiny_index, "--dec", tiny_dec_dir, "--runs_dir", runs_dir,
+                             "--max_new", 6, "--topk", 4, "--max_passages", 4)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)

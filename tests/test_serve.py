@@ -2,10 +2,7 @@
 wire format (plain and streamed, and the openai client itself), bad requests, a load check, the run browser."""
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -14,55 +11,9 @@ import urllib.request
 import pytest
 
 import refrag
-from conftest import DATA, ROOT, run_cli
 
 QUESTIONS = ["Who led Event_314?", "Where does Person_233 work?", "What is Alloy_270 mainly used for?",
              "Which river flows through City_191?"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(*args):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "refrag.py"), "serve", "--port", str(port), *map(str, args)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONPATH=ROOT))
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        if proc.poll() is not None:
-            raise AssertionError("serve exited: " + proc.stdout.read())
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            return proc, url
-        except OSError:
-            time.sleep(0.25)
-    proc.kill()
-    raise AssertionError("serve did not come up")
-
-
-@pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory, tiny_dec_dir):
-    d = tmp_path_factory.mktemp("runs")
-    code, out, err = run_cli("cpt_recon", "--dec", tiny_dec_dir, "--train_json", os.path.join(DATA, "cpt_eval.jsonl"),
-                             "--eval_json", "", "--k", 8, "--max_chunks", 2, "--steps", 4, "--batch_size", 2,
-                             "--log_every", 1, "--out_dir", d / "cpt_recon")
-    assert code == 0, err
-    (d / "bench_like").mkdir()
-    (d / "bench_like" / "results.json").write_text(json.dumps({"results": [{"mode": "full", "em": 0.5}]}))
-    return d
-
-
-@pytest.fixture(scope="module")
-def server(tiny_index, tiny_dec_dir, runs_dir):
-    proc, url = start_server("--index_dir", tiny_index, "--dec", tiny_dec_dir, "--runs_dir", runs_dir,
-                             "--max_new", 6, "--topk", 4, "--max_passages", 4)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

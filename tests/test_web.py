@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from test_serve import chat, post, runs_dir, server  # noqa: F401  (fixtures)
+from test_serve import chat, post
 
 CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
@@ -36,7 +36,7 @@ def wait(driver, condition, seconds=90):
     return WebDriverWait(driver, seconds).until(condition)
 
 
-def test_page_asks_shows_runs_and_refuses_outside_paths(browser, server):  # noqa: F811
+def test_page_asks_shows_runs_and_refuses_outside_paths(browser, server):
     from selenium.webdriver.common.by import By
     css = lambda sel: browser.find_elements(By.CSS_SELECTOR, sel)  # noqa: E731
     browser.get(server + "/")
