@@ -85,3 +85,12 @@ def test_pipeline_without_index_needs_passages(tiny_dec_dir):
         pipe.generate("Who led Event_314?", mode="refrag", passages=["x"])
     rec = pipe.generate("Who led Event_314?", passages=["Event_314 was led by Person_1."])
     assert rec["passages_used"] == [0] and rec["generated_tokens"] >= 1
+
+
+def test_context_chunks_rejoin_to_the_passage_text(pipe):
+    text = "Event_9 was led by Person_77 in 東京 café über alles, ünïcode " * 3
+    rec = pipe.generate("Who led Event_9?", mode="refrag", p=0.0, passages=[text])
+    (passage,) = pipe.context_chunks(rec, [text])
+    assert len(passage["chunks"]) == rec["n_chunks"] > 1
+    assert "".join(c["text"] for c in passage["chunks"]) == pipe.models.tok.decode(refrag.encode_text(pipe.models.tok, text))
+    assert not any("\ufffd" in c["text"] for c in passage["chunks"])
