@@ -1,0 +1,73 @@
+"""`index --store qdrant` (Qdrant's embedded local mode): the same top-k, chunk cache, perplexities and answers
+as the FAISS store on the small corpus, through generate, evaluate and train_policy."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import refrag
+from conftest import DATA, run_cli
+
+pytest.importorskip("qdrant_client")
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, tiny_dec_dir, small_corpus):
+    d = tmp_path_factory.mktemp("stores")
+    for store in ("faiss", "qdrant"):
+        code, out, err = run_cli("index", "--corpus", small_corpus, "--index_dir", d / store, "--dec", tiny_dec_dir,
+                                 "--k", "8,16", "--ppl", "--store", store)
+        assert code == 0, err
+    return d / "faiss", d / "qdrant"
+
+
+def test_qdrant_store_holds_what_faiss_holds(stores):
+    f, q = refrag.PassageIndex(str(stores[0])), refrag.PassageIndex(str(stores[1]))
+    assert type(q) is refrag.QdrantIndex and q.meta["store"] == "qdrant" and os.path.isdir(stores[1] / "qdrant")
+    assert not (stores[1] / "faiss.index").exists() and not (stores[1] / "chunk_emb_k16.npy").exists()
+    assert q.texts == f.texts
+    for i in (0, 7, 39):
+        np.testing.assert_array_equal(q.passage_ids(i), f.passage_ids(i))
+        for k in (8, 16):
+            np.testing.assert_array_equal(q.cached_chunks(i, k), f.cached_chunks(i, k))
+            np.testing.assert_allclose(q.cached_ppl(i, k), f.cached_ppl(i, k), rtol=1e-6)
+
+
+def gen(index, dec, q, *extra):
+    code, out, err = run_cli("generate", "--index_dir", index, "--dec", dec, "--question", q, "--max_new", 5, "--json", *extra)
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", [("full",), ("refrag", "--p", "0"), ("refrag", "--p", "0.5", "--heuristic", "ppl_desc"),
+                                  ("refrag", "--k", "8", "--p", "0.25")])
+def test_generate_answers_the_same_on_either_store(stores, tiny_dec_dir, mode):
+    for q in ("Who led Event_314?", "Where does Person_233 work?", "What is Alloy_270 mainly used for?"):
+        a, b = (gen(s, tiny_dec_dir, q, "--mode", *mode) for s in stores)
+        assert a["retrieved"] == b["retrieved"] and a["passages_used"] == b["passages_used"]
+        assert a["answer"] == b["answer"] and a["expanded"] == b["expanded"] and a["chunk_cache"] == b["chunk_cache"]
+        if "ppl_desc" in mode:
+            assert a["ppl_cache"] == b["ppl_cache"] == "hit"
+
+
+def test_evaluate_and_train_policy_run_on_qdrant(stores, tiny_dec_dir, small_corpus, tmp_path):
+    names = {line.split(" ", 1)[0] for line in open(small_corpus, encoding="utf-8")}
+    with open(os.path.join(DATA, "rag_train.jsonl"), encoding="utf-8") as fh:
+        rows = [line for line in fh if json.loads(line)["entity"] in names][:3]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(rows))
+    res = []
+    for s in stores:
+        code, out, err = run_cli("evaluate", "--eval_json", qa, "--index_dir", s, "--dec", tiny_dec_dir, "--modes",
+                                 "full,refrag", "--k", 16, "--p", "0,0.5", "--heuristic", "ppl_desc", "--max_new", 3,
+                                 "--out", tmp_path / os.path.basename(s))
+        assert code == 0, err
+        res.append([open(tmp_path / os.path.basename(s) / "rows.jsonl").read().count('"answer"'),
+                    [{k: r[k] for k in ("mode", "k", "p", "em", "f1", "prompt_positions")}
+                     for r in json.load(open(tmp_path / os.path.basename(s) / "results.json"))["results"]]])
+    assert res[0] == res[1]
+    code, out, err = run_cli("train_policy", "--rag_json", qa, "--eval_json", "", "--index_dir", stores[1], "--dec",
+                             tiny_dec_dir, "--topk", 2, "--steps", 2, "--group", 2, "--batch_size", 2, "--out_dir",
+                             tmp_path / "policy")
+    assert code == 0 and (tmp_path / "policy" / "policy.safetensors").exists(), err
