@@ -2863,16 +2863,16 @@ def cmd_train(cfg: TrainConfig):
     tok, raw = s["tok"], s["model"]
     model, opt = acc.prepare(raw.to(device), s["opt"])
     world = acc.num_processes
+    if cfg.stage == "finetune":  # the data is read (and checked) before anything is written
+        make_step_batch, train, max_chunks = finetune_batches(cfg, tok, device, acc), None, 0
+    else:
+        make_step_batch, train, max_chunks = cpt_batches(cfg, tok, acc)
     if acc.is_main_process:
         write_run_info(cfg.out_dir, cfg)
         print(f"{cfg.stage}: k={cfg.k}, {sum(p.numel() for p in s['params']) / 1e6:.1f}M trainable parameters "
               f"({', '.join(s['trained'])}), {world} process(es) x batch {cfg.batch_size} x accumulation "
               f"{cfg.grad_accum}, lr {cfg.lr:g}, device {device}, mixed precision {mixed}"
               + (f", resuming at step {s['start']}" if s["start"] else ""))
-    if cfg.stage == "finetune":
-        make_step_batch, train, max_chunks = finetune_batches(cfg, tok, device, acc), None, 0
-    else:
-        make_step_batch, train, max_chunks = cpt_batches(cfg, tok, acc)
 
     def save(step):
         config = {"refrag_checkpoint": 1, "stage": cfg.stage, "enc": s["enc"], "dec": s["dec"], "k": cfg.k,
