@@ -41,6 +41,10 @@ local safetensors directory; any HF id, model directory or .gguf file can take i
     #    (--p 0,0.1,0.25 --heuristic random,ppl_desc,ppl_asc,rank --policy runs/policy: the selection comparison)
     # 5. latency vs context length, full vs REFRAG, random-weight shapes allowed
     python refrag.py bench --dec_config llama-220m --ctx 512,1024,2048,4096 --k 8,16,32 --out runs/bench
+    # 5b. index at scale: build time and memory, retrieval latency, IVF/HNSW recall, TTFT at 100,000 passages vs 500
+    python refrag.py bench_index --corpus runs/corpus_100000/corpus_100000.txt --out runs/bench_index
+    #    (the corpus: python data/make_corpus.py --n 100000 --out_dir runs/corpus_100000 --corpus_only;
+    #     index --store qdrant [--qdrant_url URL] keeps an index in Qdrant instead of FAISS files)
     # 6. serve: OpenAI-compatible /v1/chat/completions (streaming) and the web page at /, models loaded once
     python refrag.py serve --index_dir runs/index --load_dir runs/sft [--policy runs/policy] [--port 8000]
     #    (in Python: refrag.RefragPipeline.load(index_dir=..., load_dir=...).generate(question, mode=..., p=...);

@@ -150,9 +150,9 @@ def test_faiss_index_types_find_the_nearest_passage(kind):
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((3000, 32)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    index, built = refrag.build_faiss(emb, kind)
+    index, built = refrag.build_faiss(len(emb), emb.shape[1], kind, np.array_split(emb, 7), emb)  # added in batches
     assert built == kind
     q = emb[[7, 1234, 2999]] + 0.01 * rng.standard_normal((3, 32)).astype(np.float32)
     _, ids = index.search(q, 1)
     assert ids[:, 0].tolist() == [7, 1234, 2999]
-    assert refrag.build_faiss(emb[:50], kind)[1] == "flat"  # small corpora: exact search
+    assert refrag.build_faiss(50, 32, kind, [emb[:50]], emb[:50])[1] == "flat"  # small corpora: exact search
