@@ -4051,7 +4051,7 @@ def chat_route(pipe: RefragPipeline, cfg: ServeConfig, pending: list, submit=Non
             pipe.request_config(question, **over)
         except RefragError as e:
             raise as_request_error(e) from None
-        if pending[0] >= cfg.max_queue:
+        if pending[0] > cfg.max_queue:  # pending: the running request and those waiting
             raise RequestError(f"server busy: {pending[0]} requests queued (--max_queue {cfg.max_queue})", None, 429)
         rid, loop, queue, gone = "chatcmpl-" + uuid.uuid4().hex[:24], asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
         put = lambda *event: loop.call_soon_threadsafe(queue.put_nowait, event)  # noqa: E731
@@ -4208,7 +4208,8 @@ def make_app(pipe: RefragPipeline, cfg: ServeConfig, submit=None):
 def cmd_serve(cfg: ServeConfig):
     """uvicorn serves from a thread of its own; every generation runs on this, the main, thread. On CPU that
     is measurably faster: PyTorch's OpenMP threads wake sooner for the main thread's many small parallel
-    regions (2 cores, the quickstart checkpoint: TTFT 78 ms here, 155 ms from a worker thread)."""
+    regions (2 cores, the quickstart checkpoint: TTFT 73-81 ms here, 144-157 ms from a worker thread;
+    results/serve_quickstart/thread_ttft.py)."""
     import queue
 
     import uvicorn

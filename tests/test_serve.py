@@ -259,3 +259,26 @@ def test_streamed_text_never_splits_a_character(tok):
     for i in range(1, len(ids) + 1):
         shown = refrag._stream(got.append, tok, ids[:i], shown, set())
     assert "".join(got) == text and not any("\ufffd" in g for g in got)
+
+
+def test_past_max_queue_waiting_requests_get_429(pipe, tiny_index):
+    import asyncio
+
+    import httpx
+    cfg = refrag.ServeConfig(index_dir=tiny_index, max_new=2, max_queue=1)
+    held = []
+    app = refrag.make_app(pipe, cfg, submit=held.append)  # generations wait here until the test runs them
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            ask = lambda: c.post("/v1/chat/completions", json=chat(QUESTIONS[0], mode="full"))  # noqa: E731
+            first, second = asyncio.create_task(ask()), asyncio.create_task(ask())  # running + one waiting
+            while len(held) < 2:
+                await asyncio.sleep(0.01)
+            third = await ask()
+            for fn in held:
+                await asyncio.to_thread(fn)
+            return (await first).status_code, (await second).status_code, third
+    a, b, third = asyncio.run(main())
+    assert (a, b) == (200, 200) and third.status_code == 429
+    assert third.json()["error"]["type"] == "rate_limit_error" and "--max_queue 1" in third.json()["error"]["message"]
