@@ -3690,6 +3690,14 @@ def chain_examples(a: ChainConfig) -> list[dict]:
 STAGE_FUNCS = {IndexConfig: cmd_index, TrainConfig: cmd_train, PolicyConfig: cmd_train_policy, EvalConfig: cmd_evaluate}
 
 
+def index_is_current(index_dir: str) -> bool:
+    meta = os.path.join(index_dir, "meta.json")
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        with open(meta, encoding="utf-8") as fh:
+            return json.load(fh).get("format") == INDEX_FORMAT
+    return False
+
+
 def cmd_chain(args: ChainConfig):
     """Run the stages one after another in this process, timing each; chain.json (rewritten after
     every stage) records each stage's command and seconds, so --resume skips what is done."""
@@ -3705,6 +3713,8 @@ def cmd_chain(args: ChainConfig):
     stages, rerun = chain_stages(args), False
     for i, (name, cfg) in enumerate(stages, 1):
         command, prev = command_line(cfg), done.get(name)
+        if prev and isinstance(cfg, IndexConfig) and not index_is_current(cfg.index_dir):
+            prev = None  # built by an older refrag (another index format), or gone: build it again
         if not rerun and prev and prev.get("command") == command:
             print(f"chain: [{i}/{len(stages)}] {name} done earlier ({prev['seconds']:.0f}s), skipped", flush=True)
             record["stages"][name] = prev

@@ -236,6 +236,11 @@ def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpu
     code, stdout, err = run_cli(*argv, "--resume")
     assert code == 0, err
     assert stdout.count("done earlier") == 9 and json.load(open(out / "chain.json"))["stages"] == rec["stages"]
+    meta = out / "index_sft" / "meta.json"  # an index written by an older refrag is built again on resume
+    meta.write_text(json.dumps(dict(json.load(open(meta)), format=refrag.INDEX_FORMAT - 1)))
+    code, stdout, err = run_cli(*argv, "--resume")
+    assert code == 0 and stdout.count("done earlier") == 5 and "] index_sft: refrag.py index" in stdout, err
+    assert json.load(open(meta))["format"] == refrag.INDEX_FORMAT
 
 
 def test_chain_preset_defaults_to_cpu_without_cuda_and_checks_eval_p():
