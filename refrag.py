@@ -1500,7 +1500,7 @@ def picks_logprob(logits: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
     return torch.stack(out, 1) if out else torch.zeros(n, 0, device=logits.device)
 
 
-# ---- index ----
+# ---- index: the sharded, resumable build and its two stores (FAISS files, Qdrant) ----
 
 def build_faiss(n: int, d: int, index_type: str, vectors, train: np.ndarray):
     """(index, the type actually built), filled batch by batch from `vectors` (an iterable of (b, d) float32
@@ -2034,7 +2034,7 @@ def target_nll(decoder, projector, layout: PromptLayout, target: list[int]) -> f
     return float(targets_nll(decoder, projector, [layout], [target])[0])
 
 
-# ---- generation and timing ----
+# ---- generation and timing; the Python API (RefragPipeline) that generate and serve use ----
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
     logits = logits.float().reshape(-1)
@@ -3096,7 +3096,7 @@ def cmd_train_policy(cfg: PolicyConfig):
     print(f"train_policy: saved {cfg.out_dir}")
 
 
-# ---- evaluation and benchmarks ----
+# ---- evaluation and benchmarks (quality, latency vs context length, index at scale) ----
 
 def chrf(pred: str, answers: list[str]) -> float:
     """Best sentence-level chrF (0-100, sacrebleu) against any gold answer; 0 for an empty prediction."""
