@@ -431,63 +431,101 @@ def _numbers(obj, prefix: str = "") -> dict:
     return {}
 
 
-def log_mlflow(uri: str, cfg, out_dir: str, status: str):
-    """A finished (or failed) run directory into MLflow: the config and command line as parameters, every
-    metrics.jsonl row as step metrics, the numbers of eval.json / results.json / bench.json as final
-    metrics, and its JSON, Markdown and PNG files as artifacts."""
-    if "://" not in uri and not uri.startswith("file:"):
-        uri = "file:" + os.path.abspath(uri)
-    if uri.startswith("file:"):  # MLflow 3 keeps its local file store behind this switch
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    import mlflow
-    from mlflow.entities import Metric, Param
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name("refrag")
-    run = client.create_run(exp.experiment_id if exp else client.create_experiment("refrag"),
-                            run_name=f"{getattr(cfg, 'stage', None) or cfg.COMMAND} {out_dir}",
-                            tags={"command": command_line(cfg), "out_dir": out_dir or ""})
-    rid, now = run.info.run_id, int(time.time() * 1000)
-    params = {k: str(v)[:500] for k, v in dataclasses.asdict(cfg).items() if k != "mlflow" and v is not None}
-    client.log_batch(rid, params=[Param(k, v) for k, v in params.items()])
-    metrics, files = [], sorted(os.listdir(out_dir)) if out_dir and os.path.isdir(out_dir) else []
-    if "metrics.jsonl" in files:
-        with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as fh:
-            for line in fh:
-                with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut by a crash is skipped
-                    row = json.loads(line)
-                    metrics += [Metric(k, v, now, int(row["step"])) for k, v in _numbers(row).items() if k != "step"]
-    for name in ("eval.json", "results.json", "bench.json"):
-        if name in files:
-            with open(os.path.join(out_dir, name), encoding="utf-8") as fh:
-                data = json.load(fh)
-            found = _numbers(data.get("results", data) if isinstance(data, dict) else data)
-            metrics += [Metric(re.sub(r"[^\w./ -]", "_", f"{name[:-5]}.{k}"), v, now, 0) for k, v in found.items()]
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(rid, metrics=metrics[i:i + 1000])
-    for f in files:
-        if f.endswith((".json", ".md", ".png", ".jsonl")) and f != "rows.jsonl":
-            client.log_artifact(rid, os.path.join(out_dir, f))
-    client.set_terminated(rid, status)
-    print(f"mlflow: {status.lower()} run {rid} logged to {uri} (experiment refrag)", file=sys.stderr)
+class MlflowRun:
+    """One command's MLflow run (--mlflow): created when the command starts, fed every new metrics.jsonl row
+    while it runs (a thread reads the file every few seconds: metrics.jsonl stays the one record the trainers
+    write), and at the end the numbers of eval.json / results.json / bench.json, the run's JSON, Markdown and
+    PNG files as artifacts, and its status."""
+
+    def __init__(self, uri: str, cfg, out_dir: str | None):
+        if "://" not in uri and not uri.startswith("file:"):
+            uri = "file:" + os.path.abspath(uri)
+        if uri.startswith("file:"):  # MLflow 3 keeps its local file store behind this switch
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        import mlflow
+        from mlflow.entities import Param
+        self.uri, self.out_dir, self.client, self.offset = uri, out_dir, mlflow.MlflowClient(uri), 0
+        exp = self.client.get_experiment_by_name("refrag")
+        self.rid = self.client.create_run(exp.experiment_id if exp else self.client.create_experiment("refrag"),
+                                          run_name=f"{getattr(cfg, 'stage', None) or cfg.COMMAND} {out_dir}",
+                                          tags={"command": command_line(cfg), "out_dir": out_dir or ""}).info.run_id
+        params = {k: str(v)[:500] for k, v in dataclasses.asdict(cfg).items() if k != "mlflow" and v is not None}
+        self.client.log_batch(self.rid, params=[Param(k, v) for k, v in params.items()])
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.follow, name="mlflow", daemon=True)
+        self.thread.start()
+
+    def log(self, metrics: list):
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.rid, metrics=metrics[i:i + 1000])
+
+    def sync(self):
+        """The metrics.jsonl rows written since the last call, as step metrics (a cut last line waits)."""
+        from mlflow.entities import Metric
+        path = os.path.join(self.out_dir or "", "metrics.jsonl")
+        if not os.path.isfile(path):
+            return
+        if os.path.getsize(path) < self.offset:  # started again from step 0
+            self.offset = 0
+        with open(path, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read()
+        done = data.rfind(b"\n") + 1
+        self.offset += done
+        now, metrics = int(time.time() * 1000), []
+        for line in data[:done].splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                row = json.loads(line)
+                metrics += [Metric(k, v, now, int(row["step"])) for k, v in _numbers(row).items() if k != "step"]
+        self.log(metrics)
+
+    def follow(self):
+        while not self.stop.wait(5.0):
+            with contextlib.suppress(Exception):  # a brief outage of the server: the next round catches up
+                self.sync()
+
+    def finish(self, status: str):
+        from mlflow.entities import Metric
+        self.stop.set()
+        self.thread.join()
+        self.sync()
+        files = sorted(os.listdir(self.out_dir)) if self.out_dir and os.path.isdir(self.out_dir) else []
+        now, metrics = int(time.time() * 1000), []
+        for name in ("eval.json", "results.json", "bench.json"):
+            if name in files:
+                with open(os.path.join(self.out_dir, name), encoding="utf-8") as fh:
+                    data = json.load(fh)
+                found = _numbers(data.get("results", data) if isinstance(data, dict) else data)
+                metrics += [Metric(re.sub(r"[^\w./ -]", "_", f"{name[:-5]}.{k}"), v, now, 0) for k, v in found.items()]
+        self.log(metrics)
+        for f in files:
+            if f.endswith((".json", ".md", ".png", ".jsonl")) and f != "rows.jsonl":
+                self.client.log_artifact(self.rid, os.path.join(self.out_dir, f))
+        self.client.set_terminated(self.rid, status)
+        print(f"mlflow: {status.lower()} run {self.rid} logged to {self.uri} (experiment refrag)", file=sys.stderr)
 
 
 @contextlib.contextmanager
 def tracked(cfg):
-    """With --mlflow the command's run directory goes to MLflow when it ends (finished or failed); without it
-    nothing happens and MLflow is not imported. metrics.jsonl stays the source every run writes."""
+    """With --mlflow the command is an MLflow run (MlflowRun), followed live and closed finished or failed;
+    without it nothing happens and MLflow is not imported. Tracking never changes the command's outcome."""
     uri, out_dir = getattr(cfg, "mlflow", None), getattr(cfg, "out_dir", None) or getattr(cfg, "out", None)
-    if not uri:
-        yield
-        return
+    run = None
+    if uri:
+        try:
+            run = MlflowRun(uri, cfg, out_dir)
+        except Exception as e:  # an unreachable server, a missing package, ...
+            print(f"warning: --mlflow {uri}: the run is not logged ({type(e).__name__}: {e})", file=sys.stderr)
     status = "FAILED"
     try:
         yield
         status = "FINISHED"
     finally:
-        try:  # tracking never hides the command's own outcome
-            log_mlflow(uri, cfg, out_dir, status)
-        except Exception as e:  # an unreachable server, a missing package, ...
-            print(f"warning: --mlflow {uri}: the run was not logged ({type(e).__name__}: {e})", file=sys.stderr)
+        if run is not None:
+            try:
+                run.finish(status)
+            except Exception as e:
+                print(f"warning: --mlflow {uri}: the run was not fully logged ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def policy_config(path: str | None, flag: str = "--policy") -> dict | None:

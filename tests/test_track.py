@@ -82,3 +82,20 @@ def test_without_the_flag_mlflow_is_not_imported(tiny_dec_dir, tmp_path):
                          env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
     assert out.returncode == 0, out.stderr
     assert "MLFLOW False" in out.stdout and os.path.isfile(tmp_path / "recon" / "metrics.jsonl")
+
+
+def test_metrics_reach_mlflow_while_the_run_is_going(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    cfg = refrag.EvalConfig(out=str(tmp_path / "run"), mlflow=str(tmp_path / "mlruns"))
+    os.makedirs(cfg.out)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # a line being written
+    run = refrag.MlflowRun(cfg.mlflow, cfg, cfg.out)
+    run.sync()
+    client = mlflow.MlflowClient("file:" + str(tmp_path / "mlruns"))
+    history = lambda: [(m.step, m.value) for m in client.get_metric_history(run.rid, "loss")]  # noqa: E731
+    assert sorted(history()) == [(1, 2.0), (2, 1.5)] and client.get_run(run.rid).info.status == "RUNNING"
+    with open(metrics, "a") as fh:
+        fh.write('ss": 1.25}\n')
+    run.finish("FINISHED")
+    assert sorted(history()) == [(1, 2.0), (2, 1.5), (3, 1.25)] and client.get_run(run.rid).info.status == "FINISHED"
