@@ -198,6 +198,16 @@ def atomic_write_text(path: str, text: str):
         raise
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (MB), where the OS reports it."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
+
+
 def write_json(path: str, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
@@ -233,7 +243,6 @@ def atomic_dir(path: str):
     shutil.rmtree(old, ignore_errors=True)
 
 
-
 def read_json(path: str, flag: str):
     """A JSON file a run or index wrote: a missing, truncated or corrupt one is a one-line error naming it."""
     try:
@@ -242,7 +251,7 @@ def read_json(path: str, flag: str):
     except FileNotFoundError:
         fail(f"{flag}: {path} not found")
     except (ValueError, UnicodeDecodeError) as e:
-        fail(f"{flag}: {path} is not valid JSON (truncated or corrupt: {e})")
+        fail(f"{flag} {path}: invalid JSON (truncated or corrupt: {e})")
 
 
 def read_safetensors(path: str, flag: str) -> dict:
@@ -256,10 +265,10 @@ def read_safetensors(path: str, flag: str) -> dict:
         fail(f"{flag}: {path} is not a readable safetensors file (truncated or corrupt: {str(e)[:120]})")
 
 
-def read_npy(path: str, flag: str, mmap: bool = True) -> np.ndarray:
+def read_npy(path: str, flag: str) -> np.ndarray:
     """A .npy array an index wrote, memory-mapped, without pickle; a damaged file names itself."""
     try:
-        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+        return np.load(path, allow_pickle=False, mmap_mode="r")
     except FileNotFoundError:
         fail(f"{flag}: {path} not found (half-written or older index; rebuild it)")
     except (ValueError, OSError, EOFError) as e:
@@ -415,129 +424,12 @@ def mlflow_opt():
                nargs="?", const="mlruns")
 
 
-def _numbers(obj, prefix: str = "") -> dict:
-    """The numbers of a nested JSON result as flat MLflow metric names (a list of result rows is keyed by the
-    row's mode / k / p / selection)."""
-    if isinstance(obj, bool) or obj is None:
-        return {}
-    if isinstance(obj, (int, float)):
-        return {prefix.strip("."): float(obj)} if math.isfinite(obj) else {}
-    if isinstance(obj, list):
-        keyed = lambda x: "_".join(f"{x[key]:g}" if isinstance(x[key], float) else str(x[key]) for key in  # noqa: E731
-                                   ("mode", "k", "p", "selection", "s") if x.get(key) is not None) if isinstance(x, dict) else ""
-        return {k: v for i, x in enumerate(obj) for k, v in _numbers(x, f"{prefix}{keyed(x) or i}.").items()}
-    if isinstance(obj, dict):
-        return {k: v for key, x in obj.items() for k, v in _numbers(x, f"{prefix}{key}.").items()}
-    return {}
-
-
-class MlflowRun:
-    """One command's MLflow run (--mlflow): created when the command starts, fed every new metrics.jsonl row
-    while it runs (a thread reads the file every few seconds: metrics.jsonl stays the one record the trainers
-    write), and at the end the numbers of eval.json / results.json / bench.json, the run's JSON, Markdown and
-    PNG files as artifacts, and its status."""
-
-    def __init__(self, uri: str, cfg, out_dir: str | None):
-        if "://" not in uri and not uri.startswith("file:"):
-            uri = "file:" + os.path.abspath(uri)
-        if uri.startswith("file:"):  # MLflow 3 keeps its local file store behind this switch
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        import mlflow
-        from mlflow.entities import Param
-        self.uri, self.out_dir, self.client, self.offset = uri, out_dir, mlflow.MlflowClient(uri), 0
-        exp = self.client.get_experiment_by_name("refrag")
-        self.rid = self.client.create_run(exp.experiment_id if exp else self.client.create_experiment("refrag"),
-                                          run_name=f"{getattr(cfg, 'stage', None) or cfg.COMMAND} {out_dir}",
-                                          tags={"command": command_line(cfg), "out_dir": out_dir or ""}).info.run_id
-        params = {k: str(v)[:500] for k, v in dataclasses.asdict(cfg).items() if k != "mlflow" and v is not None}
-        self.client.log_batch(self.rid, params=[Param(k, v) for k, v in params.items()])
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.follow, name="mlflow", daemon=True)
-        self.thread.start()
-
-    def log(self, metrics: list):
-        for i in range(0, len(metrics), 1000):
-            self.client.log_batch(self.rid, metrics=metrics[i:i + 1000])
-
-    def sync(self):
-        """The metrics.jsonl rows written since the last call, as step metrics (a cut last line waits)."""
-        from mlflow.entities import Metric
-        path = os.path.join(self.out_dir or "", "metrics.jsonl")
-        if not os.path.isfile(path):
-            return
-        if os.path.getsize(path) < self.offset:  # started again from step 0
-            self.offset = 0
-        with open(path, "rb") as fh:
-            fh.seek(self.offset)
-            data = fh.read()
-        done = data.rfind(b"\n") + 1
-        self.offset += done
-        now, metrics = int(time.time() * 1000), []
-        for line in data[:done].splitlines():
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                row = json.loads(line)
-                metrics += [Metric(k, v, now, int(row["step"])) for k, v in _numbers(row).items() if k != "step"]
-        self.log(metrics)
-
-    def follow(self):
-        while not self.stop.wait(5.0):
-            with contextlib.suppress(Exception):  # a brief outage of the server: the next round catches up
-                self.sync()
-
-    def finish(self, status: str):
-        from mlflow.entities import Metric
-        self.stop.set()
-        self.thread.join()
-        self.sync()
-        files = sorted(os.listdir(self.out_dir)) if self.out_dir and os.path.isdir(self.out_dir) else []
-        now, metrics = int(time.time() * 1000), []
-        for name in ("eval.json", "results.json", "bench.json"):
-            if name in files:
-                with open(os.path.join(self.out_dir, name), encoding="utf-8") as fh:
-                    data = json.load(fh)
-                found = _numbers(data.get("results", data) if isinstance(data, dict) else data)
-                metrics += [Metric(re.sub(r"[^\w./ -]", "_", f"{name[:-5]}.{k}"), v, now, 0) for k, v in found.items()]
-        self.log(metrics)
-        for f in files:
-            if f.endswith((".json", ".md", ".png", ".jsonl")) and f != "rows.jsonl":
-                self.client.log_artifact(self.rid, os.path.join(self.out_dir, f))
-        self.client.set_terminated(self.rid, status)
-        print(f"mlflow: {status.lower()} run {self.rid} logged to {self.uri} (experiment refrag)", file=sys.stderr)
-
-
-@contextlib.contextmanager
-def tracked(cfg):
-    """With --mlflow the command is an MLflow run (MlflowRun), followed live and closed finished or failed;
-    without it nothing happens and MLflow is not imported. Tracking never changes the command's outcome."""
-    uri, out_dir = getattr(cfg, "mlflow", None), getattr(cfg, "out_dir", None) or getattr(cfg, "out", None)
-    run = None
-    if uri:
-        try:
-            run = MlflowRun(uri, cfg, out_dir)
-        except Exception as e:  # an unreachable server, a missing package, ...
-            print(f"warning: --mlflow {uri}: the run is not logged ({type(e).__name__}: {e})", file=sys.stderr)
-    status = "FAILED"
-    try:
-        yield
-        status = "FINISHED"
-    finally:
-        if run is not None:
-            try:
-                run.finish(status)
-            except Exception as e:
-                print(f"warning: --mlflow {uri}: the run was not fully logged ({type(e).__name__}: {e})", file=sys.stderr)
-
-
 def policy_config(path: str | None, flag: str = "--policy") -> dict | None:
     """The config.json of a policy checkpoint, or None when `path` is not one."""
     cfg = os.path.join(path or "", "config.json")
     if not path or not os.path.isfile(cfg):
         return None
-    try:
-        with open(cfg, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except ValueError as e:
-        fail(f"{flag} {cfg}: invalid JSON ({e})")
+    data = read_json(cfg, flag)
     return data if isinstance(data, dict) and data.get("kind") == "refrag_policy" else None
 
 
@@ -944,6 +836,120 @@ class ChainConfig(ModelArgs):
         self.eval_ps = parse_fractions(self.eval_p, "--eval_p")
 
 
+# ---- tracking: --mlflow (an MLflow run fed from metrics.jsonl while the command runs) ----
+
+def _numbers(obj, prefix: str = "") -> dict:
+    """The numbers of a nested JSON result as flat MLflow metric names (a list of result rows is keyed by the
+    row's mode / k / p / selection)."""
+    if isinstance(obj, bool) or obj is None:
+        return {}
+    if isinstance(obj, (int, float)):
+        return {prefix.strip("."): float(obj)} if math.isfinite(obj) else {}
+    if isinstance(obj, list):
+        keyed = lambda x: "_".join(f"{x[key]:g}" if isinstance(x[key], float) else str(x[key]) for key in  # noqa: E731
+                                   ("mode", "k", "p", "selection", "s") if x.get(key) is not None) if isinstance(x, dict) else ""
+        return {k: v for i, x in enumerate(obj) for k, v in _numbers(x, f"{prefix}{keyed(x) or i}.").items()}
+    if isinstance(obj, dict):
+        return {k: v for key, x in obj.items() for k, v in _numbers(x, f"{prefix}{key}.").items()}
+    return {}
+
+
+class MlflowRun:
+    """One command's MLflow run (--mlflow): created when the command starts, fed every new metrics.jsonl row
+    while it runs (a thread reads the file every few seconds: metrics.jsonl stays the one record the trainers
+    write), and at the end the numbers of eval.json / results.json / bench.json, the run's JSON, Markdown and
+    PNG files as artifacts, and its status."""
+
+    def __init__(self, uri: str, cfg, out_dir: str | None):
+        if "://" not in uri and not uri.startswith("file:"):
+            uri = "file:" + os.path.abspath(uri)
+        if uri.startswith("file:"):  # MLflow 3 keeps its local file store behind this switch
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        import mlflow
+        from mlflow.entities import Param
+        self.uri, self.out_dir, self.client, self.offset = uri, out_dir, mlflow.MlflowClient(uri), 0
+        exp = self.client.get_experiment_by_name("refrag")
+        self.rid = self.client.create_run(exp.experiment_id if exp else self.client.create_experiment("refrag"),
+                                          run_name=f"{getattr(cfg, 'stage', None) or cfg.COMMAND} {out_dir}",
+                                          tags={"command": command_line(cfg), "out_dir": out_dir or ""}).info.run_id
+        params = {k: str(v)[:500] for k, v in dataclasses.asdict(cfg).items() if k != "mlflow" and v is not None}
+        self.client.log_batch(self.rid, params=[Param(k, v) for k, v in params.items()])
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.follow, name="mlflow", daemon=True)
+        self.thread.start()
+
+    def log(self, metrics: list):
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.rid, metrics=metrics[i:i + 1000])
+
+    def sync(self):
+        """The metrics.jsonl rows written since the last call, as step metrics (a cut last line waits)."""
+        from mlflow.entities import Metric
+        path = os.path.join(self.out_dir or "", "metrics.jsonl")
+        if not os.path.isfile(path):
+            return
+        if os.path.getsize(path) < self.offset:  # started again from step 0
+            self.offset = 0
+        with open(path, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read()
+        done = data.rfind(b"\n") + 1
+        self.offset += done
+        now, metrics = int(time.time() * 1000), []
+        for line in data[:done].splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                row = json.loads(line)
+                metrics += [Metric(k, v, now, int(row["step"])) for k, v in _numbers(row).items() if k != "step"]
+        self.log(metrics)
+
+    def follow(self):
+        while not self.stop.wait(5.0):
+            with contextlib.suppress(Exception):  # a brief outage of the server: the next round catches up
+                self.sync()
+
+    def finish(self, status: str):
+        from mlflow.entities import Metric
+        self.stop.set()
+        self.thread.join()
+        self.sync()
+        files = sorted(os.listdir(self.out_dir)) if self.out_dir and os.path.isdir(self.out_dir) else []
+        now, metrics = int(time.time() * 1000), []
+        for name in ("eval.json", "results.json", "bench.json"):
+            if name in files:
+                data = read_json(os.path.join(self.out_dir, name), "--mlflow")
+                found = _numbers(data.get("results", data) if isinstance(data, dict) else data)
+                metrics += [Metric(re.sub(r"[^\w./ -]", "_", f"{name[:-5]}.{k}"), v, now, 0) for k, v in found.items()]
+        self.log(metrics)
+        for f in files:
+            if f.endswith((".json", ".md", ".png", ".jsonl")) and f != "rows.jsonl":
+                self.client.log_artifact(self.rid, os.path.join(self.out_dir, f))
+        self.client.set_terminated(self.rid, status)
+        print(f"mlflow: {status.lower()} run {self.rid} logged to {self.uri} (experiment refrag)", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def tracked(cfg):
+    """With --mlflow the command is an MLflow run (MlflowRun), followed live and closed finished or failed;
+    without it nothing happens and MLflow is not imported. Tracking never changes the command's outcome."""
+    uri, out_dir = getattr(cfg, "mlflow", None), getattr(cfg, "out_dir", None) or getattr(cfg, "out", None)
+    run = None
+    if uri:
+        try:
+            run = MlflowRun(uri, cfg, out_dir)
+        except Exception as e:  # an unreachable server, a missing package, ...
+            print(f"warning: --mlflow {uri}: the run is not logged ({type(e).__name__}: {e})", file=sys.stderr)
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    finally:
+        if run is not None:
+            try:
+                run.finish(status)
+            except Exception as e:
+                print(f"warning: --mlflow {uri}: the run was not fully logged ({type(e).__name__}: {e})", file=sys.stderr)
+
+
 # ---- data ----
 
 def read_corpus(path: str, flag: str = "--corpus") -> list[str]:
@@ -1286,11 +1292,7 @@ def read_checkpoint_config(load_dir: str, k: int | None, flag: str = "--load_dir
     cfg_path = os.path.join(load_dir, "config.json")
     if not os.path.isfile(cfg_path):
         fail(f"{flag} {load_dir}: not a refrag checkpoint (no config.json)")
-    try:
-        with open(cfg_path, encoding="utf-8") as fh:
-            cfg = json.load(fh)
-    except ValueError as e:
-        fail(f"{flag} {cfg_path}: invalid JSON ({e})")
+    cfg = read_json(cfg_path, flag)
     if not isinstance(cfg, dict) or cfg.get("kind") == "refrag_policy":
         fail(f"{flag} {load_dir}: a policy checkpoint, not a refrag one; pass it as --policy")
     if k is not None and cfg.get("k") is not None and int(cfg["k"]) != k:
@@ -1561,16 +1563,6 @@ def build_faiss(n: int, d: int, index_type: str, vectors, train: np.ndarray):
     return index, index_type
 
 
-def peak_rss_mb() -> float | None:
-    """This process's peak resident memory (MB), where the OS reports it."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(kb / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
-
-
 def index_shard(texts: list[str], cfg: IndexConfig, models: dict) -> dict:
     """One shard's arrays: retrieval vectors, decoder tokens, per k the fp16 chunk embeddings (and their
     perplexities), all numpy (saved as one .npz, loaded without pickle)."""
@@ -1625,14 +1617,14 @@ def build_shards(cfg: IndexConfig, passages: list[str], models: dict, stage: str
     return paths
 
 
-def concat_shards(paths: list[str], name: str, out_path: str | None = None, dtype=None) -> np.ndarray:
+def concat_shards(paths: list[str], name: str, out_path: str | None = None) -> np.ndarray:
     """One array of every shard's `name`, written straight into a .npy at out_path (memory-mapped) when given."""
     shapes = []
     for p in paths:
         with np.load(p, allow_pickle=False) as z:
             shapes.append((z[name].shape, z[name].dtype))
     n = sum(s[0][0] for s in shapes)
-    shape, dt = (n, *shapes[0][0][1:]), dtype or shapes[0][1]
+    shape, dt = (n, *shapes[0][0][1:]), shapes[0][1]
     out = np.lib.format.open_memmap(out_path, mode="w+", dtype=dt, shape=shape) if out_path else np.empty(shape, dt)
     i = 0
     for p, (s, _) in zip(paths, shapes):
@@ -1787,6 +1779,15 @@ def cmd_index(cfg: IndexConfig):
           f"{meta['build']['peak_rss_mb']} MB)")
 
 
+def index_meta(index_dir: str) -> dict:
+    """An index directory's meta.json, or {} when there is none or it does not parse (the loader says why)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(index_dir, "meta.json"), encoding="utf-8") as fh:
+            meta = json.load(fh)
+            return meta if isinstance(meta, dict) else {}
+    return {}
+
+
 class PassageIndex:
     """A loaded index directory: FAISS, passage texts, decoder token ids, cached chunk embeddings (an index
     built with --store qdrant opens as a QdrantIndex, the same interface)."""
@@ -1794,11 +1795,8 @@ class PassageIndex:
     STORES: ClassVar[dict] = {}  # meta.json "store" -> the class that reads it (QdrantIndex registers itself)
 
     def __new__(cls, index_dir: str):
-        meta = os.path.join(index_dir, "meta.json")
-        if cls is PassageIndex and os.path.isfile(meta):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                with open(meta, encoding="utf-8") as fh:
-                    cls = PassageIndex.STORES.get(json.load(fh).get("store"), cls)
+        if cls is PassageIndex:
+            cls = PassageIndex.STORES.get(index_meta(index_dir).get("store"), cls)
         return super().__new__(cls)
 
     def __init__(self, index_dir: str):
@@ -2116,7 +2114,8 @@ def retrieve_context(question: str, cfg: GenerateConfig, models: Models, index: 
     prefix, sep, suffix = prompt_pieces(tok, question)
     ranked, scores, used, q, all_ids = [], [], [], None, []
     if cfg.mode != "none":
-        q = models.retriever.embed_texts([question], normalize=True)
+        if passages is None or getattr(models.policy, "query", False):  # the caller's passages need no search
+            q = models.retriever.embed_texts([question], normalize=True)
         if passages is None:
             ranked, scores = index.search(q.numpy(), cfg.topk)
             used = index.fit(ranked, cfg.ctx_max)
@@ -3528,16 +3527,14 @@ def index_questions(index: PassageIndex, n: int, seed: int, below: int | None = 
 def build_index_process(cfg: BenchIndexConfig, corpus: str, index_dir: str) -> dict:
     """`refrag.py index` in a process of its own (its peak RSS is its own), unless it is already built."""
     import subprocess
-    meta = os.path.join(index_dir, "meta.json")
-    if not (cfg.reuse and os.path.isfile(meta)):
+    if not (cfg.reuse and index_meta(index_dir)):
         argv = [sys.executable, os.path.abspath(__file__), "index", "--corpus", corpus, "--index_dir", index_dir,
                 "--k", str(cfg.k), "--embed_model", cfg.embed_model or MINILM_ID, "--enc", cfg.enc or MINILM_ID,
                 "--dec", cfg.dec or DEFAULT_DEC, "--device", cfg.device, "--dtype", cfg.dtype]
         print("bench_index: " + shlex.join(argv[1:]), flush=True)
         if subprocess.run(argv).returncode != 0:
             fail(f"bench_index: building {index_dir} failed (its error is above)")
-    with open(meta, encoding="utf-8") as fh:
-        m = json.load(fh)
+    m = read_json(os.path.join(index_dir, "meta.json"), "bench_index")
     size = sum(os.path.getsize(os.path.join(index_dir, f)) for f in os.listdir(index_dir))
     return {"n_passages": m["n_passages"], **m["build"], "bytes_on_disk": size, "index_type": m["index_type"]}
 
@@ -3728,14 +3725,6 @@ def chain_examples(a: ChainConfig) -> list[dict]:
 STAGE_FUNCS = {IndexConfig: cmd_index, TrainConfig: cmd_train, PolicyConfig: cmd_train_policy, EvalConfig: cmd_evaluate}
 
 
-def index_is_current(index_dir: str) -> bool:
-    meta = os.path.join(index_dir, "meta.json")
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        with open(meta, encoding="utf-8") as fh:
-            return json.load(fh).get("format") == INDEX_FORMAT
-    return False
-
-
 def cmd_chain(args: ChainConfig):
     """Run the stages one after another in this process, timing each; chain.json (rewritten after
     every stage) records each stage's command and seconds, so --resume skips what is done."""
@@ -3751,7 +3740,7 @@ def cmd_chain(args: ChainConfig):
     stages, rerun = chain_stages(args), False
     for i, (name, cfg) in enumerate(stages, 1):
         command, prev = command_line(cfg), done.get(name)
-        if prev and isinstance(cfg, IndexConfig) and not index_is_current(cfg.index_dir):
+        if prev and isinstance(cfg, IndexConfig) and index_meta(cfg.index_dir).get("format") != INDEX_FORMAT:
             prev = None  # built by an older refrag (another index format), or gone: build it again
         if not rerun and prev and prev.get("command") == command:
             print(f"chain: [{i}/{len(stages)}] {name} done earlier ({prev['seconds']:.0f}s), skipped", flush=True)
@@ -4017,7 +4006,7 @@ class Jobs:
                                "flags." + bad[0])
         values = {n: self.value(cls, n, v) for n, v in flags.items() if v not in (None, "")}
         out = os.path.join(self.runs_dir, values.get(out_flag) or os.path.join("jobs", job_id))
-        inside(self.runs_dir, os.path.relpath(os.path.abspath(out), os.path.abspath(self.runs_dir)))
+        inside(self.runs_dir, os.path.abspath(out))
         if os.path.isdir(out) and os.listdir(out) and not values.get("resume"):
             raise RequestError(f"flags.{out_flag}: {out} exists; name a new directory", "flags." + out_flag, 409)
         try:
