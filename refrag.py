@@ -1131,7 +1131,7 @@ def _converted_gguf(path: str, size: int, mtime: float) -> str:
     digest = sha256_file(path)
     out = os.path.join(decoder_cache_root(), "decoders", f"{os.path.basename(path)[:-5]}-{digest[:12]}")
     info = os.path.join(out, "refrag_gguf.json")
-    if os.path.isfile(info):
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # absent or damaged: converted again
         with open(info, encoding="utf-8") as fh:
             if json.load(fh).get("gguf_sha256") == digest:
                 return out
@@ -1321,8 +1321,9 @@ def load_encoder(name: str, flag: str = "--enc") -> ChunkEncoder:
     """An encoder by HF id / directory, or the trained encoder of a refrag checkpoint directory."""
     cfg_path = os.path.join(name, "config.json")
     if os.path.isdir(name) and os.path.isfile(os.path.join(name, "encoder.safetensors")) and os.path.isfile(cfg_path):
-        with open(cfg_path, encoding="utf-8") as fh:
-            cfg = json.load(fh)
+        cfg = read_json(cfg_path, flag)
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("enc"), str):
+            fail(f"{flag} {name}: {cfg_path} names no encoder (not a refrag checkpoint's config)")
         enc = ChunkEncoder(cfg["enc"], flag)
         load_state_strict(enc.model, os.path.join(name, "encoder.safetensors"), flag)
         enc.name = name  # enc.base stays the HF encoder the checkpoint was trained from
@@ -3672,10 +3673,7 @@ def chain_summary(a: ChainConfig, done: dict) -> dict:
     """The headline numbers of a finished chain, read back from what its stages wrote."""
     def load(*parts):
         path = os.path.join(a.out_dir, *parts)
-        if not os.path.isfile(path):
-            return None
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        return read_json(path, "--out_dir") if os.path.isfile(path) else None
     out = {}
     recon, nxt = load("cpt_recon", "eval.json"), load("cpt_next", "eval.json")
     if recon:
@@ -3732,8 +3730,10 @@ def cmd_chain(args: ChainConfig):
     path = os.path.join(args.out_dir, "chain.json")
     done = {}
     if args.resume and os.path.isfile(path):
-        with open(path, encoding="utf-8") as fh:
-            done = json.load(fh).get("stages", {})
+        done = read_json(path, "--resume")
+        if not isinstance(done, dict) or not isinstance(done.get("stages", {}), dict):
+            fail(f"--resume: {path} is not a chain record (damaged); move it away to start the chain again")
+        done = done.get("stages", {})
     record = {"command": command_line(args), "preset": args.preset, "device": device_name(resolve_device(args.device)),
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "stages": {}}
     # once a stage runs, every later one runs too, from scratch (only the first may resume its own checkpoint)

@@ -278,6 +278,8 @@ def bad_inputs():
         (lambda f: ["serve", "--port", "0"], "--port 0"),
         (lambda f: ["chain", "--preset", "huge"], "argument --preset"),
         (lambda f: ["generate", "--question", "q?", "--no_such_flag"], "unrecognized arguments"),
+        (lambda f: ["index", "--enc", f["bad_ckpt"], "--dec", f["dec"], "--index_dir", f["out"]], "bad_ckpt/config.json"),
+        (lambda f: ["chain", "--resume", "--dec", f["dec"], "--out_dir", f["bad_chain"]], "chain.json"),
     ]
 
 
@@ -290,6 +292,11 @@ def bad_files(tmp_path_factory, tiny_index, tiny_dec_dir, checkpoint, tok):
     (d / "latin1.txt").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     (d / "bad_line3.jsonl").write_text('{"question": "a?", "answers": ["b"]}\n{"question": "c?", "answers": ["d"]}\n{oops\n')
     (d / "no_answers.jsonl").write_text('{"question": "a?", "answers": []}\n')
+    import shutil
+    shutil.copytree(checkpoint, d / "bad_ckpt")
+    damage(d / "bad_ckpt" / "config.json", "truncate")
+    (d / "bad_chain").mkdir()
+    (d / "bad_chain" / "chain.json").write_text('{"stages": {"index": {"seco')
     other = d / "other_dec"
     save_decoder(tiny_llama(tok, seed=5, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=4, num_key_value_heads=2), tok, str(other))
@@ -299,7 +306,7 @@ def bad_files(tmp_path_factory, tiny_index, tiny_dec_dir, checkpoint, tok):
     save_decoder(tiny_llama(tok, seed=6, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=4, num_key_value_heads=2), gpt_tok, str(other_tok))
     return {"missing": d / "missing.txt", "out": d / "out", "dec": tiny_dec_dir, "index": tiny_index, "ckpt": checkpoint,
-            "other_dec": other, "other_tok_dec": other_tok,
+            "other_dec": other, "other_tok_dec": other_tok, "bad_ckpt": d / "bad_ckpt", "bad_chain": d / "bad_chain",
             "gen": ["generate", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--max_new", "2"],
             **{n: d / f for n, f in (("empty", "empty.txt"), ("blank_line", "blank_line.txt"), ("latin1", "latin1.txt"),
                                      ("bad_line3", "bad_line3.jsonl"), ("no_answers", "no_answers.jsonl"))}}
