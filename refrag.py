@@ -1797,20 +1797,26 @@ class PassageIndex:
 
     def __new__(cls, index_dir: str):
         if cls is PassageIndex:
+            recover_dir(index_dir)  # before the store is read from meta.json
             cls = PassageIndex.STORES.get(index_meta(index_dir).get("store"), cls)
         return super().__new__(cls)
 
-    def __init__(self, index_dir: str):
-        import faiss
+    @staticmethod
+    def open_meta(index_dir: str) -> dict:
+        """meta.json of an index of this refrag's format (either store), after an interrupted swap is put back."""
         recover_dir(index_dir)
         meta_path = os.path.join(index_dir, "meta.json")
         if not os.path.isfile(meta_path):
             fail(f"--index_dir {index_dir}: no index there (meta.json missing); run `refrag.py index` first")
-        self.meta = read_json(meta_path, "--index_dir")
-        if not isinstance(self.meta, dict) or self.meta.get("format") != INDEX_FORMAT:
-            fail(f"--index_dir {index_dir}: index format {self.meta.get('format') if isinstance(self.meta, dict) else '?'} "
+        meta = read_json(meta_path, "--index_dir")
+        if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+            fail(f"--index_dir {index_dir}: index format {meta.get('format') if isinstance(meta, dict) else '?'} "
                  f"is not {INDEX_FORMAT}; rebuild it")
-        self.dir = index_dir
+        return meta
+
+    def __init__(self, index_dir: str):
+        import faiss
+        self.dir, self.meta = index_dir, self.open_meta(index_dir)
         try:
             self.faiss = faiss.read_index(os.path.join(index_dir, "faiss.index"))
         except (RuntimeError, OSError) as e:
@@ -1842,7 +1848,6 @@ class PassageIndex:
         if not (len(self.texts) == n == self.faiss.ntotal == len(self.tok_offsets) - 1):
             fail(f"--index_dir {index_dir}: counts do not match meta.json (corrupt or half-written index)")
 
-
     def retriever(self, embed_model: str | None) -> str:
         """The retrieval model questions are embedded with: the index's own; --embed_model may only name it
         (the passages were embedded with it, so another model's question vectors would not match)."""
@@ -1852,6 +1857,7 @@ class PassageIndex:
             fail(f"--embed_model {embed_model}: the index in {self.dir} was built with {built}; "
                  f"rebuild it with `refrag.py index --embed_model {embed_model}` or drop the flag")
         return built
+
     def search(self, q: np.ndarray, topk: int) -> tuple[list[int], list[float]]:
         scores, ids = self.faiss.search(q.astype(np.float32), min(topk, self.faiss.ntotal))
         keep = ids[0] >= 0
@@ -1860,12 +1866,19 @@ class PassageIndex:
     def fit(self, ranked: list[int], ctx_max: int) -> list[int]:
         return fit_passages(ranked, [int(self.tok_offsets[i + 1] - self.tok_offsets[i]) for i in ranked], ctx_max)
 
-    def passage_ids(self, i: int) -> np.ndarray:
-        return self.tokens[self.tok_offsets[i]:self.tok_offsets[i + 1]]
+    # the passage accessors take a list of passage ids and answer per passage, so that a store behind a
+    # network (Qdrant) makes one round trip for all of a request's passages
+    def passage_texts(self, ids: list[int]) -> list[str]:
+        return [self.texts[i] for i in ids]
 
-    def cached_chunks(self, i: int, k: int) -> np.ndarray:
+    def passage_ids(self, ids: list[int]) -> list[np.ndarray]:
+        """Per passage, its decoder token ids."""
+        return [self.tokens[self.tok_offsets[i]:self.tok_offsets[i + 1]] for i in ids]
+
+    def cached_chunks(self, ids: list[int], k: int) -> list[np.ndarray]:
+        """Per passage, its cached chunk embeddings (n_chunks, d_enc)."""
         emb, off = self.caches[k]
-        return emb[off[i]:off[i + 1]]  # (n_chunks, d_enc)
+        return [emb[off[i]:off[i + 1]] for i in ids]
 
     def ppl_status(self, models: Models, k: int) -> str:
         """'hit' when chunk perplexities for k were cached at indexing time by this decoder."""
@@ -1876,9 +1889,10 @@ class PassageIndex:
             return f"miss (cached by decoder {pc['dec']} [{pc['dec_fingerprint']}], loaded [{models.dec_fingerprint}])"
         return "hit"
 
-    def cached_ppl(self, i: int, k: int) -> np.ndarray:
+    def cached_ppl(self, ids: list[int], k: int) -> list[np.ndarray]:
+        """Per passage, its cached chunk perplexities (n_chunks,)."""
         off = self.caches[k][1]
-        return self.ppl[k][off[i]:off[i + 1]]  # (n_chunks,)
+        return [self.ppl[k][off[i]:off[i + 1]] for i in ids]
 
     def cache_status(self, models: Models, k: int, use_cache: bool) -> str:
         """'hit' when the cached chunk embeddings match this encoder and k, else why not."""
@@ -1897,48 +1911,56 @@ class QdrantIndex(PassageIndex):
     same interface as the FAISS one. Only the offsets (a few bytes per passage) are kept beside meta.json."""
 
     def __init__(self, index_dir: str):
-        self.dir, self.meta = index_dir, read_json(os.path.join(index_dir, "meta.json"), "--index_dir")
+        self.dir, self.meta = index_dir, self.open_meta(index_dir)
         self.client = qdrant_client(self.meta["qdrant"], index_dir)
         self.name = self.meta["qdrant"]["collection"]
         self.tok_offsets = read_npy(os.path.join(index_dir, "passage_offsets.npy"), "--index_dir")
         self.caches = {int(k): (None, read_npy(os.path.join(index_dir, f"chunk_offsets_k{k}.npy"), "--index_dir"))
                        for k in self.meta["chunk_cache"]["n_chunks"]}
         self.ppl = {int(k): None for k in (self.meta.get("ppl_cache") or {}).get("ks", [])}
-        self._texts, self._payload = None, {}
+        self._texts = None
         if self.client.count(self.name).count != self.meta["n_passages"]:
             fail(f"--index_dir {index_dir}: Qdrant collection {self.name} does not hold the index's "
                  f"{self.meta['n_passages']} passages (rebuilt elsewhere or half-written); rebuild it")
 
     @property
     def texts(self) -> list[str]:
+        """Every passage's text, fetched once, 1,000 per round trip (requests use passage_texts)."""
         if self._texts is None:
-            self._texts = [self.payload(i)["text"] for i in range(self.meta["n_passages"])]
+            n = self.meta["n_passages"]
+            self._texts = [t for s in range(0, n, 1000) for t in self.passage_texts(list(range(s, min(n, s + 1000))))]
         return self._texts
 
-    def payload(self, i: int) -> dict:
-        if i not in self._payload:
-            for r in self.client.retrieve(self.name, [i], with_payload=True):
-                self._payload[int(r.id)] = r.payload
-        return self._payload[i]
+    def payloads(self, ids: list[int]) -> list[dict]:
+        """The passages' payloads (text, decoder tokens) in one round trip."""
+        got = {int(r.id): r.payload for r in self.client.retrieve(self.name, [int(i) for i in ids], with_payload=True)} \
+            if len(ids) else {}
+        return [got[int(i)] for i in ids]
+
+    def passage_texts(self, ids: list[int]) -> list[str]:
+        return [p["text"] for p in self.payloads(ids)]
 
     def search(self, q: np.ndarray, topk: int) -> tuple[list[int], list[float]]:
         hits = self.client.query_points(self.name, query=q[0].astype(np.float32).tolist(), limit=topk).points
         return [int(h.id) for h in hits], [float(h.score) for h in hits]
 
-    def passage_ids(self, i: int) -> np.ndarray:
-        return np.asarray(self.payload(i)["tokens"], dtype=np.int32)
+    def passage_ids(self, ids: list[int]) -> list[np.ndarray]:
+        return [np.asarray(p["tokens"], dtype=np.int32) for p in self.payloads(ids)]
 
-    def chunk_points(self, i: int, k: int, vectors: bool):
+    def chunk_points(self, ids: list[int], k: int, vectors: bool) -> list[list]:
+        """Per passage, its chunk points in order, all in one round trip."""
         off = self.caches[k][1]
-        ids = list(range(int(off[i]), int(off[i + 1])))
-        return sorted(self.client.retrieve(f"{self.name}_chunks_k{k}", ids, with_vectors=vectors, with_payload=not vectors),
-                      key=lambda r: r.id)
+        spans = [range(int(off[i]), int(off[i + 1])) for i in ids]
+        wanted = [j for span in spans for j in span]
+        got = {int(r.id): r for r in self.client.retrieve(f"{self.name}_chunks_k{k}", wanted, with_vectors=vectors,
+                                                          with_payload=not vectors)} if wanted else {}
+        return [[got[j] for j in span] for span in spans]
 
-    def cached_chunks(self, i: int, k: int) -> np.ndarray:
-        return np.asarray([r.vector for r in self.chunk_points(i, k, True)], dtype=np.float16)  # (n_chunks, d_enc)
+    def cached_chunks(self, ids: list[int], k: int) -> list[np.ndarray]:
+        return [np.asarray([r.vector for r in pts], dtype=np.float16) for pts in self.chunk_points(ids, k, True)]
 
-    def cached_ppl(self, i: int, k: int) -> np.ndarray:
-        return np.asarray([r.payload["ppl"] for r in self.chunk_points(i, k, False)], dtype=np.float32)
+    def cached_ppl(self, ids: list[int], k: int) -> list[np.ndarray]:
+        return [np.asarray([r.payload["ppl"] for r in pts], dtype=np.float32) for pts in self.chunk_points(ids, k, False)]
 
 
 PassageIndex.STORES["qdrant"] = QdrantIndex
@@ -2124,7 +2146,7 @@ def retrieve_context(question: str, cfg: GenerateConfig, models: Models, index: 
             all_ids = [encode_text(tok, text) for text in passages]
             ranked = list(range(len(passages)))
             used = fit_passages(ranked, [len(x) for x in all_ids], cfg.ctx_max)
-    passages_ids = [all_ids[i] if passages is not None else index.passage_ids(i) for i in used]
+    passages_ids = [all_ids[i] for i in used] if passages is not None else index.passage_ids(used)
     marks["retrieve"] = clock(dev)
     ctx = RetrievedContext(prefix, sep, suffix, used, ranked, scores, passages_ids,
                            [split_chunks(x, cfg.k) for x in passages_ids], None, q[0] if q is not None else None,
@@ -2135,7 +2157,7 @@ def retrieve_context(question: str, cfg: GenerateConfig, models: Models, index: 
     elif cfg.mode == "refrag" and used:
         ctx.cache = index.cache_status(models, cfg.k, cfg.use_cache)
         if ctx.cache == "hit":
-            ctx.chunk_embs = [torch.from_numpy(np.array(index.cached_chunks(i, cfg.k))) for i in used]
+            ctx.chunk_embs = [torch.from_numpy(np.array(e)) for e in index.cached_chunks(used, cfg.k)]
         else:
             ctx.chunk_embs = encode_chunks(models.encoder, tok, passages_ids, cfg.k)
     marks["encode"] = clock(dev)
@@ -2147,7 +2169,7 @@ def context_perplexities(ctx: RetrievedContext, models: Models, index: PassageIn
     decoder and k, else one batched decoder pass; and where they came from."""
     status = index.ppl_status(models, k) if ctx.source == "index" and ctx.used else "miss (not index passages)"
     if status == "hit":
-        return torch.cat([torch.from_numpy(np.array(index.cached_ppl(i, k))) for i in ctx.used]), status
+        return torch.cat([torch.from_numpy(np.array(x)) for x in index.cached_ppl(ctx.used, k)]), status
     return torch.cat(chunk_perplexities(models.decoder, ctx.passages_ids, k, models.device, models.tok.pad_token_id)), status
 
 
@@ -2417,8 +2439,9 @@ class RefragPipeline:
         (one embedding each; every chunk is raw in full mode)."""
         expanded, n, out = set(rec["expanded"]), 0, []
         tok = self.models.tok
-        for i in rec["passages_used"]:
-            ids = list(encode_text(tok, passages[i]) if passages is not None else self.index.passage_ids(i))
+        used = rec["passages_used"]
+        ids_of = [encode_text(tok, passages[i]) for i in used] if passages is not None else self.index.passage_ids(used)
+        for i, ids in zip(used, map(list, ids_of)):
             # each chunk's text as the difference of prefix decodes: a character split across two chunks
             # (byte-level BPE) is shown whole, in the chunk that completes it
             ends = list(range(rec["k"], len(ids), rec["k"])) + [len(ids)]
@@ -2851,8 +2874,8 @@ def finetune_batches(cfg: TrainConfig, tok, device, acc):
     retriever = ChunkEncoder(index.meta["embed_model"], "--embed_model").to(device).eval()
     q_emb = retriever.embed_texts([r["question"] for r in qa], normalize=True,
                                   desc="retrieve" if acc.is_main_process else None).numpy()
-    contexts = [[index.passage_ids(i).tolist() for i in index.fit(index.search(q_emb[qi:qi + 1], cfg.topk)[0],
-                                                                  cfg.ctx_max)] for qi in range(len(qa))]
+    contexts = [[x.tolist() for x in index.passage_ids(index.fit(index.search(q_emb[qi:qi + 1], cfg.topk)[0], cfg.ctx_max))]
+                for qi in range(len(qa))]
     del retriever
 
     def make_step_batch(step, micro):
@@ -3273,7 +3296,7 @@ def score_row(r: dict, c: dict, cfg: GenerateConfig, models: Models, index: Pass
     """One QA record under one configuration: the generated answer, its metrics, the gold answer's
     log-perplexity after the same prompt, and the timing."""
     g = run_generation(r["question"], cfg, models, index, target=answer_ids(models.tok, r["answers"][0]))
-    holds = any(a in index.texts[i] for i in g["passages_used"] for a in r["answers"])
+    holds = any(a in text for text in index.passage_texts(g["passages_used"]) for a in r["answers"])
     return {"answer": g["answer"], "gold": r["answers"], "em": exact_match(g["answer"], r["answers"]),
             "f1": token_f1(g["answer"], r["answers"]), "chrf": chrf(g["answer"], r["answers"]),
             "answer_logppl": g["target_nll"], "ttft_s": g["ttft_s"], "select_s": g["ttft_breakdown"]["select_s"],
@@ -3521,8 +3544,8 @@ def cmd_bench(args: BenchConfig):
 def index_questions(index: PassageIndex, n: int, seed: int, below: int | None = None) -> list[str]:
     """n questions about random passages (the entity each passage opens with), from the first `below`."""
     rng = random.Random(seed)
-    return [f"What is known about {index.texts[i].split(' ', 1)[0]}?" for i in
-            (rng.randrange(below or len(index.texts)) for _ in range(n))]
+    ids = [rng.randrange(below or index.meta["n_passages"]) for _ in range(n)]
+    return [f"What is known about {text.split(' ', 1)[0]}?" for text in index.passage_texts(ids)]
 
 
 def build_index_process(cfg: BenchIndexConfig, corpus: str, index_dir: str) -> dict:

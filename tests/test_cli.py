@@ -25,16 +25,17 @@ def test_index_writes_cache_and_metadata(tiny_index, tiny_dec_dir, passages, tok
     idx = refrag.PassageIndex(tiny_index)
     assert idx.texts == passages
     ids0 = refrag.encode_text(tok, passages[0])
-    assert idx.passage_ids(0).tolist() == ids0
-    assert idx.cached_chunks(0, 16).shape == (len(refrag.split_chunks(ids0, 16)), 384)
+    assert idx.passage_ids([0])[0].tolist() == ids0
+    assert idx.passage_texts([2, 0]) == [passages[2], passages[0]]
+    assert idx.cached_chunks([0], 16)[0].shape == (len(refrag.split_chunks(ids0, 16)), 384)
     assert cc["n_chunks"]["16"] == sum(-(-len(refrag.encode_text(tok, p)) // 16) for p in passages)
     # the cache holds what the encoder computes for those chunks (in the dtype it ran in), stored as fp16
-    assert cc["dtype"] == "float16" and idx.cached_chunks(0, 16).dtype == np.float16
+    assert cc["dtype"] == "float16" and idx.cached_chunks([0], 16)[0].dtype == np.float16
     dtype = getattr(torch, cc["computed_in"])
     enc = refrag.ChunkEncoder(refrag.MINILM_ID).to(dtype=dtype).eval()
     with torch.no_grad():
         fresh = refrag.encode_chunks(enc, tok, [ids0], 16)[0]
-    cached = torch.from_numpy(np.array(idx.cached_chunks(0, 16))).float()
+    cached = torch.from_numpy(np.array(idx.cached_chunks([0], 16)[0])).float()
     assert torch.nn.functional.cosine_similarity(cached, fresh.float()).min() > 0.999
     assert (cached - fresh.float()).abs().max() < (2e-2 if dtype == torch.bfloat16 else 2e-3)
     for name in os.listdir(tiny_index):
@@ -61,7 +62,7 @@ def test_generate_modes_report_honest_timing(tiny_index, tiny_dec_dir, passages)
         assert rec["generated_tokens"] >= 1 and rec["throughput_tok_s"] > 0
         assert rec["total_s"] >= rec["ttft_s"]
     assert full["passages_used"] == ref["passages_used"] and full["context_tokens"] == ref["context_tokens"]
-    n_chunks = sum(-(-len(refrag.PassageIndex(tiny_index).passage_ids(i)) // 16) for i in ref["passages_used"])
+    n_chunks = sum(-(-len(x) // 16) for x in refrag.PassageIndex(tiny_index).passage_ids(ref["passages_used"]))
     assert ref["n_chunks"] == n_chunks and len(ref["expanded"]) == round(0.25 * n_chunks)
     # prompt positions: each compressed chunk is one position, each expanded chunk its tokens
     assert ref["prompt_positions"] < full["prompt_positions"]
@@ -76,8 +77,8 @@ def test_first_token_comes_from_prefill_and_greedy_matches_uncached_decoding(tin
     idx = refrag.PassageIndex(tiny_index)
     prefix, sep, suffix = refrag.prompt_pieces(tok, "Who led Event_314?")
     ids = list(prefix)
-    for j, i in enumerate(rec["passages_used"]):
-        ids += (sep if j else []) + idx.passage_ids(i).tolist()
+    for j, x in enumerate(idx.passage_ids(rec["passages_used"])):
+        ids += (sep if j else []) + x.tolist()
     ids += suffix
     dec = refrag.load_decoder(tiny_dec_dir, torch.device("cpu"), torch.float32)
     gen = []

@@ -137,8 +137,8 @@ def test_index_caches_chunk_perplexities_used_by_the_heuristic(tmp_path, tiny_de
     assert cached["expanded"] == fresh["expanded"] and cached["answer"] == fresh["answer"]
     index = refrag.PassageIndex(str(idx))
     dec = refrag.load_decoder(tiny_dec_dir, torch.device("cpu"), torch.float32)
-    direct = refrag.chunk_perplexities(dec, [index.passage_ids(3)], 8, torch.device("cpu"), 0)[0]
-    assert torch.allclose(torch.from_numpy(index.cached_ppl(3, 8).copy()), direct, atol=1e-5)
+    direct = refrag.chunk_perplexities(dec, index.passage_ids([3]), 8, torch.device("cpu"), 0)[0]
+    assert torch.allclose(torch.from_numpy(index.cached_ppl([3], 8)[0].copy()), direct, atol=1e-5)
 
 
 def qa_rows(small_corpus, path, n=6):

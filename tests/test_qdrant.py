@@ -2,6 +2,7 @@
 as the FAISS store on the small corpus, through generate, evaluate and train_policy."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -26,12 +27,16 @@ def test_qdrant_store_holds_what_faiss_holds(stores):
     f, q = refrag.PassageIndex(str(stores[0])), refrag.PassageIndex(str(stores[1]))
     assert type(q) is refrag.QdrantIndex and q.meta["store"] == "qdrant" and os.path.isdir(stores[1] / "qdrant")
     assert not (stores[1] / "faiss.index").exists() and not (stores[1] / "chunk_emb_k16.npy").exists()
-    assert q.texts == f.texts
-    for i in (0, 7, 39):
-        np.testing.assert_array_equal(q.passage_ids(i), f.passage_ids(i))
-        for k in (8, 16):
-            np.testing.assert_array_equal(q.cached_chunks(i, k), f.cached_chunks(i, k))
-            np.testing.assert_allclose(q.cached_ppl(i, k), f.cached_ppl(i, k), rtol=1e-6)
+    assert q.texts == f.texts and q.passage_texts([39, 0]) == f.passage_texts([39, 0])
+    ids = [7, 0, 39]
+    for a, b in zip(q.passage_ids(ids), f.passage_ids(ids), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for k in (8, 16):
+        for a, b in zip(q.cached_chunks(ids, k), f.cached_chunks(ids, k), strict=True):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(q.cached_ppl(ids, k), f.cached_ppl(ids, k), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert q.passage_ids([]) == q.cached_chunks([], 16) == []
 
 
 def gen(index, dec, q, *extra):
@@ -49,6 +54,41 @@ def test_generate_answers_the_same_on_either_store(stores, tiny_dec_dir, mode):
         assert a["answer"] == b["answer"] and a["expanded"] == b["expanded"] and a["chunk_cache"] == b["chunk_cache"]
         if "ppl_desc" in mode:
             assert a["ppl_cache"] == b["ppl_cache"] == "hit"
+
+
+def test_a_request_fetches_all_its_passages_in_one_round_trip_per_lookup(stores, tiny_dec_dir, tmp_path, monkeypatch):
+    """On a server every retrieve call is a network round trip: a request fetches its passages' tokens,
+    chunk vectors and perplexities in one call each (not one per passage), and evaluate's answer-in-context
+    check fetches the passages used, not the whole collection."""
+    from qdrant_client import QdrantClient
+    calls, real = [], QdrantClient.retrieve
+    monkeypatch.setattr(QdrantClient, "retrieve", lambda self, name, ids, **kw: calls.append(len(ids)) or
+                        real(self, name, ids, **kw))
+    rec = gen(stores[1], tiny_dec_dir, "Who led Event_314?", "--mode", "refrag", "--p", "0.5", "--heuristic",
+              "ppl_desc", "--topk", 4)
+    assert rec["ppl_cache"] == "hit" and len(rec["passages_used"]) >= 2
+    assert len(calls) == 3 * (1 + rec["warmup_runs"])  # tokens, chunk vectors, perplexities; per run
+    n = json.load(open(stores[1] / "meta.json"))["n_passages"]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"id": "q1", "question": "Who led Event_314?", "answers": ["x"]}) + "\n")
+    calls.clear()
+    code, out, err = run_cli("evaluate", "--eval_json", qa, "--index_dir", stores[1], "--dec", tiny_dec_dir,
+                             "--modes", "refrag", "--k", 16, "--p", "0", "--max_new", 2, "--out", tmp_path / "ev")
+    assert code == 0, err
+    # warm-up and question: tokens, chunk vectors; then the texts of the question's passages only
+    assert len(calls) == 5 and calls[4] == calls[0] < n
+
+
+@pytest.mark.parametrize("store", [0, 1], ids=["faiss", "qdrant"])
+def test_either_store_puts_back_an_interrupted_swap_and_refuses_another_format(stores, tiny_dec_dir, tmp_path, store):
+    d = tmp_path / "index"
+    shutil.copytree(stores[store], str(d) + ".old")  # killed between atomic_dir's two renames
+    assert type(refrag.PassageIndex(str(d))).__name__ == ("PassageIndex", "QdrantIndex")[store] and d.is_dir()
+    meta = json.load(open(d / "meta.json"))
+    (d / "meta.json").write_text(json.dumps(dict(meta, format=meta["format"] - 1)))
+    code, out, err = run_cli("generate", "--index_dir", d, "--dec", tiny_dec_dir, "--question", "Who led Event_314?")
+    assert code == 2 and err.strip() == f"error: --index_dir {d}: index format {meta['format'] - 1} is not " \
+        f"{meta['format']}; rebuild it"
 
 
 def test_evaluate_and_train_policy_run_on_qdrant(stores, tiny_dec_dir, small_corpus, tmp_path):
