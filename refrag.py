@@ -254,6 +254,16 @@ def read_json(path: str, flag: str):
         fail(f"{flag} {path}: invalid JSON (truncated or corrupt: {e})")
 
 
+def json_or_empty(path: str) -> dict:
+    """A JSON object refrag wrote for itself (a record or cache key), or {} when it is absent, damaged or not
+    an object: the caller then redoes the work it records."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(path, encoding="utf-8") as fh:
+            obj = json.load(fh)
+            return obj if isinstance(obj, dict) else {}
+    return {}
+
+
 def read_safetensors(path: str, flag: str) -> dict:
     """A safetensors file's tensors (never a pickle); a missing or damaged file names itself."""
     from safetensors.torch import load_file
@@ -1059,10 +1069,12 @@ def split_chunks(ids: list[int] | np.ndarray, k: int) -> list[list[int]]:
 
 # answer metrics (SQuAD-style), used by the trainers and by evaluate
 
+NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
 def normalize_answer(s: str) -> str:
     """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = s.lower().translate(NO_PUNCTUATION)
     s = re.sub(r"\b(a|an|the)\b", " ", s)
     return " ".join(s.split())
 
@@ -1131,10 +1143,8 @@ def _converted_gguf(path: str, size: int, mtime: float) -> str:
     digest = sha256_file(path)
     out = os.path.join(decoder_cache_root(), "decoders", f"{os.path.basename(path)[:-5]}-{digest[:12]}")
     info = os.path.join(out, "refrag_gguf.json")
-    with contextlib.suppress(OSError, ValueError, AttributeError):  # absent or damaged: converted again
-        with open(info, encoding="utf-8") as fh:
-            if json.load(fh).get("gguf_sha256") == digest:
-                return out
+    if json_or_empty(info).get("gguf_sha256") == digest:  # absent or damaged: converted again
+        return out
     try:
         import gguf  # noqa: F401  (transformers reads GGUF files through it)
     except ImportError:
@@ -1406,11 +1416,9 @@ def chunk_perplexities(decoder, passages_ids: list, k: int, device: torch.device
     the passages (question-independent, so it could be cached at indexing time). The first token
     of a passage has no context and is not scored."""
     lens = [len(x) for x in passages_ids]
-    T = max(lens)
-    ids = torch.full((len(lens), T), pad_id, dtype=torch.long)
-    for b, x in enumerate(passages_ids):
-        ids[b, :len(x)] = torch.as_tensor(np.asarray(x, dtype=np.int64))
-    mask = (torch.arange(T)[None] < torch.tensor(lens)[:, None]).long()
+    ids = nn.utils.rnn.pad_sequence([torch.as_tensor(np.asarray(x, dtype=np.int64)) for x in passages_ids],
+                                    batch_first=True, padding_value=pad_id)                # (B, T)
+    mask = (torch.arange(ids.shape[1])[None] < torch.tensor(lens)[:, None]).long()
     ids, mask = ids.to(device), mask.to(device)
     logits = decoder(input_ids=ids, attention_mask=mask).logits.float()          # (B, T, V)
     nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
@@ -1585,13 +1593,9 @@ def index_shard(texts: list[str], cfg: IndexConfig, models: dict) -> dict:
 def build_shards(cfg: IndexConfig, passages: list[str], models: dict, stage: str, key: str) -> list[str]:
     """Every shard of --shard_size passages into `stage` (each written to a temporary name, then renamed),
     so a killed build resumes where it stopped; shards of another configuration are discarded first."""
-    build, same = os.path.join(stage, "build.json"), False
-    if os.path.isdir(stage):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            with open(build, encoding="utf-8") as fh:
-                same = json.load(fh).get("key") == key
-        if not same:
-            shutil.rmtree(stage)
+    build = os.path.join(stage, "build.json")
+    if os.path.isdir(stage) and json_or_empty(build).get("key") != key:
+        shutil.rmtree(stage)
     os.makedirs(stage, exist_ok=True)
     write_json(build, {"key": key, "corpus": cfg.corpus, "shard_size": cfg.shard_size})
     starts = range(0, len(passages), cfg.shard_size)
@@ -1618,30 +1622,25 @@ def build_shards(cfg: IndexConfig, passages: list[str], models: dict, stage: str
     return paths
 
 
-def concat_shards(paths: list[str], name: str, out_path: str | None = None) -> np.ndarray:
-    """One array of every shard's `name`, written straight into a .npy at out_path (memory-mapped) when given."""
-    shapes = []
-    for p in paths:
-        with np.load(p, allow_pickle=False) as z:
-            shapes.append((z[name].shape, z[name].dtype))
-    n = sum(s[0][0] for s in shapes)
-    shape, dt = (n, *shapes[0][0][1:]), shapes[0][1]
-    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=dt, shape=shape) if out_path else np.empty(shape, dt)
-    i = 0
-    for p, (s, _) in zip(paths, shapes):
-        with np.load(p, allow_pickle=False) as z:
-            out[i:i + s[0]] = z[name]
-        i += s[0]
-    if out_path:
-        out.flush()
-    return out
-
-
 def shard_arrays(paths: list[str], name: str):
     """Each shard's `name` array in turn (one shard in memory at a time)."""
     for p in paths:
         with np.load(p, allow_pickle=False) as z:
             yield z[name]
+
+
+def concat_shards(paths: list[str], name: str, out_path: str | None = None) -> np.ndarray:
+    """One array of every shard's `name`, written straight into a .npy at out_path (memory-mapped) when given."""
+    shapes = [(a.shape, a.dtype) for a in shard_arrays(paths, name)]
+    shape, dt = (sum(s[0] for s, _ in shapes), *shapes[0][0][1:]), shapes[0][1]
+    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=dt, shape=shape) if out_path else np.empty(shape, dt)
+    i = 0
+    for a in shard_arrays(paths, name):
+        out[i:i + len(a)] = a
+        i += len(a)
+    if out_path:
+        out.flush()
+    return out
 
 
 def write_faiss_store(tmp: str, cfg: IndexConfig, passages: list[str], paths: list[str]) -> str:
@@ -1782,11 +1781,7 @@ def cmd_index(cfg: IndexConfig):
 
 def index_meta(index_dir: str) -> dict:
     """An index directory's meta.json, or {} when there is none or it does not parse (the loader says why)."""
-    with contextlib.suppress(OSError, ValueError):
-        with open(os.path.join(index_dir, "meta.json"), encoding="utf-8") as fh:
-            meta = json.load(fh)
-            return meta if isinstance(meta, dict) else {}
-    return {}
+    return json_or_empty(os.path.join(index_dir, "meta.json"))
 
 
 class PassageIndex:
@@ -2151,15 +2146,11 @@ def retrieve_context(question: str, cfg: GenerateConfig, models: Models, index: 
     ctx = RetrievedContext(prefix, sep, suffix, used, ranked, scores, passages_ids,
                            [split_chunks(x, cfg.k) for x in passages_ids], None, q[0] if q is not None else None,
                            source="index" if passages is None else "caller")
-    if cfg.mode == "refrag" and used and ctx.source == "caller":
-        ctx.cache = "n/a (caller passages, encoded on the fly)"
-        ctx.chunk_embs = encode_chunks(models.encoder, tok, passages_ids, cfg.k)
-    elif cfg.mode == "refrag" and used:
-        ctx.cache = index.cache_status(models, cfg.k, cfg.use_cache)
-        if ctx.cache == "hit":
-            ctx.chunk_embs = [torch.from_numpy(np.array(e)) for e in index.cached_chunks(used, cfg.k)]
-        else:
-            ctx.chunk_embs = encode_chunks(models.encoder, tok, passages_ids, cfg.k)
+    if cfg.mode == "refrag" and used:
+        ctx.cache = "n/a (caller passages, encoded on the fly)" if passages is not None else \
+            index.cache_status(models, cfg.k, cfg.use_cache)
+        ctx.chunk_embs = [torch.from_numpy(np.array(e)) for e in index.cached_chunks(used, cfg.k)] \
+            if ctx.cache == "hit" else encode_chunks(models.encoder, tok, passages_ids, cfg.k)
     marks["encode"] = clock(dev)
     return ctx
 
@@ -2173,11 +2164,13 @@ def context_perplexities(ctx: RetrievedContext, models: Models, index: PassageIn
     return torch.cat(chunk_perplexities(models.decoder, ctx.passages_ids, k, models.device, models.tok.pad_token_id)), status
 
 
-def policy_inputs(ctx: RetrievedContext, policy: SelectionPolicy, device) -> tuple:
-    """(chunks (1, L, d_enc), mask (1, L), q (1, d_q) or None) for one context."""
-    c = torch.cat(ctx.chunk_embs).to(device=device, dtype=torch.float32).unsqueeze(0)
-    q = ctx.q_emb.to(device=device, dtype=torch.float32).unsqueeze(0) if policy.query else None
-    return c, torch.ones(c.shape[:2], dtype=torch.bool, device=device), q
+def policy_logits(policy: SelectionPolicy, ctxs: list[RetrievedContext], device) -> torch.Tensor:
+    """(B, L_max) the policy's logits for a batch of contexts, -inf past each context's chunks."""
+    embs = [torch.cat(c.chunk_embs).to(device=device, dtype=torch.float32) for c in ctxs]
+    chunks = nn.utils.rnn.pad_sequence(embs, batch_first=True)                        # (B, L_max, d_enc)
+    mask = torch.arange(chunks.shape[1], device=device)[None] < torch.tensor([len(e) for e in embs], device=device)[:, None]
+    q = torch.stack([c.q_emb for c in ctxs]).to(device=device, dtype=torch.float32) if policy.query else None
+    return policy(chunks, mask, q)
 
 
 def select_chunks(ctx: RetrievedContext, cfg: GenerateConfig, models: Models, index: PassageIndex,
@@ -2190,7 +2183,7 @@ def select_chunks(ctx: RetrievedContext, cfg: GenerateConfig, models: Models, in
         return select_expand(n, cfg.p, "random", None, gen), method, ppl_src
     if method == "policy":
         with torch.inference_mode():
-            logits = models.policy(*policy_inputs(ctx, models.policy, models.device))[0]
+            logits = policy_logits(models.policy, [ctx], models.device)[0]
         return sorted(policy_picks(logits, t, gen=gen, sample=cfg.policy_sample)[0].tolist()), method, ppl_src
     ppl = None
     if method.startswith("ppl"):
@@ -2575,9 +2568,9 @@ def make_batch(samples: list[dict], dec_tok, pad_id: int) -> dict:
     return batch
 
 
-def chunk_pieces(ids: list[int], k: int, expand: set[int], offset: int = 0) -> list[tuple[str, list[int]]]:
-    """A context's k-token chunks as pieces: compressed unless its index (+offset) is in expand."""
-    return [("tokens" if i + offset in expand else "chunk", c) for i, c in enumerate(split_chunks(ids, k))]
+def chunk_pieces(ids: list[int], k: int, expand: set[int]) -> list[tuple[str, list[int]]]:
+    """A context's k-token chunks as pieces: compressed unless its index is in expand."""
+    return [("tokens" if i in expand else "chunk", c) for i, c in enumerate(split_chunks(ids, k))]
 
 
 def recon_sample(ids: list[int], n_chunks: int, k: int, bos: list[int], rng: random.Random) -> dict:
@@ -2662,11 +2655,11 @@ def step_rng(seed: int, step: int, rank: int = 0) -> random.Random:
     return random.Random(s)
 
 
-def train_loop(model: RefragModel, params: list, make_step_batch, cfg: TrainConfig, acc, out_dir: str,
-               save_fn, start_step: int, opt, stop_after: int | None):
+def train_loop(model: RefragModel, params: list, make_step_batch, cfg: TrainConfig, acc, save_fn, start_step: int,
+               opt):
     """The one loop shared by all REFRAG trainers (STYLE 6): explicit LR schedule, accumulation,
     clipping, .item() only at log steps; a checkpoint every save_every steps and at the end."""
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    metrics_path, stop_after = os.path.join(cfg.out_dir, "metrics.jsonl"), cfg.stop_after
     t_log = time.perf_counter()
     for step in range(start_step, cfg.steps):
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_frac)
@@ -2699,7 +2692,6 @@ def train_loop(model: RefragModel, params: list, make_step_batch, cfg: TrainConf
             acc.wait_for_everyone()
         if stop_after is not None and done >= stop_after:
             break
-    return metrics_path
 
 
 def fact_token_ids(tok, texts: list[str], max_df: float = 0.1) -> set[int]:
@@ -2948,7 +2940,7 @@ def cmd_train(cfg: TrainConfig):
                         {"seed": cfg.seed}, {"decoder": (raw.decoder, tok)} if "decoder" in s["trained"] else None)
 
     t0 = time.perf_counter()
-    train_loop(model, s["params"], make_step_batch, cfg, acc, cfg.out_dir, save, s["start"], opt, cfg.stop_after)
+    train_loop(model, s["params"], make_step_batch, cfg, acc, save, s["start"], opt)
     if world > 1:  # every rank must hold the same weights after DDP training
         print(f"{cfg.stage}: rank {acc.process_index} weights fingerprint {weights_fingerprint(raw)}", flush=True)
     if not acc.is_main_process:
@@ -2993,19 +2985,6 @@ def policy_contexts(cfg: PolicyConfig, models: Models, index: PassageIndex, path
     return out
 
 
-def policy_batch_logits(policy: SelectionPolicy, exs: list[dict], device) -> torch.Tensor:
-    """(B, L_max) logits for a batch of contexts, -inf past each context's chunks."""
-    L = max(e["ctx"].n_chunks for e in exs)
-    d = exs[0]["ctx"].chunk_embs[0].shape[-1]
-    c = torch.zeros(len(exs), L, d, device=device)
-    mask = torch.zeros(len(exs), L, dtype=torch.bool, device=device)
-    for b, e in enumerate(exs):
-        emb = torch.cat(e["ctx"].chunk_embs).to(device=device, dtype=torch.float32)
-        c[b, :emb.shape[0]], mask[b, :emb.shape[0]] = emb, True
-    q = torch.stack([e["ctx"].q_emb for e in exs]).to(device) if policy.query else None
-    return policy(c, mask, q)
-
-
 @torch.inference_mode()
 def selection_rewards(models: Models, ex: dict, selections: list[list[int]], max_batch: int = 16) -> torch.Tensor:
     """Reward of each selection: minus the log-perplexity of the true target under the mixed
@@ -3027,7 +3006,7 @@ def policy_eval(policy: SelectionPolicy, models: Models, index: PassageIndex | N
         ctx, L = ex["ctx"], ex["ctx"].n_chunks
         t = int(round(cfg.p * L))
         with torch.inference_mode():
-            logits = policy(*policy_inputs(ctx, policy, models.device))[0]
+            logits = policy_logits(policy, [ctx], models.device)[0]
         ppl = context_perplexities(ctx, models, index, cfg.k)[0]
         sels = [sorted(policy_picks(logits, t, sample=False)[0].tolist()), select_expand(L, cfg.p, "random", None, gen),
                 select_expand(L, cfg.p, "ppl_desc", ppl, gen), select_expand(L, cfg.p, "ppl_asc", ppl, gen),
@@ -3046,7 +3025,7 @@ def policy_step(policy: SelectionPolicy, opt, exs: list[dict], reward_fn, cfg: P
     the log-probability of exactly the picks sampled."""
     device = next(policy.parameters()).device
     with torch.no_grad():
-        old_logits = policy_batch_logits(policy, exs, device)
+        old_logits = policy_logits(policy, [e["ctx"] for e in exs], device)
     picks, old_lp, rewards = [], [], []
     for b, ex in enumerate(exs):
         L = ex["ctx"].n_chunks
@@ -3065,7 +3044,7 @@ def policy_step(policy: SelectionPolicy, opt, exs: list[dict], reward_fn, cfg: P
     adv = adv.to(device)
     clipped = 0.0
     for _ in range(epochs):
-        logits = policy_batch_logits(policy, exs, device)
+        logits = policy_logits(policy, [e["ctx"] for e in exs], device)
         losses = []
         for b, ex in enumerate(exs):
             lp = picks_logprob(logits[b, :ex["ctx"].n_chunks], picks[b])                      # (G, t)
@@ -3223,12 +3202,18 @@ def pyplot():
         return None
 
 
-def save_figure(fig, path: str):
+def save_figure(plt, fig, ax, path: str, xlabel: str, ylabel: str, title: str, fontsize: int, **legend):
+    """Label, grid and legend a one-axes figure, then write it (temporary name, then rename) and close it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=fontsize)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, **legend)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
     os.replace(tmp, path)
-    fig.clf()
+    plt.close(fig)
 
 
 def plot_quality(result: dict, path: str) -> list[tuple[str, float, float]]:
@@ -3246,14 +3231,8 @@ def plot_quality(result: dict, path: str) -> list[tuple[str, float, float]]:
         ax.scatter(r["ttft_s"] * 1000, r["em"], color=f"C{i % 10}", marker="o" if r["mode"] == "refrag" else "s",
                    label=label, zorder=3)
     ax.set_xscale("log")
-    ax.set_xlabel("TTFT (ms, log scale)")
-    ax.set_ylabel("exact match")
-    ax.set_title(f"{result['decoder']} on {result['eval_json']} ({rows[0]['n']} questions), {result['device']}",
-                 fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    save_figure(fig, path)
-    plt.close(fig)
+    save_figure(plt, fig, ax, path, "TTFT (ms, log scale)", "exact match",
+                f"{result['decoder']} on {result['eval_json']} ({rows[0]['n']} questions), {result['device']}", 8)
     return points
 
 
@@ -3292,7 +3271,7 @@ def load_policies(dirs: list[str], models: Models, ks: tuple) -> dict:
     return policies
 
 
-def score_row(r: dict, c: dict, cfg: GenerateConfig, models: Models, index: PassageIndex, seed: int) -> dict:
+def score_row(r: dict, cfg: GenerateConfig, models: Models, index: PassageIndex) -> dict:
     """One QA record under one configuration: the generated answer, its metrics, the gold answer's
     log-perplexity after the same prompt, and the timing."""
     g = run_generation(r["question"], cfg, models, index, target=answer_ids(models.tok, r["answers"][0]))
@@ -3350,7 +3329,7 @@ def cmd_evaluate(args: EvalConfig):
         if todo and kind == "qa":
             run_generation(todo[0]["question"], cfg, models, index)  # warm-up, discarded
         for r in progress(todo, desc=key, unit="q"):
-            row = score_row(r, c, cfg, models, index, args.seed) if kind == "qa" else \
+            row = score_row(r, cfg, models, index) if kind == "qa" else \
                 score_cpt_row(r, c, models, torch.Generator().manual_seed(args.seed))
             row = {"config": key, "id": r["id"], **row}
             done[(key, r["id"])] = row
@@ -3447,13 +3426,8 @@ def plot_bench(result: dict, path: str):
         ax.plot(*zip(*pts), ":", color=color, label=f"k={k} analytic")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
-    ax.set_xlabel("context tokens s")
-    ax.set_ylabel("TTFT speed-up over full context")
-    ax.set_title(f"{result['decoder']}, {result['device']}, {result['dtype']}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    save_figure(fig, path)
-    plt.close(fig)
+    save_figure(plt, fig, ax, path, "context tokens s", "TTFT speed-up over full context",
+                f"{result['decoder']}, {result['device']}, {result['dtype']}", 9, ncol=2)
 
 
 def bench_point(decoder, make_inputs, cfg: BenchConfig, device) -> dict:

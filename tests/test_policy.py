@@ -75,7 +75,7 @@ def hit_rate(policy, exs, t):
     hits = 0
     with torch.no_grad():
         for ex in exs:
-            logits = policy(*refrag.policy_inputs(ex["ctx"], policy, torch.device("cpu")))[0]
+            logits = refrag.policy_logits(policy, [ex["ctx"]], torch.device("cpu"))[0]
             hits += ex["good"] in refrag.policy_picks(logits, t, sample=False)[0].tolist()
     return hits / len(exs)
 
