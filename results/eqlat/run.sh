@@ -16,3 +16,11 @@ done
   --topk 8 --out "$OUT/refrag_top8"
 "$PY" refrag.py evaluate "${common[@]}" --index_dir "$Q/index_sft" --load_dir "$Q/sft" --modes refrag --k 16 --p 0 \
   --topk 16 --ctx_max 2048 --out "$OUT/refrag_top16"
+# REFRAG with the best-ranked chunks expanded (about the first passage at p = 0.15, two at 0.3), and the
+# REFRAG-trained decoder reading raw passages (full mode) at top 1 and top 8
+"$PY" refrag.py evaluate "${common[@]}" --index_dir "$Q/index_sft" --load_dir "$Q/sft" --modes refrag --k 16 \
+  --p 0.15,0.3 --heuristic rank --topk 8 --out "$OUT/refrag_top8_rank"
+for n in 1 8; do
+  "$PY" refrag.py evaluate "${common[@]}" --index_dir "$Q/index_sft" --load_dir "$Q/sft" --modes full --topk "$n" \
+    --out "$OUT/sft_full_top$n"
+done
