@@ -2141,7 +2141,7 @@ def retrieve_context(question: str, cfg: GenerateConfig, models: Models, index: 
             all_ids = [encode_text(tok, text) for text in passages]
             ranked = list(range(len(passages)))
             used = fit_passages(ranked, [len(x) for x in all_ids], cfg.ctx_max)
-    passages_ids = [all_ids[i] for i in used] if passages is not None else index.passage_ids(used)
+    passages_ids = [all_ids[i] for i in used] if passages is not None else index.passage_ids(used) if used else []
     marks["retrieve"] = clock(dev)
     ctx = RetrievedContext(prefix, sep, suffix, used, ranked, scores, passages_ids,
                            [split_chunks(x, cfg.k) for x in passages_ids], None, q[0] if q is not None else None,
@@ -2433,7 +2433,8 @@ class RefragPipeline:
         expanded, n, out = set(rec["expanded"]), 0, []
         tok = self.models.tok
         used = rec["passages_used"]
-        ids_of = [encode_text(tok, passages[i]) for i in used] if passages is not None else self.index.passage_ids(used)
+        ids_of = [encode_text(tok, passages[i]) for i in used] if passages is not None or not used else \
+            self.index.passage_ids(used)
         for i, ids in zip(used, map(list, ids_of)):
             # each chunk's text as the difference of prefix decodes: a character split across two chunks
             # (byte-level BPE) is shown whole, in the chunk that completes it

@@ -85,6 +85,8 @@ def test_pipeline_without_index_needs_passages(tiny_dec_dir):
         pipe.generate("Who led Event_314?", mode="refrag", passages=["x"])
     rec = pipe.generate("Who led Event_314?", passages=["Event_314 was led by Person_1."])
     assert rec["passages_used"] == [0] and rec["generated_tokens"] >= 1
+    rec = pipe.generate("Who led Event_314?", mode="none", context=True)  # no index needed without context
+    assert rec["passages_used"] == [] and rec["context"] == [] and rec["generated_tokens"] >= 1
 
 
 def test_context_chunks_rejoin_to_the_passage_text(pipe):
