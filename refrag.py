@@ -960,7 +960,7 @@ def tracked(cfg):
                 print(f"warning: --mlflow {uri}: the run was not fully logged ({type(e).__name__}: {e})", file=sys.stderr)
 
 
-# ---- data ----
+# ---- data: corpus, QA and CPT files, the prompt template, passages cut into chunks ----
 
 def read_corpus(path: str, flag: str = "--corpus") -> list[str]:
     if not os.path.isfile(path):
@@ -1065,37 +1065,6 @@ def split_chunks(ids: list[int] | np.ndarray, k: int) -> list[list[int]]:
     """A passage's decoder tokens cut into consecutive k-token chunks (the last may be shorter)."""
     ids = [int(x) for x in ids]
     return [ids[i:i + k] for i in range(0, len(ids), k)]
-
-
-# answer metrics (SQuAD-style), used by the trainers and by evaluate
-
-NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def normalize_answer(s: str) -> str:
-    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
-    s = s.lower().translate(NO_PUNCTUATION)
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
-
-
-def exact_match(pred: str, answers: list[str]) -> float:
-    p = normalize_answer(pred.split("\n")[0])
-    return float(bool(p) and any(p == normalize_answer(a) for a in answers))  # empty is never correct
-
-
-def token_f1(pred: str, answers: list[str]) -> float:
-    pt = normalize_answer(pred.split("\n")[0]).split()
-    if not pt:
-        return 0.0
-    best = 0.0
-    for a in answers:
-        at = normalize_answer(a).split()
-        common = sum((Counter(pt) & Counter(at)).values())
-        if common:
-            prec, rec = common / len(pt), common / len(at)
-            best = max(best, 2 * prec * rec / (prec + rec))
-    return best
 
 
 # ---- model: decoder calls (one KV-cached step), chunk encoder, projector, loading ----
@@ -1926,21 +1895,21 @@ class QdrantIndex(PassageIndex):
             self._texts = [t for s in range(0, n, 1000) for t in self.passage_texts(list(range(s, min(n, s + 1000))))]
         return self._texts
 
-    def payloads(self, ids: list[int]) -> list[dict]:
-        """The passages' payloads (text, decoder tokens) in one round trip."""
-        got = {int(r.id): r.payload for r in self.client.retrieve(self.name, [int(i) for i in ids], with_payload=True)} \
-            if len(ids) else {}
-        return [got[int(i)] for i in ids]
+    def payloads(self, ids: list[int], field: str) -> list:
+        """One payload field ("text" or "tokens") of each passage, in one round trip."""
+        ids = [int(i) for i in ids]
+        got = {int(r.id): r.payload[field] for r in self.client.retrieve(self.name, ids, with_payload=[field])} if ids else {}
+        return [got[i] for i in ids]
 
     def passage_texts(self, ids: list[int]) -> list[str]:
-        return [p["text"] for p in self.payloads(ids)]
+        return self.payloads(ids, "text")
 
     def search(self, q: np.ndarray, topk: int) -> tuple[list[int], list[float]]:
         hits = self.client.query_points(self.name, query=q[0].astype(np.float32).tolist(), limit=topk).points
         return [int(h.id) for h in hits], [float(h.score) for h in hits]
 
     def passage_ids(self, ids: list[int]) -> list[np.ndarray]:
-        return [np.asarray(p["tokens"], dtype=np.int32) for p in self.payloads(ids)]
+        return [np.asarray(t, dtype=np.int32) for t in self.payloads(ids, "tokens")]
 
     def chunk_points(self, ids: list[int], k: int, vectors: bool) -> list[list]:
         """Per passage, its chunk points in order, all in one round trip."""
@@ -2141,7 +2110,7 @@ def retrieve_context(question: str, cfg: GenerateConfig, models: Models, index: 
             all_ids = [encode_text(tok, text) for text in passages]
             ranked = list(range(len(passages)))
             used = fit_passages(ranked, [len(x) for x in all_ids], cfg.ctx_max)
-    passages_ids = [all_ids[i] for i in used] if passages is not None else index.passage_ids(used) if used else []
+    passages_ids = [all_ids[i] for i in used] if passages is not None else (index.passage_ids(used) if used else [])
     marks["retrieve"] = clock(dev)
     ctx = RetrievedContext(prefix, sep, suffix, used, ranked, scores, passages_ids,
                            [split_chunks(x, cfg.k) for x in passages_ids], None, q[0] if q is not None else None,
@@ -2168,7 +2137,8 @@ def policy_logits(policy: SelectionPolicy, ctxs: list[RetrievedContext], device)
     """(B, L_max) the policy's logits for a batch of contexts, -inf past each context's chunks."""
     embs = [torch.cat(c.chunk_embs).to(device=device, dtype=torch.float32) for c in ctxs]
     chunks = nn.utils.rnn.pad_sequence(embs, batch_first=True)                        # (B, L_max, d_enc)
-    mask = torch.arange(chunks.shape[1], device=device)[None] < torch.tensor([len(e) for e in embs], device=device)[:, None]
+    lens = torch.tensor([len(e) for e in embs], device=device)
+    mask = torch.arange(chunks.shape[1], device=device)[None] < lens[:, None]                     # (B, L_max)
     q = torch.stack([c.q_emb for c in ctxs]).to(device=device, dtype=torch.float32) if policy.query else None
     return policy(chunks, mask, q)
 
@@ -2433,8 +2403,8 @@ class RefragPipeline:
         expanded, n, out = set(rec["expanded"]), 0, []
         tok = self.models.tok
         used = rec["passages_used"]
-        ids_of = [encode_text(tok, passages[i]) for i in used] if passages is not None or not used else \
-            self.index.passage_ids(used)
+        ids_of = [encode_text(tok, passages[i]) for i in used] if passages is not None else \
+            (self.index.passage_ids(used) if used else [])
         for i, ids in zip(used, map(list, ids_of)):
             # each chunk's text as the difference of prefix decodes: a character split across two chunks
             # (byte-level BPE) is shown whole, in the chunk that completes it
@@ -2867,8 +2837,8 @@ def finetune_batches(cfg: TrainConfig, tok, device, acc):
     retriever = ChunkEncoder(index.meta["embed_model"], "--embed_model").to(device).eval()
     q_emb = retriever.embed_texts([r["question"] for r in qa], normalize=True,
                                   desc="retrieve" if acc.is_main_process else None).numpy()
-    contexts = [[x.tolist() for x in index.passage_ids(index.fit(index.search(q_emb[qi:qi + 1], cfg.topk)[0], cfg.ctx_max))]
-                for qi in range(len(qa))]
+    used = [index.fit(index.search(q_emb[qi:qi + 1], cfg.topk)[0], cfg.ctx_max) for qi in range(len(qa))]
+    contexts = [[x.tolist() for x in index.passage_ids(u)] for u in used]
     del retriever
 
     def make_step_batch(step, micro):
@@ -3138,6 +3108,37 @@ def cmd_train_policy(cfg: PolicyConfig):
 
 
 # ---- evaluation and benchmarks (quality, latency vs context length, index at scale) ----
+
+# answer metrics: SQuAD-style exact match and token F1, chrF
+
+NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = s.lower().translate(NO_PUNCTUATION)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(pred: str, answers: list[str]) -> float:
+    p = normalize_answer(pred.split("\n")[0])
+    return float(bool(p) and any(p == normalize_answer(a) for a in answers))  # empty is never correct
+
+
+def token_f1(pred: str, answers: list[str]) -> float:
+    pt = normalize_answer(pred.split("\n")[0]).split()
+    if not pt:
+        return 0.0
+    best = 0.0
+    for a in answers:
+        at = normalize_answer(a).split()
+        common = sum((Counter(pt) & Counter(at)).values())
+        if common:
+            prec, rec = common / len(pt), common / len(at)
+            best = max(best, 2 * prec * rec / (prec + rec))
+    return best
+
 
 def chrf(pred: str, answers: list[str]) -> float:
     """Best sentence-level chrF (0-100, sacrebleu) against any gold answer; 0 for an empty prediction."""
