@@ -3168,27 +3168,24 @@ def config_key(c: dict) -> str:
 
 
 @torch.inference_mode()
-def cpt_layout_and_target(rec: dict, c: dict, models: Models, gen: torch.Generator) -> tuple[PromptLayout, list[int], dict]:
+def cpt_layout_and_target(rec: dict, cfg: GenerateConfig, models: Models, gen: torch.Generator) -> tuple[PromptLayout, list[int], dict]:
     """Long-text scoring (paper table 1): BOS + the first s tokens as context (raw, compressed, or
-    absent), then the o continuation tokens as target."""
+    absent), then the o continuation tokens as target. Chunks are selected as for a question
+    (select_chunks: a heuristic, or the policy in models.policy)."""
     tok = models.tok
     ids = encode_text(tok, rec["text"])
     if rec["s"] + rec["o"] > len(ids):
         fail(f"--eval_json line {rec['line']}: split s+o = {rec['s'] + rec['o']} exceeds the text's {len(ids)} tokens")
-    ctx, tgt = ids[:rec["s"]], ids[rec["s"]:rec["s"] + rec["o"]]
+    ctx_ids, tgt = ids[:rec["s"]], ids[rec["s"]:rec["s"] + rec["o"]]
     bos = bos_ids(tok)
-    if c["mode"] == "none":
+    if cfg.mode == "none":
         return build_layout([("tokens", bos or tgt[:1])]), (tgt if bos else tgt[1:]), {"prompt_positions": max(1, len(bos))}
-    k = c["k"] or 16
-    chunks = [split_chunks(ctx, k)]
-    embs, expanded = None, []
-    if c["mode"] == "refrag":
-        embs = encode_chunks(models.encoder, tok, [ctx], k)
-        method = c["selection"]
-        ppl = chunk_perplexities(models.decoder, [ctx], k, models.device, tok.pad_token_id)[0] \
-            if method.startswith("ppl") and c["p"] > 0 else None
-        expanded = select_expand(len(chunks[0]), c["p"], method, ppl, gen)
-    layout = assemble_layout(bos, chunks, [], [], embs, expanded)
+    ctx = RetrievedContext(bos, [], [], [], [], [], [ctx_ids], [split_chunks(ctx_ids, cfg.k)], None, None, "n/a (long text)")
+    expanded = []
+    if cfg.mode == "refrag":
+        ctx.chunk_embs = encode_chunks(models.encoder, tok, [ctx_ids], cfg.k)
+        expanded = select_chunks(ctx, cfg, models, None, gen)[0]
+    layout = assemble_layout(ctx.prefix, ctx.chunks, ctx.sep, ctx.suffix, ctx.chunk_embs, expanded)
     return layout, tgt, {"prompt_positions": int(layout.tok_ids.numel())}
 
 
@@ -3285,9 +3282,9 @@ def score_row(r: dict, cfg: GenerateConfig, models: Models, index: PassageIndex)
             "answer_in_context": float(holds)}
 
 
-def score_cpt_row(r: dict, c: dict, models: Models, gen: torch.Generator) -> dict:
+def score_cpt_row(r: dict, cfg: GenerateConfig, models: Models, gen: torch.Generator) -> dict:
     """One long text under one configuration: the continuation's log-perplexity after the context."""
-    layout, tgt, info = cpt_layout_and_target(r, c, models, gen)
+    layout, tgt, info = cpt_layout_and_target(r, cfg, models, gen)
     return {"logppl": target_nll(models.decoder, models.projector, layout, tgt), "prompt_positions": info["prompt_positions"]}
 
 
@@ -3310,6 +3307,8 @@ def cmd_evaluate(args: EvalConfig):
     if index:
         check_index_tokenizer(index, models)
     policies = load_policies(args.policy, models, ks)
+    if kind == "cpt" and any(policy.query for policy, _ in policies.values()):
+        fail(f"--policy: a query-aware policy (--policy_query) needs questions; {args.eval_json} holds long texts")
     configs = [c for c in eval_configs(modes, ks, ps, selections + list(policies))
                if c["selection"] not in policies or policies[c["selection"]][1] == c["k"]]
     os.makedirs(args.out, exist_ok=True)
@@ -3332,7 +3331,7 @@ def cmd_evaluate(args: EvalConfig):
             run_generation(todo[0]["question"], cfg, models, index)  # warm-up, discarded
         for r in progress(todo, desc=key, unit="q"):
             row = score_row(r, cfg, models, index) if kind == "qa" else \
-                score_cpt_row(r, c, models, torch.Generator().manual_seed(args.seed))
+                score_cpt_row(r, cfg, models, torch.Generator().manual_seed(args.seed))
             row = {"config": key, "id": r["id"], **row}
             done[(key, r["id"])] = row
             append_jsonl(rows_path, row)

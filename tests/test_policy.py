@@ -256,3 +256,36 @@ def test_train_policy_resume_matches_uninterrupted_run(tiny_dec_dir, tiny_index,
     assert lrs[1] > lrs[3] and lrs == [json.loads(line)["lr"] for line in open(a / "metrics.jsonl")]  # the cosine
     code, _, err = run_cli(*base[:-2], "--lr", 3e-3, "--p", 0.5, "--out_dir", b, "--resume")
     assert code == 2 and "differs in p" in err
+
+
+def test_policy_on_long_texts_trains_and_is_evaluated(tiny_dec_dir, tiny_index, small_corpus, tmp_path):
+    """train_policy reads long texts (reward: continuation log-ppl), so evaluate scores such a policy on long
+    texts too (it crashed there: the long-text path knew only the heuristics)."""
+    cpt = tmp_path / "cpt.jsonl"
+    with open(os.path.join(DATA, "cpt_eval.jsonl"), encoding="utf-8") as fh:
+        cpt.write_text("".join(next(fh) for _ in range(3)))
+    pol, out = tmp_path / "policy", tmp_path / "ev"
+    flags = ["--index_dir", tiny_index, "--dec", tiny_dec_dir, "--k", 16, "--p", 0.25, "--ctx_max", 256,
+             "--steps", 1, "--group", 2, "--batch_size", 1]
+    code, _, err = run_cli("train_policy", "--train_json", cpt, "--eval_json", "", *flags, "--out_dir", pol)
+    assert code == 0, err
+    code, stdout, err = run_cli("evaluate", "--eval_json", cpt, "--dec", tiny_dec_dir, "--modes", "full,refrag",
+                                "--k", 16, "--p", "0.25,1", "--heuristic", "rank", "--policy", pol, "--out", out)
+    assert code == 0, err
+    res = {refrag.config_key(r): r for r in load_json(out / "results.json")["results"]}
+    assert set(res) == {"full", "refrag k=16 p=0.25 sel=rank", "refrag k=16 p=0.25 sel=policy:policy",
+                        "refrag k=16 p=1 sel=rank", "refrag k=16 p=1 sel=policy:policy"}
+    assert res["refrag k=16 p=0.25 sel=policy:policy"]["logppl"] > 0
+    # p = 1 expands every chunk whoever selects: the full-context prompt
+    assert res["refrag k=16 p=1 sel=policy:policy"]["logppl"] == pytest.approx(res["full"]["logppl"], rel=1e-4)
+    code, _, err = run_cli("train_policy", "--train_json", cpt, "--eval_json", "", *flags, "--policy_query",
+                           "--out_dir", tmp_path / "q")
+    assert code == 2 and "no question for a query-aware policy" in err
+    qa = tmp_path / "qa.jsonl"
+    qa_rows(small_corpus, qa, n=3)
+    code, _, err = run_cli("train_policy", "--rag_json", qa, "--eval_json", "", *flags, "--policy_query",
+                           "--out_dir", tmp_path / "q")
+    assert code == 0, err
+    code, _, err = run_cli("evaluate", "--eval_json", cpt, "--dec", tiny_dec_dir, "--modes", "refrag", "--k", 16,
+                           "--p", "0.25", "--policy", tmp_path / "q", "--out", tmp_path / "ev_q")
+    assert code == 2 and "a query-aware policy (--policy_query) needs questions" in err
