@@ -2169,8 +2169,8 @@ def prepare_prompt(question: str, cfg: GenerateConfig, models: Models, index: Pa
     expanded, method, ppl_src = [], "n/a", "n/a"
     if cfg.mode == "refrag" and ctx.used:
         expanded, method, ppl_src = select_chunks(ctx, cfg, models, index, gen)
-    marks["select"] = clock(models.device)
     layout = assemble_layout(ctx.prefix, ctx.chunks, ctx.sep, ctx.suffix, ctx.chunk_embs, expanded)
+    marks["select"] = clock(models.device)
     info = {"selection": method, "chunk_cache": ctx.cache, "ppl_cache": ppl_src, "context_source": ctx.source,
             "retrieved": [{"id": i, "score": round(s, 4) if ctx.scores else None}
                           for i, s in zip(ctx.ranked, ctx.scores or [None] * len(ctx.ranked))],
@@ -2265,13 +2265,12 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
         fail(f"--ctx_max/--max_new: prompt of {T} positions + {cfg.max_new} new tokens exceeds the decoder's "
              f"{decoder_max_positions(models.decoder)} positions")
     P = min(info["cached_prefix_positions"], T - 1)  # the template's constant prefix comes from prefix_kv
-    past = prefix_kv(models, layout.tok_ids[:P].tolist()) if P else None
     if cfg.mode == "refrag":
         inputs = {"inputs_embeds": layout_embeds(layout, models.decoder, models.projector)[:, P:]}
-        marks["project"] = clock(dev)
     else:
         inputs = {"input_ids": layout.tok_ids[P:].view(1, -1).to(dev)}
-        marks["project"] = marks["select"]
+    marks["project"] = clock(dev)  # (nothing to project outside refrag mode)
+    past = prefix_kv(models, layout.tok_ids[:P].tolist()) if P else None  # prefill's, in every mode
     eos = {tok.eos_token_id} - {None}
     shown = [""]
 

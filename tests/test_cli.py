@@ -1,6 +1,7 @@
 """Each subcommand of refrag.py run the way a user runs it (in-process), asserting on its outputs."""
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -70,6 +71,23 @@ def test_generate_modes_report_honest_timing(tiny_index, tiny_dec_dir, passages)
         (len(full["passages_used"]) - 1)  # separators between passages
     assert ref["chunk_cache"] == "hit" and full["chunk_cache"] == "n/a"
     assert none["context_tokens"] == 0 and none["retrieved"] == []
+
+
+def test_breakdown_puts_the_same_work_in_the_same_stage_in_every_mode(tiny_index, tiny_dec_dir, passages,
+                                                                     monkeypatch):
+    """The template prefix's KV cache (prefix_kv) is prefill work in every mode; it was counted as projection in
+    refrag mode and as prefill in full mode, so prefill_s could not be compared across modes."""
+    real = refrag.prefix_kv
+
+    def slow_prefix_kv(*a, **kw):
+        time.sleep(0.3)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(refrag, "prefix_kv", slow_prefix_kv)
+    q = f"Which river flows through {passages[0].split(' ', 1)[0]}?"
+    for mode in ("refrag", "full", "none"):
+        bd = gen_json(tiny_index, tiny_dec_dir, q, "--mode", mode, "--topk", 4, "--p", 0.25, "--warmup", 0)["ttft_breakdown"]
+        assert bd["prefill_s"] >= 0.3 and bd["project_s"] < 0.3, (mode, bd)
 
 
 def test_first_token_comes_from_prefill_and_greedy_matches_uncached_decoding(tiny_index, tiny_dec_dir, tok):
