@@ -2630,7 +2630,7 @@ def train_loop(model: RefragModel, params: list, make_step_batch, cfg: TrainConf
     """The one loop shared by all REFRAG trainers (STYLE 6): explicit LR schedule, accumulation,
     clipping, .item() only at log steps; a checkpoint every save_every steps and at the end."""
     metrics_path, stop_after = os.path.join(cfg.out_dir, "metrics.jsonl"), cfg.stop_after
-    t_log = time.perf_counter()
+    t_log, logged = time.perf_counter(), start_step
     for step in range(start_step, cfg.steps):
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_frac)
         for g in opt.param_groups:
@@ -2650,11 +2650,11 @@ def train_loop(model: RefragModel, params: list, make_step_batch, cfg: TrainConf
         done = step + 1
         if (done % cfg.log_every == 0 or done == cfg.steps) and acc.is_main_process:
             dt = time.perf_counter() - t_log
-            rec = {"step": done, "loss": total.item(), "lr": lr, "ms_per_step": 1000 * dt / cfg.log_every, **info}
+            rec = {"step": done, "loss": total.item(), "lr": lr, "ms_per_step": 1000 * dt / (done - logged), **info}
             print(f"step {done:6d} | loss {rec['loss']:.4f} | lr {lr:.2e} | {rec['ms_per_step']:.0f} ms/step | "
                   + " | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
             append_jsonl(metrics_path, rec)
-            t_log = time.perf_counter()
+            t_log, logged = time.perf_counter(), done
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or done == stop_after:
             acc.wait_for_everyone()
             if acc.is_main_process:

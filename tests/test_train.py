@@ -4,6 +4,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -77,6 +78,23 @@ def test_cpt_recon_resume_matches_uninterrupted_run(tiny_dec_dir, tmp_path):
     assert not (a / "decoder").exists()  # the decoder was frozen: not saved
     steps = [json.loads(line)["step"] for line in open(b / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4]
+
+
+def test_ms_per_step_divides_by_the_steps_logged(tiny_dec_dir, tmp_path, monkeypatch):
+    """The last interval (steps % log_every) and the first after a resume are shorter than log_every; each
+    step here takes at least 0.2 s, so every record must say at least 200 ms/step (it said about half)."""
+    real = refrag.lr_at
+
+    def slow_lr_at(*a, **kw):  # called once per step
+        time.sleep(0.2)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(refrag, "lr_at", slow_lr_at)
+    out = tmp_path / "r"
+    assert run_cli(*train_args(tiny_dec_dir, out, "--steps", 3, "--log_every", 2, "--stop_after", 1))[0] == 0
+    assert run_cli(*train_args(tiny_dec_dir, out, "--steps", 3, "--log_every", 2, "--resume"))[0] == 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [2, 3] and all(r["ms_per_step"] >= 200 for r in rows), rows
 
 
 def test_checkpoint_loads_strictly_into_generate(tiny_dec_dir, tiny_index, tmp_path):
