@@ -352,8 +352,9 @@ def tokenizer_fingerprint(tok) -> str:
 
 
 def weights_fingerprint(module: nn.Module) -> str:
-    """Identity of a set of weights that survives a dtype or device change: names, shapes and the
-    first 16 values of every tensor rounded to bfloat16 (an fp32 model and its bf16 load agree)."""
+    """Identity of a set of weights that survives a device change and a cast between fp32 and bf16: names,
+    shapes and the first 16 values of every tensor rounded to bfloat16 (an fp32 model and its bf16 load agree).
+    fp16 rounds some values across a bf16 rounding boundary, so loaders take it before a cast to fp16."""
     h = hashlib.sha1()
     for name, t in module.state_dict().items():
         h.update(f"{name}{tuple(t.shape)}".encode())
@@ -1170,14 +1171,18 @@ def load_tokenizer(name: str, flag: str = "--dec"):
 
 
 def load_decoder(name: str, device: torch.device, dtype: torch.dtype, flag: str = "--dec"):
+    """The decoder in `dtype` on `device`; its weights_fingerprint (as stored: fp16 is cast after it is taken)
+    in .refrag_fingerprint."""
     from transformers import AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_decoder(name, flag), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(resolve_decoder(name, flag),
+                                                     dtype="auto" if dtype == torch.float16 else dtype)
     except RefragError:
         raise
     except Exception as e:  # OSError, ValueError, a damaged safetensors file, ...
         fail(f"{flag} {name}: cannot load a causal LM ({(str(e).splitlines() or [type(e).__name__])[0][:200]})")
-    return model.to(device).eval()
+    model.refrag_fingerprint = weights_fingerprint(model)
+    return model.to(device=device, dtype=dtype).eval()
 
 
 @functools.lru_cache(maxsize=None)
@@ -1353,8 +1358,7 @@ class Models:
     device: torch.device
     dtype: torch.dtype
     enc_name: str
-    enc_fingerprint: str
-    dec_fingerprint: str = ""
+    fingerprints: dict                # decoder, encoder, projector, retriever: weights_fingerprint before the cast
     policy: nn.Module | None = None   # a SelectionPolicy when one is loaded
     name: str = ""                    # the decoder / checkpoint as the user named it (records say it)
     prefix_cache: dict = dataclasses.field(default_factory=dict)  # template prefix ids -> its KV cache (prefix_kv)
@@ -1364,17 +1368,20 @@ def load_models(dec: str | None, enc: str | None, embed_model: str, load_dir: st
                 device: torch.device, dtype: torch.dtype, need_encoder: bool = True, seed: int = 0) -> Models:
     """load_refrag_modules for inference (eval mode), plus the question embedder and fingerprints."""
     _, tok, decoder, encoder, projector = load_refrag_modules(load_dir, dec, enc, k, device, dtype, need_encoder, seed)
-    enc_fp = ""
-    if encoder is not None:
+    fps = {"decoder": decoder.refrag_fingerprint}
+    if encoder is not None:  # fingerprints of the fp32 weights, as the index and train_policy took them
         encoder.name = load_dir or encoder.name
-        enc_fp = weights_fingerprint(encoder.model)  # of the fp32 weights, as the index computed it
+        fps["encoder"], fps["projector"] = weights_fingerprint(encoder.model), weights_fingerprint(projector)
         encoder = encoder.to(device=device, dtype=dtype).eval()
         projector = projector.to(device=device, dtype=dtype).eval()
-    same = encoder is not None and not load_dir and same_model(embed_model, encoder.name)
-    retriever = encoder if same else ChunkEncoder(embed_model, "--embed_model").to(device=device, dtype=dtype).eval()
+    if encoder is not None and not load_dir and same_model(embed_model, encoder.name):
+        retriever, fps["retriever"] = encoder, fps["encoder"]
+    else:
+        retriever = ChunkEncoder(embed_model, "--embed_model")
+        fps["retriever"] = weights_fingerprint(retriever.model)
+        retriever = retriever.to(device=device, dtype=dtype).eval()
     return Models(tok=tok, decoder=decoder.eval(), encoder=encoder, projector=projector, retriever=retriever,
-                  device=device, dtype=dtype, enc_name=encoder.name if encoder else "", enc_fingerprint=enc_fp,
-                  dec_fingerprint=weights_fingerprint(decoder))
+                  device=device, dtype=dtype, enc_name=encoder.name if encoder else "", fingerprints=fps)
 
 
 # ---- selection: heuristics (random, perplexity, rank), the policy network and its checkpoints ----
@@ -1466,12 +1473,6 @@ class SelectionPolicy(nn.Module):
         return self.head(h).squeeze(-1).float().masked_fill(~mask, float("-inf"))               # (B, L)
 
 
-def model_fingerprints(models) -> dict:
-    """What a policy was trained against: decoder, chunk encoder, projector, question embedder."""
-    return {"decoder": models.dec_fingerprint, "encoder": weights_fingerprint(models.encoder.model),
-            "projector": weights_fingerprint(models.projector), "retriever": weights_fingerprint(models.retriever.model)}
-
-
 def load_policy(path: str, models, k: int, flag: str = "--policy") -> SelectionPolicy:
     """A policy checkpoint, loaded strictly; it must have been trained against the models loaded
     (same decoder, encoder, projector and question embedder weights) and for this k."""
@@ -1482,8 +1483,7 @@ def load_policy(path: str, models, k: int, flag: str = "--policy") -> SelectionP
         fail(f"{flag} {path}: policy trained with k={cfg['k']}, but --k {k} was given")
     if models.encoder is None:
         fail(f"{flag} {path}: a policy selects chunks in refrag mode only")
-    have = model_fingerprints(models)
-    bad = [n for n, fp in cfg["fingerprints"].items() if have.get(n) != fp]
+    bad = [n for n, fp in cfg["fingerprints"].items() if models.fingerprints.get(n) != fp]
     if bad:
         fail(f"{flag} {path}: policy trained against other {', '.join(bad)} weights "
              f"(base {cfg['base']}); load those models or retrain the policy")
@@ -1705,7 +1705,7 @@ def cmd_index(cfg: IndexConfig):
     dec_fp = None
     if cfg.ppl:
         models["decoder"] = load_decoder(cfg.dec, device, dtype)
-        dec_fp = weights_fingerprint(models["decoder"])
+        dec_fp = models["decoder"].refrag_fingerprint
     with open(cfg.corpus, "rb") as fh:
         corpus_sha1 = hashlib.sha1(fh.read()).hexdigest()[:12]
     key = json.dumps([INDEX_FORMAT, corpus_sha1, cfg.embed_model, enc_fp, tokenizer_fingerprint(models["tok"]),
@@ -1849,8 +1849,8 @@ class PassageIndex:
         pc = self.meta.get("ppl_cache")
         if not pc or k not in self.ppl:
             return f"miss (no perplexities cached for k={k}; `refrag.py index --ppl` caches them)"
-        if pc["dec_fingerprint"] != models.dec_fingerprint:
-            return f"miss (cached by decoder {pc['dec']} [{pc['dec_fingerprint']}], loaded [{models.dec_fingerprint}])"
+        if pc["dec_fingerprint"] != models.fingerprints["decoder"]:
+            return f"miss (cached by decoder {pc['dec']} [{pc['dec_fingerprint']}], loaded [{models.fingerprints['decoder']}])"
         return "hit"
 
     def cached_ppl(self, ids: list[int], k: int) -> list[np.ndarray]:
@@ -1865,8 +1865,9 @@ class PassageIndex:
             return "off (--no_cache)"
         if k not in self.caches:
             return f"miss (index cached k={','.join(map(str, sorted(self.caches)))}, asked k={k})"
-        if cc["enc_fingerprint"] != models.enc_fingerprint:
-            return f"miss (index cached encoder {cc['enc']} [{cc['enc_fingerprint']}], loaded {models.enc_name} [{models.enc_fingerprint}])"
+        if cc["enc_fingerprint"] != models.fingerprints.get("encoder"):
+            return (f"miss (index cached encoder {cc['enc']} [{cc['enc_fingerprint']}], loaded {models.enc_name} "
+                    f"[{models.fingerprints.get('encoder')}])")
         return "hit"
 
 
@@ -3058,7 +3059,7 @@ def cmd_train_policy(cfg: PolicyConfig):
     resume = resume_state(cfg.out_dir, cfg.resume, "train_policy")
     config = {"kind": "refrag_policy", "shape": policy.shape, "k": cfg.k, "p": cfg.p, "algo": cfg.algo,
               "base": {"load_dir": cfg.load_dir, "dec": cfg.dec, "enc": cfg.enc, "embed_model": index.meta["embed_model"]},
-              "fingerprints": model_fingerprints(models), "train_config": dataclasses.asdict(cfg)}
+              "fingerprints": models.fingerprints, "train_config": dataclasses.asdict(cfg)}
     state = {"step": 0}
     if resume:  # the same policy for the same models, k, p and algorithm, or nothing
         saved = policy_config(cfg.out_dir, "--out_dir") or {}

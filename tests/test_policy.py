@@ -139,6 +139,9 @@ def test_index_caches_chunk_perplexities_used_by_the_heuristic(tmp_path, tiny_de
     dec = refrag.load_decoder(tiny_dec_dir, torch.device("cpu"), torch.float32)
     direct = refrag.chunk_perplexities(dec, index.passage_ids([3]), 8, torch.device("cpu"), 0)[0]
     assert torch.allclose(torch.from_numpy(index.cached_ppl([3], 8)[0].copy()), direct, atol=1e-5)
+    # the cache was written by the fp32 decoder; a decoder loaded in fp16 (MPS, GPUs without bf16) is the same one
+    code, out, err = run_cli(*args, "--index_dir", idx, "--dtype", "fp16")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["ppl_cache"] == "hit", err + out[-300:]
 
 
 def qa_rows(small_corpus, path, n=6):
@@ -182,6 +185,12 @@ def test_train_policy_end_to_end_and_generate_uses_it(tiny_dec_dir, tiny_index, 
     assert code == 2 and "policy trained against other projector weights" in err
     code, _, err = run_cli("generate", "--index_dir", tiny_index, "--policy", out, "--k", 8, "--question", "x?")
     assert code == 2 and "policy trained with k=16, but --k 8" in err
+    # trained with the models in bf16 (or fp32): the same models loaded in fp16 are accepted
+    code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--policy", out, "--k", 16, "--p", 0.25,
+                                "--question", rows[0]["question"], "--max_new", 2, "--json", "--dtype", "fp16")
+    assert code == 0, err
+    half = json.loads(stdout.strip().splitlines()[-1])
+    assert half["selection"] == "policy" and (query or half["expanded"] == rec["expanded"])  # (fp16 question vector)
     # the community version's spelling, --load_dir naming the policy, is read as --policy (and said so)
     code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--load_dir", out, "--k", 16, "--p", 0.25,
                                 "--question", rows[0]["question"], "--max_new", 2, "--json")
