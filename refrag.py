@@ -2029,12 +2029,13 @@ def layout_embeds(layout: PromptLayout, decoder, projector: Projector | None) ->
 
 def batch_nll(decoder, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per target token of a batch_layouts batch read from inputs x (B, T, d): (NLL, argmax == target,
-    the row each token belongs to), row-major. The LM head runs on target positions only."""
+    the row each token belongs to), row-major. The decoder's own forward computes the logits (with any
+    scaling or soft-capping it applies after its LM head: Gemma 2, Cohere, Granite), on target positions only."""
     dev = x.device
-    h = decoder.base_model(inputs_embeds=x, attention_mask=batch["attention_mask"].to(dev)).last_hidden_state
     labels = batch["labels"].to(dev)                                                     # (B, T)
     sel = labels >= 0
-    logits = decoder.get_output_embeddings()(h[sel]).float()                            # (n_targets, V)
+    logits = decoder(inputs_embeds=x, attention_mask=batch["attention_mask"].to(dev), use_cache=False,
+                     logits_to_keep=sel).logits.float()                                 # (n_targets, V)
     nll = F.cross_entropy(logits, labels[sel], reduction="none")                        # (n_targets,)
     rows = torch.arange(labels.shape[0], device=dev)[:, None].expand_as(labels)[sel]
     return nll, logits.argmax(-1) == labels[sel], rows

@@ -50,10 +50,25 @@ def test_all_chunks_expanded_equals_plain_decoder(dec, tok):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_training_loss_with_every_chunk_expanded_equals_plain_decoder_loss(dec, tok):
+def tiny_other_decoder(arch: str, tok):
+    """A random-weight decoder of another architecture whose forward changes the logits after its LM head."""
+    import transformers
+    cls, extra = {"gemma2": ("Gemma2", dict(head_dim=8, final_logit_softcapping=1.0)),
+                  "cohere": ("Cohere", dict(logit_scale=0.25)), "granite": ("Granite", dict(logits_scaling=4.0))}[arch]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cls + "Config")(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                pad_token_id=tok.pad_token_id, **extra)
+    return getattr(transformers, cls + "ForCausalLM")(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "cohere", "granite"])
+def test_training_loss_with_every_chunk_expanded_equals_plain_decoder_loss(dec, tok, arch):
     """Equivalence on the training path: make_batch + RefragModel (batch_layouts and splice_embeds, the
     code inference uses too) with every chunk expanded give the plain decoder's loss on the same tokens,
-    and targets_nll (the inference scorer) gives each row's mean NLL."""
+    and targets_nll (the inference scorer) gives each row's mean NLL; also for decoders that scale or
+    soft-cap their logits after the LM head (scoring read the LM head directly and missed that)."""
+    dec = dec if arch == "llama" else tiny_other_decoder(arch, tok)
     prefix, sep, suffix = refrag.prompt_pieces(tok, "Which river flows through City_7?")
     ctxs = [refrag.encode_text(tok, "City_7 is a city in Tarn. The Velo River flows through City_7."),
             refrag.encode_text(tok, "Alloy_3 melts at 900 degrees.")]
