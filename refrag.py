@@ -3893,7 +3893,8 @@ def chat_request(body, cfg: ServeConfig) -> tuple[str, dict, list | None, bool, 
                                                                            "heuristic", "policy_sample") if r[key] is not None})
     if r["policy"] is not None:
         wanted = bool(r["policy"])
-        if wanted and (not cfg.policy or isinstance(r["policy"], str) and not same_model(r["policy"], cfg.policy)):
+        named = isinstance(r["policy"], str)  # compared as text: a request never makes the server read a path
+        if wanted and (not cfg.policy or named and os.path.abspath(r["policy"]) != os.path.abspath(cfg.policy)):
             raise RequestError(f"refrag.policy: this server loaded {cfg.policy or 'no policy'}", "refrag.policy")
         if wanted:
             over["heuristic"] = None  # the policy, whatever heuristic the server defaults to

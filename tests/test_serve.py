@@ -136,6 +136,22 @@ BAD = [
 ]
 
 
+def test_a_request_naming_a_policy_never_makes_the_server_read_that_path(tmp_path):
+    """refrag.policy is compared with the served policy as text: a path in a request is not listed, hashed or
+    converted (it was resolved as a decoder name, which listed a directory's .gguf files into the error)."""
+    probe = tmp_path / "private"
+    probe.mkdir()
+    (probe / "secret_a.gguf").write_bytes(b"x")
+    (probe / "secret_b.gguf").write_bytes(b"x")
+    cfg = refrag.ServeConfig(policy=str(tmp_path / "policy"))
+    for asked in (str(probe), str(probe / "secret_a.gguf")):
+        with pytest.raises(refrag.RequestError) as e:
+            refrag.chat_request(chat(QUESTIONS[0], policy=asked), cfg)
+        assert str(e.value) == f"refrag.policy: this server loaded {cfg.policy}" and e.value.param == "refrag.policy"
+    over = refrag.chat_request(chat(QUESTIONS[0], policy=str(tmp_path / "policy" / ".")), cfg)[1]
+    assert over["heuristic"] is None  # the served policy, however its path is spelled
+
+
 @pytest.mark.parametrize("body,message,param", BAD, ids=[b[1][:30] for b in BAD])
 def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(server, body, message, param):
     for stream in (False, True):  # a streamed request is refused before anything streams
