@@ -3289,11 +3289,30 @@ def score_cpt_row(r: dict, cfg: GenerateConfig, models: Models, gen: torch.Gener
     return {"logppl": target_nll(models.decoder, models.projector, layout, tgt), "prompt_positions": info["prompt_positions"]}
 
 
+EVAL_GRID = ("modes", "k", "p", "heuristic", "limit", "out", "mlflow")  # what a resumed evaluate may change
+
+
+def check_eval_resume(args: EvalConfig):
+    """Rows in --out are reused only under the settings that scored them (its run_config.json): another
+    checkpoint, index, file, top-k, ... would mix their numbers into this run's results."""
+    before = read_json(os.path.join(args.out, "run_config.json"), "--out")
+    before = before.get("config", {}) if isinstance(before, dict) else {}
+    now = dataclasses.asdict(args)
+    diff = [f for f in now if f not in EVAL_GRID and before.get(f) != now[f]]
+    if diff:
+        fail(f"--out {args.out}: its rows.jsonl was scored with another {', '.join('--' + f for f in diff)} "
+             f"({before.get(diff[0])} -> {now[diff[0]]}); use another --out or delete rows.jsonl")
+
+
 def cmd_evaluate(args: EvalConfig):
     modes, ks, ps, selections = args.mode_list, args.ks, args.ps, args.selections
     first = read_jsonl(args.eval_json, "--eval_json")[0][1]
     kind = "cpt" if "split" in first else "qa"
     data = read_cpt(args.eval_json, "--eval_json") if kind == "cpt" else read_rag(args.eval_json, "--eval_json")
+    first_line = {}
+    for r in data:  # rows are keyed by id: a repeated one would be scored once and counted twice
+        if first_line.setdefault(r["id"], r["line"]) != r["line"]:
+            fail(f"--eval_json {args.eval_json}:{r['line']}: id {r['id']} repeats line {first_line[r['id']]}")
     if args.limit:
         data = data[:args.limit]
     if args.load_dir and "refrag" in modes:
@@ -3313,8 +3332,10 @@ def cmd_evaluate(args: EvalConfig):
     configs = [c for c in eval_configs(modes, ks, ps, selections + list(policies))
                if c["selection"] not in policies or policies[c["selection"]][1] == c["k"]]
     os.makedirs(args.out, exist_ok=True)
-    write_run_info(args.out, args)
     rows_path = os.path.join(args.out, "rows.jsonl")
+    if os.path.isfile(rows_path):
+        check_eval_resume(args)
+    write_run_info(args.out, args)
     done = {}
     if os.path.isfile(rows_path):  # resume: questions already scored are skipped
         for _, r in read_jsonl(rows_path, "--out rows.jsonl"):

@@ -248,6 +248,17 @@ def test_evaluate_scores_a_grid_and_resumes(tiny_index, tiny_dec_dir, tmp_path, 
     assert code == 0 and "24 rows already scored" in out
     assert len(open(tmp_path / "ev" / "rows.jsonl").read().splitlines()) == n_rows
     assert load_json(tmp_path / "ev" / "results.json")["results"] == res["results"]
+    # rows scored under other settings are never mixed in: refused, nothing written
+    before = {f: (tmp_path / "ev" / f).read_bytes() for f in ("rows.jsonl", "run_config.json", "results.json")}
+    code, out, err = run_cli(*argv[:-2], "--topk", 3, "--out", tmp_path / "ev")
+    assert code == 2 and "rows.jsonl was scored with another --topk (8 -> 3)" in err, err
+    assert before == {f: (tmp_path / "ev" / f).read_bytes() for f in before}
+    code, out, err = run_cli(*argv[:-2], "--modes", "full", "--out", tmp_path / "ev")  # a part of the grid: fine
+    assert code == 0 and "24 rows already scored" in out, err
+    # ids key the rows: a repeated id is refused
+    qa.write_text(qa.read_text() + qa.read_text().splitlines(keepends=True)[0])
+    code, out, err = run_cli(*argv[:-2], "--out", tmp_path / "ev2")
+    assert code == 2 and f"{qa}:4: id " in err and "repeats line 1" in err, err
 
 
 def test_evaluate_cpt_perplexity_orders_context_modes(tiny_dec_dir, tmp_path):
