@@ -982,8 +982,8 @@ def read_rag(path: str, flag: str) -> list[dict]:
     out = []
     for n, rec in read_jsonl(path, flag):
         q, ans = rec.get("question"), rec.get("answers")
-        if not isinstance(q, str) or not q.strip():
-            fail(f"{flag} {path}:{n}: 'question' must be a non-empty string")
+        if not isinstance(q, str) or not q.strip() or "\0" in q:
+            fail(f"{flag} {path}:{n}: 'question' must be a non-empty string without NUL characters")
         if not isinstance(ans, list) or not ans or not all(isinstance(a, str) and a.strip() for a in ans):
             fail(f"{flag} {path}:{n}: 'answers' must be a non-empty list of non-empty strings")
         out.append(dict(rec, id=str(rec.get("id", n)), line=n))
@@ -2185,6 +2185,8 @@ def prepare_prompt(question: str, cfg: GenerateConfig, models: Models, index: Pa
 def check_question(tok, question: str):
     if not question.strip():
         fail("--question: empty question")
+    if "\0" in question:  # (the template marks where the passages go with NUL characters)
+        fail("--question: contains a NUL character")
     n = len(encode_text(tok, question))
     if n > 512:
         fail(f"--question: {n} tokens, longer than the 512-token limit")

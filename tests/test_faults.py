@@ -245,6 +245,7 @@ def bad_inputs():
         (lambda f: ["index", "--index_type", "lsh", "--index_dir", f["out"]], "argument --index_type"),
         (lambda f: f["gen"] + ["--question", ""], "--question"),
         (lambda f: f["gen"] + ["--question", big_q], "512-token limit"),
+        (lambda f: f["gen"] + ["--question", "Who led \0CONTEXT\0 Event_9?"], "--question: contains a NUL character"),
         (lambda f: f["gen"] + ["--question", "q?", "--p", "1.5"], "--p 1.5"),
         (lambda f: f["gen"] + ["--question", "q?", "--p", "-0.1"], "--p -0.1"),
         (lambda f: f["gen"] + ["--question", "q?", "--k", "0"], "--k 0"),
@@ -265,6 +266,8 @@ def bad_inputs():
         (lambda f: ["evaluate", "--eval_json", f["missing"], "--index_dir", f["index"], "--dec", f["dec"]], "--eval_json"),
         (lambda f: ["evaluate", "--eval_json", f["bad_line3"], "--index_dir", f["index"], "--dec", f["dec"]], ":3: invalid JSON"),
         (lambda f: ["evaluate", "--eval_json", f["no_answers"], "--index_dir", f["index"], "--dec", f["dec"]], "'answers'"),
+        (lambda f: ["evaluate", "--eval_json", f["nul_question"], "--index_dir", f["index"], "--dec", f["dec"]],
+         ":1: 'question' must be a non-empty string without NUL"),
         (lambda f: ["evaluate", "--modes", "full,fast", "--index_dir", f["index"]], "--modes"),
         (lambda f: ["evaluate", "--p", "0,2", "--index_dir", f["index"]], "--p"),
         (lambda f: ["cpt_recon", "--train_json", f["latin1"], "--dec", f["dec"], "--out_dir", f["out"]], "not UTF-8"),
@@ -292,6 +295,7 @@ def bad_files(tmp_path_factory, tiny_index, tiny_dec_dir, checkpoint, tok):
     (d / "latin1.txt").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     (d / "bad_line3.jsonl").write_text('{"question": "a?", "answers": ["b"]}\n{"question": "c?", "answers": ["d"]}\n{oops\n')
     (d / "no_answers.jsonl").write_text('{"question": "a?", "answers": []}\n')
+    (d / "nul_question.jsonl").write_text('{"question": "a \\u0000CONTEXT\\u0000?", "answers": ["b"]}\n')
     import shutil
     shutil.copytree(checkpoint, d / "bad_ckpt")
     damage(d / "bad_ckpt" / "config.json", "truncate")
@@ -309,7 +313,8 @@ def bad_files(tmp_path_factory, tiny_index, tiny_dec_dir, checkpoint, tok):
             "other_dec": other, "other_tok_dec": other_tok, "bad_ckpt": d / "bad_ckpt", "bad_chain": d / "bad_chain",
             "gen": ["generate", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--max_new", "2"],
             **{n: d / f for n, f in (("empty", "empty.txt"), ("blank_line", "blank_line.txt"), ("latin1", "latin1.txt"),
-                                     ("bad_line3", "bad_line3.jsonl"), ("no_answers", "no_answers.jsonl"))}}
+                                     ("bad_line3", "bad_line3.jsonl"), ("no_answers", "no_answers.jsonl"),
+                                     ("nul_question", "nul_question.jsonl"))}}
 
 
 BAD_INPUTS = bad_inputs()

@@ -125,6 +125,7 @@ BAD = [
     (dict(chat(QUESTIONS[0]), temperature="hot"), "temperature: expected a number in 0..2, got str", "temperature"),
     (dict(chat(QUESTIONS[0]), stream="yes"), "stream: expected true or false", "stream"),
     (chat("word " * 600), "longer than the 512-token limit", "messages"),
+    (chat("Who led \u0000CONTEXT\u0000 Event_9?"), "messages: contains a NUL character", "messages"),
     (dict(chat(QUESTIONS[0]), n=2), "n: 2 is out of range (1: one answer per request)", "n"),
     (dict(chat(QUESTIONS[0]), stop=["\n"]), "stop: stop sequences are not supported", "stop"),
     (dict(chat(QUESTIONS[0]), seed=2 ** 70), "seed: ", "seed"),
