@@ -3732,7 +3732,7 @@ def chain_examples(a: ChainConfig) -> list[dict]:
             if r["config"] == key:
                 answers.setdefault((key, r["id"]), r)
     out = []
-    for _, q in read_jsonl(a.rag_eval, "--rag_eval"):
+    for q in read_rag(a.rag_eval, "--rag_eval"):  # ids as evaluate keyed its rows (the line number without one)
         full, comp = answers.get(("full", q["id"])), answers.get((refrag_key, q["id"]))
         if full and comp:
             out.append({"question": q["question"], "gold": q["answers"][0], "full": full["answer"],

@@ -261,6 +261,23 @@ def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpu
     assert json.load(open(meta))["format"] == refrag.INDEX_FORMAT
 
 
+def test_chain_examples_match_questions_by_evaluate_s_ids(tmp_path):
+    """The chain's closing examples find evaluate's rows for questions without an id (keyed by line number) or
+    with an integer id (keyed as text); it crashed on the first and showed nothing for the second."""
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"question": "Who led Event_9?", "answers": ["Person_77"]}\n'
+                  '{"id": 7, "question": "Where is City_3?", "answers": ["Tarn"]}\n')
+    key = refrag.config_key({"mode": "refrag", "k": 16, "p": 0.0, "selection": "none"})
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "rows.jsonl").write_text("".join(
+        json.dumps({"config": c, "id": i, "answer": f"{c} {i}", "ttft_s": 0.1}) + "\n"
+        for c in ("full", key) for i in ("1", "7")))
+    cfg = refrag.ChainConfig(out_dir=str(tmp_path), rag_eval=str(qa), k=16, show=5)
+    shown = refrag.chain_examples(cfg)
+    assert [(x["question"], x["full"], x["refrag"]) for x in shown] == [
+        ("Who led Event_9?", "full 1", f"{key} 1"), ("Where is City_3?", "full 7", f"{key} 7")]
+
+
 def test_chain_preset_defaults_to_cpu_without_cuda_and_checks_eval_p():
     args = refrag.parse_config(["chain", "--device", "cpu", "--ft_steps", "7"])
     assert args.preset == "cpu" and args.ft_steps == 7 and args.recon_steps == refrag.CHAIN_PRESETS["cpu"]["recon_steps"]
