@@ -483,7 +483,8 @@ class IndexConfig(ModelArgs):
                               "and the chunk cache in Qdrant: embedded in --index_dir, or --qdrant_url)",
                      choices=["faiss", "qdrant"])
     qdrant_url: str = opt(None, "a Qdrant server or cluster (default: Qdrant's embedded local mode)")
-    qdrant_collection: str = opt(None, "collection name on the server (default: the index directory's name)")
+    qdrant_collection: str = opt(None, "collection name on the server (default: the index directory's name and a hash of its "
+                                     "full path, so two indexes never share one)")
     shard_size: int = opt(4096, "passages per shard: a killed build resumes after its last finished shard "
                                 "(kept in <index_dir>.building/); memory stays bounded by one shard")
 
@@ -1652,8 +1653,9 @@ def write_qdrant_store(tmp: str, cfg: IndexConfig, passages: list[str], paths: l
     <name>_chunks_k<k> (one point per chunk, its fp16 cache value as the vector, payload passage id and
     perplexity). Point ids are passage / global chunk numbers, so the offsets kept beside meta.json address them."""
     from qdrant_client import models as qm
+    full = os.path.abspath(cfg.index_dir)  # runs/a/index and runs/b/index on one server: two collections
     where = {"url": cfg.qdrant_url, "collection": cfg.qdrant_collection or
-             re.sub(r"\W", "_", os.path.basename(os.path.abspath(cfg.index_dir)))}
+             re.sub(r"\W", "_", os.path.basename(full)) + "_" + sha1_text(full)[:8]}
     stale = QDRANT_CLIENTS.pop(os.path.realpath(os.path.join(cfg.index_dir, "qdrant")), None)
     if stale is not None:  # this process has the store being replaced open
         stale.close()
@@ -1673,11 +1675,12 @@ def write_qdrant_store(tmp: str, cfg: IndexConfig, passages: list[str], paths: l
                 for j, (v, e, n) in enumerate(zip(z["emb"], ends, z["lengths"]))], wait=True)
             start += len(z["lengths"])
     for k in cfg.ks:
-        coll, first = f"{name}_chunks_k{k}", 0
+        coll, first, passage0 = f"{name}_chunks_k{k}", 0, 0
         fresh(coll, int(next(shard_arrays(paths, f"chunks{k}")).shape[1]))
         for p in paths:
             with np.load(p, allow_pickle=False) as z:
-                owner = np.repeat(np.arange(len(z[f"counts{k}"])), z[f"counts{k}"])
+                owner = passage0 + np.repeat(np.arange(len(z[f"counts{k}"])), z[f"counts{k}"])  # global passage ids
+                passage0 += len(z[f"counts{k}"])
                 ppl = z[f"ppl{k}"] if cfg.ppl else None
                 client.upload_points(coll, [qm.PointStruct(id=first + j, vector=v.astype(np.float32).tolist(), payload={
                     "passage": int(owner[j]), **({"ppl": float(ppl[j])} if ppl is not None else {})})

@@ -18,7 +18,7 @@ def stores(tmp_path_factory, tiny_dec_dir, small_corpus):
     d = tmp_path_factory.mktemp("stores")
     for store in ("faiss", "qdrant"):
         code, out, err = run_cli("index", "--corpus", small_corpus, "--index_dir", d / store, "--dec", tiny_dec_dir,
-                                 "--k", "8,16", "--ppl", "--store", store)
+                                 "--k", "8,16", "--ppl", "--store", store, "--shard_size", 16)  # 3 shards
         assert code == 0, err
     return d / "faiss", d / "qdrant"
 
@@ -37,6 +37,12 @@ def test_qdrant_store_holds_what_faiss_holds(stores):
         for a, b in zip(q.cached_ppl(ids, k), f.cached_ppl(ids, k), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6)
     assert q.passage_ids([]) == q.cached_chunks([], 16) == []
+    # each chunk point names its passage (global ids across shards), and the collection its index directory
+    off = q.caches[16][1]
+    points = q.client.scroll(f"{q.name}_chunks_k16", limit=10_000, with_payload=True)[0]
+    assert len(points) == off[-1] and all(off[p.payload["passage"]] <= p.id < off[p.payload["passage"] + 1]
+                                          for p in points)
+    assert q.name == "qdrant_" + refrag.sha1_text(os.path.abspath(stores[1]))[:8]
 
 
 def gen(index, dec, q, *extra):
