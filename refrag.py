@@ -1560,9 +1560,10 @@ def index_shard(texts: list[str], cfg: IndexConfig, models: dict) -> dict:
     return out
 
 
-def build_shards(cfg: IndexConfig, passages: list[str], models: dict, stage: str, key: str) -> list[str]:
+def build_shards(cfg: IndexConfig, passages: list[str], models: dict, stage: str, key: str) -> tuple[list[str], float]:
     """Every shard of --shard_size passages into `stage` (each written to a temporary name, then renamed),
-    so a killed build resumes where it stopped; shards of another configuration are discarded first."""
+    so a killed build resumes where it stopped; shards of another configuration are discarded first. Returns
+    the shard paths and the seconds that shards built by an earlier, killed process took (each records its own)."""
     build = os.path.join(stage, "build.json")
     if os.path.isdir(stage) and json_or_empty(build).get("key") != key:
         shutil.rmtree(stage)
@@ -1574,11 +1575,17 @@ def build_shards(cfg: IndexConfig, passages: list[str], models: dict, stage: str
     if len(todo) < len(paths):
         print(f"index: resuming, {len(paths) - len(todo)} of {len(paths)} shards already built in {stage}")
     done = len(passages) - sum(min(cfg.shard_size, len(passages) - a) for a, _ in todo)
+    earlier = 0.0
+    for p in sorted(set(paths) - {p for _, p in todo}):  # built before a kill: the time each took
+        with np.load(p, allow_pickle=False) as z:
+            earlier += float(z["seconds"]) if "seconds" in z.files else 0.0
     t0, first = time.perf_counter(), done
     with progress(total=len(passages), initial=done, desc="index", unit="passage", smoothing=0.1) as bar, \
             torch.inference_mode():
         for a, path in todo:
+            t_shard = time.perf_counter()
             arrays = index_shard(passages[a:a + cfg.shard_size], cfg, models)
+            arrays["seconds"] = np.float64(time.perf_counter() - t_shard)
             tmp = path[:-4] + ".tmp.npz"
             np.savez(tmp, **arrays)
             os.replace(tmp, path)
@@ -1589,7 +1596,7 @@ def build_shards(cfg: IndexConfig, passages: list[str], models: dict, stage: str
                 rate = (done - first) / (time.perf_counter() - t0)
                 print(f"index: {done}/{len(passages)} passages, {rate:.1f} passages/s, "
                       f"{(len(passages) - done) / rate / 60:.1f} min left", flush=True)
-    return paths
+    return paths, earlier
 
 
 def shard_arrays(paths: list[str], name: str):
@@ -1714,7 +1721,7 @@ def cmd_index(cfg: IndexConfig):
     key = json.dumps([INDEX_FORMAT, corpus_sha1, cfg.embed_model, enc_fp, tokenizer_fingerprint(models["tok"]),
                       cfg.ks, dec_fp, str(dtype), cfg.shard_size, cfg.batch_size])
     stage = os.path.abspath(cfg.index_dir).rstrip(os.sep) + ".building"
-    paths = build_shards(cfg, passages, models, stage, key)
+    paths, earlier_s = build_shards(cfg, passages, models, stage, key)
     lengths = concat_shards(paths, "lengths")
     tok_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     n_chunks = {}
@@ -1728,7 +1735,7 @@ def cmd_index(cfg: IndexConfig):
             store, built_type = {"store": "qdrant", "qdrant": write_qdrant_store(tmp, cfg, passages, paths)}, "qdrant"
         else:
             store, built_type = {"store": "faiss"}, write_faiss_store(tmp, cfg, passages, paths)
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 + earlier_s  # a resumed build counts its earlier shards' time too
         meta = {
             "format": INDEX_FORMAT, "n_passages": len(passages), "corpus": cfg.corpus, "corpus_sha1": corpus_sha1,
             "embed_model": cfg.embed_model, "embed_dim": models["retriever"].dim, "index_type": built_type, **store,

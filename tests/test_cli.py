@@ -205,6 +205,30 @@ def test_bad_corpus_line_is_named(tmp_path, tiny_dec_dir):
     assert not (tmp_path / "i").exists()
 
 
+def test_a_resumed_index_build_counts_the_time_of_shards_built_before(tmp_path, tiny_dec_dir, small_corpus, monkeypatch):
+    """meta.json's build seconds and passages/s (bench_index reports them) cover the whole build, also when a
+    killed build was resumed: here the first shard took over 4 s in a process that then died."""
+    real, calls = refrag.index_shard, []
+
+    def first_slow_then_killed(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies after its first shard
+        time.sleep(4)
+        return real(*a, **kw)
+
+    argv = ("index", "--corpus", small_corpus, "--index_dir", tmp_path / "idx", "--dec", tiny_dec_dir, "--k", 16,
+            "--shard_size", 16)
+    monkeypatch.setattr(refrag, "index_shard", first_slow_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(*argv)
+    monkeypatch.setattr(refrag, "index_shard", real)
+    code, out, err = run_cli(*argv)
+    assert code == 0 and "1 of 3 shards already built" in out, err
+    build = load_json(tmp_path / "idx" / "meta.json")["build"]
+    assert build["seconds"] >= 4 and build["passages_per_s"] <= N_PASSAGES / 4, build
+
+
 def test_index_rebuild_is_atomic(tmp_path, tiny_dec_dir, small_corpus, monkeypatch):
     d = tmp_path / "idx"
     assert run_cli("index", "--corpus", small_corpus, "--index_dir", d, "--dec", tiny_dec_dir, "--k", 32)[0] == 0
