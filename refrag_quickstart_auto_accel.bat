@@ -4,8 +4,9 @@ REM requirements into .venv, then runs the demo on data\corpus_small.txt (or the
 REM   refrag_quickstart_auto_accel.bat          demo
 REM   refrag_quickstart_auto_accel.bat test     test suite
 REM Runs refrag.py chain --preset quick (index, train, evaluate); unset overrides keep the preset's values:
-REM   PRESET (quick, cpu, paper) OUT_DIR ENC_MODEL EMBED_MODEL DEC_MODEL K TOPK P CTX_MAX MAX_NEW STEPS
-REM   POLICY_STEPS LR_RECON LR_NEXT LR_FT LR_POLICY TORCH_VERSION CUDA_INDEX (default https://download.pytorch.org/whl/cu128)
+REM   PRESET (quick, cpu, paper) OUT_DIR CORPUS ENC_MODEL EMBED_MODEL DEC_MODEL K TOPK P CTX_MAX MAX_NEW STEPS
+REM   POLICY_STEPS LR_RECON LR_NEXT LR_FT LR_POLICY ACCEL (cuda or cpu; default: detected) TORCH_VERSION
+REM   CUDA_INDEX (default https://download.pytorch.org/whl/cu128)
 setlocal EnableDelayedExpansion
 cd /d "%~dp0"
 
@@ -18,18 +19,23 @@ if "%EMBED_MODEL%"=="" set "EMBED_MODEL=%ENC_MODEL%"
 if "%DEC_MODEL%"=="" set "DEC_MODEL=smollm2"
 if "%PRESET%"=="" set "PRESET=quick"
 if "%OUT_DIR%"=="" set "OUT_DIR=runs/quickstart"
+if "%CORPUS%"=="" set "CORPUS=data/corpus_small.txt"
 
 if not exist .venv (
   python -m venv .venv || goto :error
 )
 call .venv\Scripts\activate.bat || goto :error
 
-set "ACCEL=cpu"
-where nvidia-smi >nul 2>nul && nvidia-smi -L >nul 2>nul && set "ACCEL=cuda"
+if "%ACCEL%"=="" (
+  set "ACCEL=cpu"
+  where nvidia-smi >nul 2>nul && nvidia-smi -L >nul 2>nul && set "ACCEL=cuda"
+)
 echo [quickstart] accelerator: %ACCEL%
 
 python -c "import torch,sys; sys.exit(0 if ('%ACCEL%'=='cpu' or torch.version.cuda) else 1)" >nul 2>nul
 if errorlevel 1 (
+  REM a torch of another flavour satisfies the same version pin: remove it first
+  python -m pip uninstall -y -q torch >nul 2>nul
   if "%ACCEL%"=="cuda" (
     python -m pip install torch==%TORCH_VERSION% --index-url %CUDA_INDEX% || goto :error
   ) else (
@@ -48,7 +54,7 @@ if /i "%ACTION%"=="test" (
 )
 if /i "%ACTION%"=="setup" goto :eof
 
-set "ARGS=--preset %PRESET% --corpus data/corpus_small.txt --enc "%ENC_MODEL%" --embed_model "%EMBED_MODEL%" --dec "%DEC_MODEL%" --out_dir %OUT_DIR%"
+set "ARGS=--preset %PRESET% --corpus "%CORPUS%" --enc "%ENC_MODEL%" --embed_model "%EMBED_MODEL%" --dec "%DEC_MODEL%" --out_dir "%OUT_DIR%""
 if not "%K%"=="" set "ARGS=!ARGS! --k %K%"
 if not "%TOPK%"=="" set "ARGS=!ARGS! --topk %TOPK%"
 if not "%P%"=="" set "ARGS=!ARGS! --eval_p 0,%P%"

@@ -5,6 +5,7 @@
 #   bash refrag_quickstart_auto_accel.sh          # demo: refrag.py chain --preset quick (index, train, evaluate)
 #   bash refrag_quickstart_auto_accel.sh test     # the test suite (what CI runs)
 #   bash refrag_quickstart_auto_accel.sh setup    # only create .venv and install
+#   bash refrag_quickstart_auto_accel.sh detect   # print the accelerator whose PyTorch build setup installs
 #
 # Environment overrides (unset: the preset's value; see `python refrag.py chain --help`):
 #   PRESET [quick]  quick | cpu | paper      OUT_DIR [runs/quickstart]   CORPUS [data/corpus_small.txt]
@@ -24,12 +25,14 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 ROCM_INDEX=${ROCM_INDEX:-https://download.pytorch.org/whl/rocm6.4}
+CUDA_INDEX=${CUDA_INDEX:-https://download.pytorch.org/whl/cu128}  # Windows (Git Bash): PyPI's wheels there are CPU builds
 CPU_INDEX=${CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 
 detect_accel() {
   if [ -n "${ACCEL:-}" ]; then echo "$ACCEL"; return; fi
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo cuda; return; fi
-  if command -v rocminfo >/dev/null 2>&1 && rocminfo 2>/dev/null | grep -q 'gfx'; then echo rocm; return; fi
+  # (grep reads all of rocminfo's output: `grep -q` would stop early and, under pipefail, fail the test)
+  if command -v rocminfo >/dev/null 2>&1 && rocminfo 2>/dev/null | grep 'gfx' >/dev/null; then echo rocm; return; fi
   if [ "$(uname -s)" = "Darwin" ] && [ "$(uname -m)" = "arm64" ]; then echo mps; return; fi
   echo cpu
 }
@@ -57,8 +60,13 @@ setup() {
   if torch_matches "$accel"; then
     echo "[quickstart] torch $(python -c 'import torch; print(torch.__version__)') already installed"
   else
+    # a torch of another flavour (e.g. 2.13.0+cpu where CUDA is wanted) satisfies the same version pin: remove it
+    python -m pip uninstall -y -q torch 2>/dev/null || true
     case "$accel" in
-      cuda) python -m pip install "$pin" ;;                     # PyPI's Linux/Windows-CUDA wheels
+      cuda) case "$(uname -s)" in
+              MINGW*|MSYS*|CYGWIN*) python -m pip install "$pin" --index-url "$CUDA_INDEX" ;;
+              *) python -m pip install "$pin" ;;                # PyPI's Linux wheels are CUDA builds
+            esac ;;
       rocm) python -m pip install "$pin" --index-url "$ROCM_INDEX" ;;
       mps)  python -m pip install "$pin" ;;                     # macOS wheels include MPS
       cpu)  if [ "$(uname -s)" = "Linux" ]; then
@@ -106,6 +114,7 @@ demo() {
 
 case "$ACTION" in
   setup) setup ;;
+  detect) detect_accel ;;
   demo)  setup; demo ;;
   test)  setup; export HF_HUB_OFFLINE=1; python -m pytest -q tests ;;
   *) echo "usage: $0 [demo|test|setup]" >&2; exit 2 ;;
