@@ -1280,6 +1280,9 @@ def read_checkpoint_config(load_dir: str, k: int | None, flag: str = "--load_dir
     cfg = read_json(cfg_path, flag)
     if not isinstance(cfg, dict) or cfg.get("kind") == "refrag_policy":
         fail(f"{flag} {load_dir}: a policy checkpoint, not a refrag one; pass it as --policy")
+    if not (isinstance(cfg.get("enc"), str) and isinstance(cfg.get("dec"), str)):
+        fail(f"{flag} {load_dir}: not a refrag checkpoint (its config.json names no encoder and decoder it was "
+             f"trained from; a model directory goes to --dec or --enc)")
     if k is not None and cfg.get("k") is not None and int(cfg["k"]) != k:
         fail(f"{flag} {load_dir}: checkpoint was trained with k={cfg['k']}, but --k {k} was given")
     return cfg

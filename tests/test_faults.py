@@ -258,6 +258,7 @@ def bad_inputs():
         (lambda f: f["gen"] + ["--question", "q?", "--max_new", "abc"], "argument --max_new"),
         (lambda f: f["gen"] + ["--question", "q?", "--embed_model", f["dec"]], "--embed_model"),
         (lambda f: f["gen"] + ["--question", "q?", "--load_dir", f["out"]], "--load_dir"),
+        (lambda f: f["gen"] + ["--question", "q?", "--load_dir", f["dec"]], "not a refrag checkpoint (its config.json"),
         (lambda f: f["gen"] + ["--question", "q?", "--load_dir", f["ckpt"], "--k", "8"], "trained with k=16"),
         (lambda f: ["generate", "--index_dir", f["missing"], "--question", "q?"], "--index_dir"),
         (lambda f: ["generate", "--index_dir", f["index"], "--question", "q?", "--load_dir", f["ckpt"], "--dec", f["other_dec"]],
