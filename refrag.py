@@ -879,7 +879,8 @@ class MlflowRun:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         import mlflow
         from mlflow.entities import Param
-        self.uri, self.out_dir, self.client, self.offset = uri, out_dir, mlflow.MlflowClient(uri), 0
+        self.uri, self.out_dir, self.client = uri, out_dir, mlflow.MlflowClient(uri)
+        self.offset, self.head = self.file_state()  # rows already there belong to an earlier command
         exp = self.client.get_experiment_by_name("refrag")
         self.rid = self.client.create_run(exp.experiment_id if exp else self.client.create_experiment("refrag"),
                                           run_name=f"{getattr(cfg, 'stage', None) or cfg.COMMAND} {out_dir}",
@@ -894,25 +895,39 @@ class MlflowRun:
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.rid, metrics=metrics[i:i + 1000])
 
+    @property
+    def path(self) -> str:
+        return os.path.join(self.out_dir or "", "metrics.jsonl")
+
+    def file_state(self) -> tuple[int, bytes]:
+        """metrics.jsonl's size and first line (0, b"" when there is none)."""
+        if not os.path.isfile(self.path):
+            return 0, b""
+        with open(self.path, "rb") as fh:
+            return os.fstat(fh.fileno()).st_size, fh.readline()
+
     def sync(self):
-        """The metrics.jsonl rows written since the last call, as step metrics (a cut last line waits)."""
+        """The metrics.jsonl rows written since the last call, as step metrics (a cut last line waits). A file
+        begun anew (shorter, or another first line: a trainer started again from step 0) is read from its start;
+        the offset moves only once MLflow has taken the rows, so a failed round is sent again."""
         from mlflow.entities import Metric
-        path = os.path.join(self.out_dir or "", "metrics.jsonl")
-        if not os.path.isfile(path):
-            return
-        if os.path.getsize(path) < self.offset:  # started again from step 0
+        size, head = self.file_state()
+        if size < self.offset or head[:len(self.head)] != self.head[:len(head)]:
             self.offset = 0
-        with open(path, "rb") as fh:
+        self.head = head
+        if not size:
+            return
+        with open(self.path, "rb") as fh:
             fh.seek(self.offset)
             data = fh.read()
         done = data.rfind(b"\n") + 1
-        self.offset += done
         now, metrics = int(time.time() * 1000), []
         for line in data[:done].splitlines():
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 row = json.loads(line)
                 metrics += [Metric(k, v, now, int(row["step"])) for k, v in _numbers(row).items() if k != "step"]
         self.log(metrics)
+        self.offset += done
 
     def follow(self):
         while not self.stop.wait(5.0):

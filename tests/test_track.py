@@ -89,8 +89,8 @@ def test_metrics_reach_mlflow_while_the_run_is_going(tmp_path):
     cfg = refrag.EvalConfig(out=str(tmp_path / "run"), mlflow=str(tmp_path / "mlruns"))
     os.makedirs(cfg.out)
     metrics = tmp_path / "run" / "metrics.jsonl"
+    run = refrag.MlflowRun(cfg.mlflow, cfg, cfg.out)  # as the command starts
     metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # a line being written
-    run = refrag.MlflowRun(cfg.mlflow, cfg, cfg.out)
     run.sync()
     client = mlflow.MlflowClient("file:" + str(tmp_path / "mlruns"))
     history = lambda: [(m.step, m.value) for m in client.get_metric_history(run.rid, "loss")]  # noqa: E731
@@ -99,3 +99,35 @@ def test_metrics_reach_mlflow_while_the_run_is_going(tmp_path):
         fh.write('ss": 1.25}\n')
     run.finish("FINISHED")
     assert sorted(history()) == [(1, 2.0), (2, 1.5), (3, 1.25)] and client.get_run(run.rid).info.status == "FINISHED"
+
+
+def test_mlflow_follows_only_this_command_s_rows_and_resends_a_failed_round(tmp_path, monkeypatch):
+    """Rows already in metrics.jsonl belong to an earlier command; a file begun anew is read from its start; a
+    round MLflow refused is sent again (its rows were skipped: the offset moved before the rows were taken)."""
+    mlflow = pytest.importorskip("mlflow")
+    out, store = tmp_path / "run", tmp_path / "mlruns"
+    out.mkdir()
+    rows = lambda steps, loss: "".join(json.dumps({"step": s, "loss": loss}) + "\n" for s in steps)  # noqa: E731
+    (out / "metrics.jsonl").write_text(rows([1, 2], 9.0))  # an earlier run's
+    run = refrag.MlflowRun(str(store), refrag.TrainConfig(stage="cpt_recon", out_dir=str(out)), str(out))
+    run.stop.set()
+    run.thread.join()
+    (out / "metrics.jsonl").write_text(rows([1, 2, 3], 1.0))  # started again from step 0, as long as the old file
+    real, calls = run.client.log_batch, []
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("server away")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(run.client, "log_batch", flaky)
+    with pytest.raises(ConnectionError):
+        run.sync()
+    run.sync()
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write(rows([4], 0.5))
+    run.sync()
+    client = mlflow.MlflowClient(run.uri)
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run.rid, "loss")) == \
+        [(1, 1.0), (2, 1.0), (3, 1.0), (4, 0.5)]
