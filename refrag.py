@@ -234,13 +234,32 @@ def atomic_dir(path: str):
     os.chmod(tmp, 0o755)
     try:
         yield tmp
-    except BaseException:
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:  # the new copy goes; an old one moved aside is put back by the next call (or reader)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive(path: str):
+    """Hold an exclusive lock on <path>.lock: processes about to build the same thing (torchrun's ranks
+    converting one GGUF) wait for the first and then find its result. POSIX flock; where there is no fcntl
+    (Windows) there is no lock, and atomic_dir still keeps every copy whole."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".lock", "a") as fh:
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def read_json(path: str, flag: str):
@@ -1122,12 +1141,8 @@ def decoder_cache_root() -> str:
     return os.environ.get("REFRAG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "refrag")
 
 
-@functools.lru_cache(maxsize=None)
-def _converted_gguf(path: str, size: int, mtime: float) -> str:
-    """Dequantise a GGUF once into <cache>/decoders/<name>-<sha256[:12]> (safetensors + tokenizer),
-    written atomically with the GGUF's sha256 recorded; later calls find it there."""
-    digest = sha256_file(path)
-    out = os.path.join(decoder_cache_root(), "decoders", f"{os.path.basename(path)[:-5]}-{digest[:12]}")
+def _convert_gguf_once(path: str, digest: str, out: str) -> str:
+    """(Under _converted_gguf's lock) the conversion into `out`, unless a complete one is already there."""
     info = os.path.join(out, "refrag_gguf.json")
     if json_or_empty(info).get("gguf_sha256") == digest:  # absent or damaged: converted again
         return out
@@ -1158,6 +1173,16 @@ def _converted_gguf(path: str, size: int, mtime: float) -> str:
         write_json(os.path.join(tmp, "refrag_gguf.json"), {"gguf": os.path.abspath(path), "gguf_sha256": digest,
                                                             "dtype": "float32 (dequantised)"})
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _converted_gguf(path: str, size: int, mtime: float) -> str:
+    """Dequantise a GGUF once into <cache>/decoders/<name>-<sha256[:12]> (safetensors + tokenizer),
+    written atomically with the GGUF's sha256 recorded; later calls find it there."""
+    digest = sha256_file(path)
+    out = os.path.join(decoder_cache_root(), "decoders", f"{os.path.basename(path)[:-5]}-{digest[:12]}")
+    with exclusive(out):
+        return _convert_gguf_once(path, digest, out)
 
 
 def resolve_decoder(name: str, flag: str = "--dec") -> str:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -332,3 +333,27 @@ def test_bad_input_is_one_line_naming_it_and_changes_no_file(case, bad_files, ti
     assert expected in lines[0] and "Traceback" not in err, (argv, err)
     assert tree(tiny_index, checkpoint, os.path.dirname(bad_files["empty"])) == before
     assert not os.path.exists(bad_files["out"])
+
+
+def test_atomic_dir_leaves_no_copy_behind_when_its_swap_fails(tmp_path, monkeypatch):
+    """A swap that fails between its renames (another process swapping the same directory) removes the new copy
+    (it stayed behind, hundreds of MB for a converted reader) and the next call puts the old one back."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "f").write_text("old")
+    real, calls = os.replace, []
+
+    def second_rename_fails(a, b):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(39, "Directory not empty")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", second_rename_fails)
+    with pytest.raises(OSError):
+        with refrag.atomic_dir(str(d)) as tmp:
+            (Path(tmp) / "f").write_text("new")
+    monkeypatch.setattr(os, "replace", real)
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp")] == []
+    refrag.recover_dir(str(d))
+    assert (d / "f").read_text() == "old"
