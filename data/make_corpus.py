@@ -1,7 +1,7 @@
 """Deterministic generator of refrag's demo data (see data/README_DATA.md).
 
     python data/make_corpus.py                      # rewrites the shipped files in data/
-    python data/make_corpus.py --n 100000 --out_dir /tmp/big --corpus_only   # scale tests
+    python data/make_corpus.py --n 100000 --out_dir /tmp/big    # scale tests: only corpus_100000.txt
 
 Every fact is drawn from a seeded RNG (never computed from the entity id), so a decoder can only
 know it by reading the passage. The entities asked about in rag_eval.jsonl and cpt_eval.jsonl are
@@ -24,6 +24,7 @@ N_CPT_TRAIN, N_CPT_EVAL = 480, 60
 CPT_PASSAGES = (5, 9)            # passages per cpt text (inclusive range)
 CPT_MAX_O = 256                  # at most this many continuation tokens
 TOKENIZER_VOCAB = 4096
+MAX_PER_KIND = 30_000            # make_ids draws from 42,099 ids per kind; near that it would take forever
 
 ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr",
           "kr", "st", "tr", "th", "sh", "ch", "w", "h"]
@@ -230,9 +231,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--seed", type=int, default=SEED)
-    ap.add_argument("--n", type=int, default=0, help="write only corpus_<n>.txt with n passages (scale tests)")
-    ap.add_argument("--corpus_only", action="store_true", help="with --n: skip QA, cpt and tokenizer")
+    ap.add_argument("--n", type=int, default=0, help="write only corpus_<n>.txt with n passages (scale tests; "
+                    f"at most {MAX_PER_KIND * len(KINDS)})")
+    ap.add_argument("--corpus_only", action="store_true", help="(implied by --n; kept for older command lines)")
     args = ap.parse_args()
+    if not 0 <= args.n <= MAX_PER_KIND * len(KINDS):
+        ap.error(f"--n {args.n}: between 1 and {MAX_PER_KIND * len(KINDS)} passages")
     rng = random.Random(args.seed)
     n_total = max(N_LARGE, args.n)
     pools = dict(country=make_pool(rng, 40), river=make_pool(rng, 80), univ=make_pool(rng, 60),
@@ -245,11 +249,10 @@ def main():
     names = [e for e, _, _ in entities]
     assert len(set(names)) == len(names)
     os.makedirs(args.out_dir, exist_ok=True)
-    if args.n:
+    if args.n:  # only the large corpus: the other files come from the default run (another n draws other ids)
         atomic_write(os.path.join(args.out_dir, f"corpus_{args.n}.txt"),
                      "".join(t + "\n" for _, t, _ in entities[:args.n]))
-        if args.corpus_only:
-            return
+        return
     for name, n in (("small", N_SMALL), ("medium", N_MEDIUM), ("large", N_LARGE)):
         atomic_write(os.path.join(args.out_dir, f"corpus_{name}.txt"),
                      "".join(t + "\n" for _, t, _ in entities[:n]))

@@ -102,3 +102,14 @@ def test_generator_is_deterministic_and_matches_shipped_files(tmp_path):
                    check=True, capture_output=True, cwd=ROOT)
     for f in SHIPPED:
         assert filecmp.cmp(os.path.join(DATA, f), str(tmp_path / f), shallow=False), f
+
+
+def test_a_large_corpus_run_writes_only_that_corpus_and_refuses_what_it_cannot_make(tmp_path):
+    """--n writes corpus_<n>.txt alone (it rewrote every demo file with other data, in data/ by default);
+    an --n beyond the entity ids available is refused at once (it never ended)."""
+    gen = [sys.executable, os.path.join(DATA, "make_corpus.py"), "--out_dir", str(tmp_path)]
+    subprocess.run(gen + ["--n", "4000"], check=True, capture_output=True, cwd=ROOT, timeout=300)
+    assert os.listdir(tmp_path) == ["corpus_4000.txt"]
+    assert len(open(tmp_path / "corpus_4000.txt", encoding="utf-8").read().splitlines()) == 4000
+    out = subprocess.run(gen + ["--n", "170000"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 2 and "--n 170000: between 1 and 120000 passages" in out.stderr
