@@ -1181,6 +1181,8 @@ def _converted_gguf(path: str, size: int, mtime: float) -> str:
     written atomically with the GGUF's sha256 recorded; later calls find it there."""
     digest = sha256_file(path)
     out = os.path.join(decoder_cache_root(), "decoders", f"{os.path.basename(path)[:-5]}-{digest[:12]}")
+    if json_or_empty(os.path.join(out, "refrag_gguf.json")).get("gguf_sha256") == digest:
+        return out  # converted before (no lock needed: the cache may be read-only)
     with exclusive(out):
         return _convert_gguf_once(path, digest, out)
 
