@@ -899,7 +899,7 @@ class MlflowRun:
         import mlflow
         from mlflow.entities import Param
         self.uri, self.out_dir, self.client = uri, out_dir, mlflow.MlflowClient(uri)
-        self.offset, self.head = self.file_state()  # rows already there belong to an earlier command
+        self.offset, self.head = self.file_state() or (0, b"")  # rows already there belong to an earlier command
         exp = self.client.get_experiment_by_name("refrag")
         self.rid = self.client.create_run(exp.experiment_id if exp else self.client.create_experiment("refrag"),
                                           run_name=f"{getattr(cfg, 'stage', None) or cfg.COMMAND} {out_dir}",
@@ -918,19 +918,22 @@ class MlflowRun:
     def path(self) -> str:
         return os.path.join(self.out_dir or "", "metrics.jsonl")
 
-    def file_state(self) -> tuple[int, bytes]:
-        """metrics.jsonl's size and first line (0, b"" when there is none)."""
-        if not os.path.isfile(self.path):
-            return 0, b""
-        with open(self.path, "rb") as fh:
-            return os.fstat(fh.fileno()).st_size, fh.readline()
+    def file_state(self) -> tuple[int, bytes] | None:
+        """metrics.jsonl's size and first line, or None while there is none."""
+        with contextlib.suppress(FileNotFoundError):
+            with open(self.path, "rb") as fh:
+                return os.fstat(fh.fileno()).st_size, fh.readline()
+        return None
 
     def sync(self):
         """The metrics.jsonl rows written since the last call, as step metrics (a cut last line waits). A file
         begun anew (shorter, or another first line: a trainer started again from step 0) is read from its start;
         the offset moves only once MLflow has taken the rows, so a failed round is sent again."""
         from mlflow.entities import Metric
-        size, head = self.file_state()
+        state = self.file_state()
+        if state is None:  # not written yet, or gone for a moment (a checkpoint swapping out_dir in)
+            return
+        size, head = state
         if size < self.offset or head[:len(self.head)] != self.head[:len(head)]:
             self.offset = 0
         self.head = head
@@ -3346,7 +3349,9 @@ def score_cpt_row(r: dict, cfg: GenerateConfig, models: Models, gen: torch.Gener
     return {"logppl": target_nll(models.decoder, models.projector, layout, tgt), "prompt_positions": info["prompt_positions"]}
 
 
-EVAL_GRID = ("modes", "k", "p", "heuristic", "limit", "out", "mlflow")  # what a resumed evaluate may change
+# what a resumed evaluate may change: which rows it scores and where they go (not --policy: a policy retrained
+# into the same directory keeps its name, so its old rows would pass for new ones)
+EVAL_GRID = ("modes", "k", "p", "heuristic", "limit", "out", "mlflow")
 
 
 def check_eval_resume(args: EvalConfig):

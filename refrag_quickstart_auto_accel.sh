@@ -117,5 +117,5 @@ case "$ACTION" in
   detect) detect_accel ;;
   demo)  setup; demo ;;
   test)  setup; export HF_HUB_OFFLINE=1; python -m pytest -q tests ;;
-  *) echo "usage: $0 [demo|test|setup]" >&2; exit 2 ;;
+  *) echo "usage: $0 [demo|test|setup|detect]" >&2; exit 2 ;;
 esac

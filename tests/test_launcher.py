@@ -27,5 +27,5 @@ def test_detects_cuda_rocm_and_the_override(tmp_path):
     # SIGPIPE and, under pipefail, the machine was taken for a CPU one
     big = "i=0; while [ $i -lt 3000 ]; do echo \"  Marketing Name: AMD Instinct MI250X ($i) padding padding\"; " \
           "i=$((i+1)); done; echo '  Name: gfx90a'; i=0; while [ $i -lt 3000 ]; do echo padding; i=$((i+1)); done"
-    assert detect(tmp_path / "r", {"rocminfo": big}) == "rocm"
+    assert detect(tmp_path / "r", {"rocminfo": big, "nvidia-smi": "exit 9"}) == "rocm"  # (a host GPU hidden)
     assert detect(tmp_path / "n", {"nvidia-smi": "exit 9"}, ACCEL="mps") == "mps"
