@@ -2152,6 +2152,12 @@ class RetrievedContext:
     def n_chunks(self) -> int:
         return sum(len(c) for c in self.chunks)
 
+    @classmethod
+    def long_text(cls, bos: list[int], ids: list[int], k: int, chunk_embs: list | None = None) -> "RetrievedContext":
+        """A long text's first tokens as the context (one passage after BOS; no question, no retrieval)."""
+        return cls(prefix=bos, sep=[], suffix=[], used=[], ranked=[], scores=[], passages_ids=[ids],
+                   chunks=[split_chunks(ids, k)], chunk_embs=chunk_embs, q_emb=None, cache="n/a (long text)")
+
 
 def retrieve_context(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex | None,
                      marks: dict, passages: list[str] | None = None) -> RetrievedContext:
@@ -3007,9 +3013,7 @@ def policy_contexts(cfg: PolicyConfig, models: Models, index: PassageIndex, path
     bos = bos_ids(tok)
     for r in progress(load_cpt_ids(path, flag, tok), desc="encode", unit="text"):
         ctx_ids = r["ids"][max(0, r["s"] - cfg.ctx_max):r["s"]]
-        chunks = [split_chunks(ctx_ids, cfg.k)]
-        embs = encode_chunks(models.encoder, tok, [ctx_ids], cfg.k)
-        ctx = RetrievedContext(bos, [], [], [], [], [], [ctx_ids], chunks, embs, None, "n/a (long text)")
+        ctx = RetrievedContext.long_text(bos, ctx_ids, cfg.k, encode_chunks(models.encoder, tok, [ctx_ids], cfg.k))
         if ctx.n_chunks >= 2:
             out.append({"ctx": ctx, "target": r["ids"][r["s"]:r["s"] + min(r["o"], cfg.max_o)], "id": r["id"]})
         if len(out) == limit:
@@ -3241,7 +3245,7 @@ def cpt_layout_and_target(rec: dict, cfg: GenerateConfig, models: Models, gen: t
     bos = bos_ids(tok)
     if cfg.mode == "none":
         return build_layout([("tokens", bos or tgt[:1])]), (tgt if bos else tgt[1:]), {"prompt_positions": max(1, len(bos))}
-    ctx = RetrievedContext(bos, [], [], [], [], [], [ctx_ids], [split_chunks(ctx_ids, cfg.k)], None, None, "n/a (long text)")
+    ctx = RetrievedContext.long_text(bos, ctx_ids, cfg.k)
     expanded = []
     if cfg.mode == "refrag":
         ctx.chunk_embs = encode_chunks(models.encoder, tok, [ctx_ids], cfg.k)
