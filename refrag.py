@@ -539,6 +539,9 @@ class GenerateConfig(ModelArgs):
     heuristic: str = opt(None, "selection heuristic (bare flag: ppl_desc; default: the policy if given, else random)",
                          nargs="?", const="ppl_desc", choices=HEURISTICS)
     policy_sample: bool = opt(False, "sample the policy's picks instead of taking its top-scoring chunks")
+    drop_compressed: bool = opt(False, "refrag mode: keep only the expanded chunks (as tokens) and drop the compressed "
+                                       "ones: what the selection alone gives (evaluate scores it beside every p > 0)",
+                                cmds=("generate",))
     no_cache: bool = opt(False, "recompute chunk embeddings instead of reading the index's cache")
     warmup: int = opt(1, "untimed warm-up runs before the timed one")
     seed: int = opt(0, "sampling / random selection seed")
@@ -568,6 +571,13 @@ class GenerateConfig(ModelArgs):
 
 
 STAGE_LR = {"cpt_recon": 2e-4, "cpt_next": 5e-5, "finetune": 2e-5}  # paper appendix B
+# Each module's peak LR as a multiple of the stage's --lr (its own flag overrides). A projector into a frozen
+# decoder's embedding space trains like a soft prompt and needs a far higher rate than a pretrained encoder
+# (xRAG trains its projector alone at 6e-3; OSCAR found equal rates for compressor and decoder poor): with
+# one shared 2e-4 reconstruction cannot even memorise 8 sentences (results/README.md, "Per-module rates").
+MODULE_LR_SCALE = {"cpt_recon": {"encoder": 0.25, "projector": 25.0, "decoder": 1.0},
+                   "cpt_next": {"encoder": 1.0, "projector": 1.0, "decoder": 1.0},
+                   "finetune": {"encoder": 1.0, "projector": 1.0, "decoder": 1.0}}
 CPT, FT = ("cpt_recon", "cpt_next"), ("finetune",)
 
 
@@ -589,6 +599,8 @@ class TrainConfig(LoopArgs):
     stage: str = "cpt_recon"
     train_json: str = opt("data/cpt_train.jsonl", "long texts {text, split: {s, o}}", cmds=CPT)
     eval_json: str = opt("data/cpt_eval.jsonl", "held-out texts scored at the end ('' to skip)", cmds=CPT)
+    facts_json: str = opt("data/rag_eval.jsonl", "QA whose answers are the fact values the held-out reconstruction "
+                                                 "scores apart ('' to skip)", cmds=("cpt_recon",))
     rag_json: str = opt("data/rag_train.jsonl", "QA records {question, answers}", cmds=FT)
     index_dir: str = opt(DEFAULT_INDEX, "index the fine-tuning contexts are retrieved from", cmds=FT)
     mode: str = opt("refrag", "full: fine-tune the plain decoder on full-token contexts (the fair baseline)",
@@ -606,7 +618,11 @@ class TrainConfig(LoopArgs):
     k: int = opt(16, "decoder tokens per chunk")
     steps: int = opt(200, "optimizer steps")
     lr: float = opt(None, "peak learning rate (default: the paper's, 2e-4 / 5e-5 / 2e-5 for recon / next / "
-                          "finetune)", type=float)
+                          "finetune); each module's is --lr x its stage scale unless --lr_enc/--lr_proj/--lr_dec",
+                    type=float)
+    lr_enc: float = opt(None, "encoder peak LR (default: --lr x 0.25 in cpt_recon, else --lr)", type=float)
+    lr_proj: float = opt(None, "projector peak LR (default: --lr x 25 in cpt_recon, else --lr)", type=float)
+    lr_dec: float = opt(None, "decoder peak LR (default: --lr)", type=float)
     batch_size: int = opt(8, "samples per micro-batch per process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (batch = batch_size x grad_accum x processes)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -615,13 +631,22 @@ class TrainConfig(LoopArgs):
 
     def __post_init__(self):
         self.lr = self.lr or STAGE_LR[self.stage]
+        scale = MODULE_LR_SCALE[self.stage]
+        self.lr_enc = self.lr_enc or self.lr * scale["encoder"]
+        self.lr_proj = self.lr_proj or self.lr * scale["projector"]
+        self.lr_dec = self.lr_dec or self.lr * scale["decoder"]
         self.out_dir = self.out_dir or f"runs/{self.stage}"
         for flag in ("k", "steps", "batch_size", "grad_accum", "log_every", "topk", "ctx_max"):
             _check(getattr(self, flag) >= 1, f"--{flag} {getattr(self, flag)}: must be at least 1")
-        _check(self.lr > 0, f"--lr {self.lr}: must be positive")
+        for flag in ("lr", "lr_enc", "lr_proj", "lr_dec"):
+            _check(getattr(self, flag) > 0, f"--{flag} {getattr(self, flag)}: must be positive")
         for flag in ("expand_frac", "p"):
             _check(0 <= getattr(self, flag) <= 1, f"--{flag} {getattr(self, flag)}: must be between 0 and 1")
         _check(self.dtype in ("auto", "fp32", "bf16"), f"--dtype {self.dtype}: trainers take auto, fp32 or bf16")
+
+    @property
+    def module_lr(self) -> dict:
+        return {"encoder": self.lr_enc, "projector": self.lr_proj, "decoder": self.lr_dec}
 
     @property
     def mixed_frac(self) -> float:
@@ -871,14 +896,15 @@ class ChainConfig(ModelArgs):
 
 def _numbers(obj, prefix: str = "") -> dict:
     """The numbers of a nested JSON result as flat MLflow metric names (a list of result rows is keyed by the
-    row's mode / k / p / selection)."""
+    row's mode / k / p / selection, and expanded-only for evaluate's twin rows)."""
     if isinstance(obj, bool) or obj is None:
         return {}
     if isinstance(obj, (int, float)):
         return {prefix.strip("."): float(obj)} if math.isfinite(obj) else {}
     if isinstance(obj, list):
         keyed = lambda x: "_".join(f"{x[key]:g}" if isinstance(x[key], float) else str(x[key]) for key in  # noqa: E731
-                                   ("mode", "k", "p", "selection", "s") if x.get(key) is not None) if isinstance(x, dict) else ""
+                                   ("mode", "k", "p", "selection", "s") if x.get(key) is not None) \
+        + ("_expanded-only" if x.get("drop_compressed") else "") if isinstance(x, dict) else ""
         return {k: v for i, x in enumerate(obj) for k, v in _numbers(x, f"{prefix}{keyed(x) or i}.").items()}
     if isinstance(obj, dict):
         return {k: v for key, x in obj.items() for k, v in _numbers(x, f"{prefix}{key}.").items()}
@@ -1290,6 +1316,86 @@ class ChunkEncoder(nn.Module):
             out.append(F.normalize(e, dim=-1) if normalize else e)
         return torch.cat(out).cpu() if out else torch.zeros(0, self.dim)
 
+    def chunk_inputs(self, chunks: list[list[int]], dec_tok) -> dict:
+        """The encoder's inputs for chunks given as decoder token ids: their text, re-tokenized."""
+        return self.tokenizer([dec_tok.decode(list(c)) for c in chunks], padding=True, truncation=True,
+                              max_length=self.max_len, return_tensors="pt")
+
+    @torch.no_grad()
+    def embed_chunks(self, chunks: list[list[int]], dec_tok, batch_size: int = 64,
+                     desc: str | None = None) -> torch.Tensor:
+        """(N, d_enc) float32 on CPU: chunks (decoder token ids) encoded in batches, without gradients."""
+        dev = next(self.parameters()).device
+        out = []
+        starts = range(0, len(chunks), batch_size)
+        for i in (progress(starts, desc=desc, unit="batch") if desc else starts):
+            b = self.chunk_inputs(chunks[i:i + batch_size], dec_tok).to(dev)
+            out.append(self.forward(b["input_ids"], b["attention_mask"]).float())
+        return torch.cat(out).cpu() if out else torch.zeros(0, self.dim)
+
+
+DECODER_ENC = re.compile(r"decoder:(\d+)((?::(?:bidir|causal|mean|last))*)")
+
+
+def is_decoder_enc(name: str | None) -> bool:
+    return bool(name) and DECODER_ENC.fullmatch(name) is not None
+
+
+class DecoderChunkEncoder(ChunkEncoder):
+    """--enc decoder:N[:bidir|:causal][:mean|:last]: a trained copy of the decoder's own first N layers (OSCAR,
+    COCOM: a compressor made of the generator's layers already lives in its space) reading the chunk's decoder
+    token ids directly (no decode and re-tokenize). Attention inside the chunk is bidirectional (default) or
+    causal; the chunk's vector is the mean of its last states over real tokens (default) or the last position's
+    (a Llama has no absolute positions, so a causal mean loses token order; the last position has read them all)."""
+
+    def __init__(self, spec: str, dec: str, flag: str = "--enc"):
+        nn.Module.__init__(self)
+        from transformers import AutoConfig, AutoModel
+        m = DECODER_ENC.fullmatch(spec)
+        opts = set(m.group(2).split(":")[1:])
+        _check(len(opts & {"bidir", "causal"}) <= 1 and len(opts & {"mean", "last"}) <= 1,
+               f"{flag} {spec}: at most one of bidir/causal and one of mean/last")
+        self.causal, self.last = "causal" in opts, "last" in opts
+        n_layers = int(m.group(1))
+        path = resolve_decoder(dec, "--dec")
+        try:
+            total = AutoConfig.from_pretrained(path).num_hidden_layers
+            _check(1 <= n_layers <= total, f"{flag} {spec}: the decoder {dec} has {total} layers, not {n_layers}")
+            self.model = AutoModel.from_pretrained(path, num_hidden_layers=n_layers, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            fail(f"{flag} {spec}: cannot load the first {n_layers} layers of {dec} ({str(e).splitlines()[0][:200]})")
+        self.tokenizer = load_tokenizer(dec)
+        self.name = self.base = spec
+        self.dim = int(self.model.config.hidden_size)
+        self.max_len = decoder_max_positions(self.model)
+
+    def chunk_inputs(self, chunks: list[list[int]], dec_tok) -> dict:
+        T = max((len(c) for c in chunks), default=0)
+        ids = torch.full((len(chunks), T), dec_tok.pad_token_id, dtype=torch.long)
+        att = torch.zeros((len(chunks), T), dtype=torch.long)
+        for i, c in enumerate(chunks):
+            ids[i, :len(c)], att[i, :len(c)] = torch.as_tensor(list(c), dtype=torch.long), 1
+        from transformers import BatchEncoding
+        return BatchEncoding({"input_ids": ids, "attention_mask": att})
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        keys = attention_mask[:, None, None, :].bool()                                      # (B, 1, 1, T)
+        T = input_ids.shape[1]
+        allowed = keys & torch.ones(T, T, dtype=torch.bool, device=keys.device).tril() if self.causal else \
+            keys.expand(-1, 1, T, T)                                                        # (B, 1, T, T)
+        dtype = self.model.get_input_embeddings().weight.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=keys.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        h = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, d)
+        if self.last:
+            return h[torch.arange(h.shape[0], device=h.device), attention_mask.sum(1) - 1]   # (B, d)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)                                         # (B, T, 1)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)                                     # (B, d)
+
+
+def make_encoder(name: str, dec: str, flag: str = "--enc") -> ChunkEncoder:
+    """A fresh chunk encoder: the decoder's first layers for a decoder:N spec, else a Hugging Face encoder."""
+    return DecoderChunkEncoder(name, dec, flag) if is_decoder_enc(name) else ChunkEncoder(name, flag)
+
 
 class Projector(nn.Module):
     """phi: 2-layer MLP from encoder to decoder embedding size, hidden = output size (paper B.2)."""
@@ -1307,13 +1413,9 @@ def encode_chunks(encoder: ChunkEncoder, dec_tok, passages_ids: list, k: int,
                   batch_size: int = 64, desc: str | None = None) -> list[torch.Tensor]:
     """Per passage, (n_chunks, d_enc) embeddings of its k-token chunks. Each chunk is encoded on
     its own (chunks never attend to each other, paper section 2), so results can be cached."""
-    texts, counts = [], []
-    for ids in passages_ids:
-        chunks = split_chunks(ids, k)
-        counts.append(len(chunks))
-        texts.extend(dec_tok.decode(c) for c in chunks)
-    emb = encoder.embed_texts(texts, batch_size=batch_size, desc=desc)  # (sum n_chunks, d_enc)
-    return list(torch.split(emb, counts))
+    per = [split_chunks(ids, k) for ids in passages_ids]
+    emb = encoder.embed_chunks([c for chunks in per for c in chunks], dec_tok, batch_size, desc)  # (sum n_chunks, d_enc)
+    return list(torch.split(emb, [len(chunks) for chunks in per]))
 
 
 def read_checkpoint_config(load_dir: str, k: int | None, flag: str = "--load_dir") -> dict:
@@ -1350,18 +1452,19 @@ def load_state_strict(module: nn.Module, path: str, flag: str):
     module.load_state_dict(state, strict=True)
 
 
-def load_encoder(name: str, flag: str = "--enc") -> ChunkEncoder:
-    """An encoder by HF id / directory, or the trained encoder of a refrag checkpoint directory."""
+def load_encoder(name: str, flag: str = "--enc", dec: str = DEFAULT_DEC) -> ChunkEncoder:
+    """An encoder by HF id / directory or decoder:N spec (its layers from `dec`), or the trained encoder of a
+    refrag checkpoint directory."""
     cfg_path = os.path.join(name, "config.json")
     if os.path.isdir(name) and os.path.isfile(os.path.join(name, "encoder.safetensors")) and os.path.isfile(cfg_path):
         cfg = read_json(cfg_path, flag)
         if not isinstance(cfg, dict) or not isinstance(cfg.get("enc"), str):
             fail(f"{flag} {name}: {cfg_path} names no encoder (not a refrag checkpoint's config)")
-        enc = ChunkEncoder(cfg["enc"], flag)
+        enc = make_encoder(cfg["enc"], cfg.get("dec") or dec, flag)
         load_state_strict(enc.model, os.path.join(name, "encoder.safetensors"), flag)
-        enc.name = name  # enc.base stays the HF encoder the checkpoint was trained from
+        enc.name = name  # enc.base stays the encoder the checkpoint was trained from
         return enc
-    return ChunkEncoder(name, flag)
+    return make_encoder(name, dec, flag)
 
 
 def load_refrag_modules(load_dir: str | None, dec: str | None, enc: str | None, k: int | None,
@@ -1386,7 +1489,7 @@ def load_refrag_modules(load_dir: str | None, dec: str | None, enc: str | None, 
     decoder = load_decoder(dec_path, device, dtype)
     encoder = projector = None
     if need_encoder:
-        encoder = ChunkEncoder(enc_name) if load_dir else load_encoder(enc_name)
+        encoder = make_encoder(enc_name, dec_path) if load_dir else load_encoder(enc_name, dec=dec_path)
         if load_dir:
             load_state_strict(encoder.model, os.path.join(load_dir, "encoder.safetensors"), "--load_dir")
         torch.manual_seed(seed)  # an untrained projector is still reproducible
@@ -1423,7 +1526,7 @@ def load_models(dec: str | None, enc: str | None, embed_model: str, load_dir: st
         fps["encoder"], fps["projector"] = weights_fingerprint(encoder.model), weights_fingerprint(projector)
         encoder = encoder.to(device=device, dtype=dtype).eval()
         projector = projector.to(device=device, dtype=dtype).eval()
-    if encoder is not None and not load_dir and same_model(embed_model, encoder.name):
+    if encoder is not None and not load_dir and not is_decoder_enc(encoder.name) and same_model(embed_model, encoder.name):
         retriever, fps["retriever"] = encoder, fps["encoder"]
     else:
         retriever = ChunkEncoder(embed_model, "--embed_model")
@@ -1756,7 +1859,7 @@ def cmd_index(cfg: IndexConfig):
     models = {"tok": load_tokenizer(cfg.dec), "device": device,
               "retriever": ChunkEncoder(cfg.embed_model, "--embed_model")}
     same = resolve_model_path(cfg.enc) == resolve_model_path(cfg.embed_model)
-    models["encoder"] = models["retriever"] if same else load_encoder(cfg.enc)
+    models["encoder"] = models["retriever"] if same else load_encoder(cfg.enc, dec=cfg.dec)
     enc_fp = weights_fingerprint(models["encoder"].model)  # of the fp32 weights, as generate computes it
     for name in ("retriever", "encoder"):
         models[name] = models[name].to(device=device, dtype=dtype).eval()
@@ -2037,11 +2140,12 @@ def prompt_segments(prefix: list[int], chunks: list[list[list[int]]], sep: list[
 
 
 def assemble_layout(prefix: list[int], chunks: list[list[list[int]]], sep: list[int], suffix: list[int],
-                    chunk_embs: list | None, expanded: list[int]) -> PromptLayout:
-    """The decoder layout of prompt_segments: each compressed chunk is its embedding (one position);
-    without chunk_embs all chunks stay tokens (the full-context prompt)."""
+                    chunk_embs: list | None, expanded: list[int], drop_compressed: bool = False) -> PromptLayout:
+    """The decoder layout of prompt_segments: each compressed chunk is its embedding (one position), or
+    absent with drop_compressed; without chunk_embs all chunks stay tokens (the full-context prompt)."""
     segs = prompt_segments(prefix, chunks, sep, suffix, None if chunk_embs is None else set(expanded))
-    return build_layout([(kind, chunk_embs[v[0]][v[1]] if kind == "chunk" else v) for kind, v in segs])
+    return build_layout([(kind, chunk_embs[v[0]][v[1]] if kind == "chunk" else v) for kind, v in segs
+                         if not (drop_compressed and kind == "chunk")])
 
 
 def batch_layouts(layouts: list[PromptLayout], targets: list[list[int]], pad_id: int) -> dict:
@@ -2235,7 +2339,8 @@ def prepare_prompt(question: str, cfg: GenerateConfig, models: Models, index: Pa
     expanded, method, ppl_src = [], "n/a", "n/a"
     if cfg.mode == "refrag" and ctx.used:
         expanded, method, ppl_src = select_chunks(ctx, cfg, models, index, gen)
-    layout = assemble_layout(ctx.prefix, ctx.chunks, ctx.sep, ctx.suffix, ctx.chunk_embs, expanded)
+    layout = assemble_layout(ctx.prefix, ctx.chunks, ctx.sep, ctx.suffix, ctx.chunk_embs, expanded,
+                             cfg.mode == "refrag" and cfg.drop_compressed)
     marks["select"] = clock(models.device)
     info = {"selection": method, "chunk_cache": ctx.cache, "ppl_cache": ppl_src, "context_source": ctx.source,
             "retrieved": [{"id": i, "score": round(s, 4) if ctx.scores else None}
@@ -2576,19 +2681,17 @@ def curriculum_batches(stages: list[list[int]], batch_size: int) -> list[tuple[i
 class RefragModel(nn.Module):
     """Encoder + projector + decoder, as trained by cpt_recon / cpt_next / finetune."""
 
-    def __init__(self, encoder: ChunkEncoder, projector: Projector, decoder):
+    def __init__(self, encoder: ChunkEncoder, projector: Projector, decoder, tok):
         super().__init__()
-        self.encoder, self.projector, self.decoder = encoder, projector, decoder
+        self.encoder, self.projector, self.decoder, self.tok = encoder, projector, decoder, tok
 
     def forward(self, batch: dict, reduce: bool = True):
         """Mean cross-entropy over the target positions of a batch built by make_batch; with
         reduce=False, per target token (row-major): (nll, correct, target ids). The chunks are
         encoded here (gradients reach the encoder), then spliced as at inference (splice_embeds)."""
         c = None
-        if batch["chunk_texts"]:
-            dev = self.projector.fc1.weight.device
-            enc = self.encoder.tokenizer(batch["chunk_texts"], padding=True, truncation=True,
-                                         max_length=self.encoder.max_len, return_tensors="pt").to(dev)
+        if batch["chunks"]:
+            enc = self.encoder.chunk_inputs(batch["chunks"], self.tok).to(self.projector.fc1.weight.device)
             c = self.encoder(enc["input_ids"], enc["attention_mask"])                  # (N, d_enc)
         x = splice_embeds(self.decoder, self.projector, batch["tok_ids"], batch["slot"], c)  # (B, T, d_dec)
         nll, correct, _ = batch_nll(self.decoder, x, batch)
@@ -2598,12 +2701,10 @@ class RefragModel(nn.Module):
         return nll, correct, labels[labels >= 0].to(nll.device)
 
 
-def make_batch(samples: list[dict], dec_tok, pad_id: int) -> dict:
+def make_batch(samples: list[dict], pad_id: int) -> dict:
     """Samples {"pieces": [("tokens", ids) | ("chunk", ids)], "target": ids} -> the batch_layouts batch
-    (inference's layout code) plus the compressed chunks' texts for the encoder."""
-    batch = batch_layouts([build_layout(s["pieces"]) for s in samples], [s["target"] for s in samples], pad_id)
-    batch["chunk_texts"] = [dec_tok.decode(list(ids)) for ids in batch["chunks"]]
-    return batch
+    (inference's layout code); its "chunks" are the compressed chunks' token ids, which the forward encodes."""
+    return batch_layouts([build_layout(s["pieces"]) for s in samples], [s["target"] for s in samples], pad_id)
 
 
 def chunk_pieces(ids: list[int], k: int, expand: set[int]) -> list[tuple[str, list[int]]]:
@@ -2700,9 +2801,9 @@ def train_loop(model: RefragModel, params: list, make_step_batch, cfg: TrainConf
     metrics_path, stop_after = os.path.join(cfg.out_dir, "metrics.jsonl"), cfg.stop_after
     t_log, logged = time.perf_counter(), start_step
     for step in range(start_step, cfg.steps):
+        for g in opt.param_groups:  # one group per trained module, each on its own peak (TrainConfig.module_lr)
+            g["lr"] = lr_at(step, cfg.steps, cfg.module_lr[g["module"]], cfg.warmup_frac)
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_frac)
-        for g in opt.param_groups:
-            g["lr"] = lr
         model.train()
         total = 0.0
         for micro in range(cfg.grad_accum):
@@ -2732,43 +2833,23 @@ def train_loop(model: RefragModel, params: list, make_step_batch, cfg: TrainConf
             break
 
 
-def fact_token_ids(tok, texts: list[str], max_df: float = 0.1) -> set[int]:
-    """Tokens that carry facts no template predicts: any token with a digit, and capitalised tokens
-    found in fewer than max_df of the training passages (invented names), not template words."""
-    df, n = Counter(), 0
-    for text in texts:
-        for passage in text.split("\n"):
-            df.update(set(encode_text(tok, passage)))
-            n += 1
-    out = set()
-    for tid in df:
-        word = tok.decode([tid]).strip()
-        if any(ch.isdigit() for ch in word) or (word[:1].isupper() and df[tid] < max_df * n):
-            out.add(tid)
-    return out
-
-
 @torch.inference_mode()
-def score_samples(model: RefragModel, samples: list[dict], tok, facts: set[int], batch_size: int = 8) -> dict:
-    """Token accuracy and log-perplexity (mean NLL, nats/token) over the samples' targets, overall
-    and on fact tokens."""
+def score_samples(model: RefragModel, samples: list[dict], tok, batch_size: int = 8) -> dict:
+    """Token accuracy and log-perplexity (mean NLL, nats/token) over the samples' targets."""
     model.eval()
-    nll, correct, is_fact = [], [], []
+    nll, correct = [], []
     for i in range(0, len(samples), batch_size):
-        b = make_batch(samples[i:i + batch_size], tok, tok.pad_token_id)
-        n, c, y = model(b, reduce=False)
+        n, c, _ = model(make_batch(samples[i:i + batch_size], tok.pad_token_id), reduce=False)
         nll.append(n.cpu())
         correct.append(c.cpu())
-        is_fact.append(torch.tensor([int(t) in facts for t in y.tolist()]))
-    nll, correct, is_fact = torch.cat(nll), torch.cat(correct).float(), torch.cat(is_fact)
-    return {"acc": float(correct.mean()), "logppl": float(nll.mean()),
-            "fact_acc": float(correct[is_fact].mean()) if is_fact.any() else None, "n_tokens": int(nll.numel())}
+    nll, correct = torch.cat(nll), torch.cat(correct).float()
+    return {"acc": float(correct.mean()), "logppl": float(nll.mean()), "n_tokens": int(nll.numel())}
 
 
-def eval_recon(model: RefragModel, records: list[dict], tok, k: int, facts: set[int], max_chunks: int) -> dict:
-    """Reconstruction on held-out texts per number of chunks, beside the same decoder with no
-    context (it predicts the same tokens from BOS and its own prefix only) and with the raw tokens
-    in place of the chunk embeddings (what a lossless compression could reach: the ceiling)."""
+def eval_recon(model: RefragModel, records: list[dict], tok, k: int, max_chunks: int) -> dict:
+    """Reconstruction of the held-out texts' openings per number of chunks, beside the same decoder with
+    no context (it predicts the same tokens from BOS and its own prefix only) and with the raw tokens in
+    place of the chunk embeddings (what a lossless compression could reach: the ceiling)."""
     bos = bos_ids(tok)
     out = {}
     n = 1
@@ -2777,14 +2858,85 @@ def eval_recon(model: RefragModel, records: list[dict], tok, k: int, facts: set[
         if not xs:
             break
         with_ctx = score_samples(model, [{"pieces": [("tokens", bos)] + chunk_pieces(x, k, set()), "target": x}
-                                         for x in xs], tok, facts)
+                                         for x in xs], tok)
         no_ctx = score_samples(model, [{"pieces": [("tokens", bos or x[:1])], "target": x if bos else x[1:]}
-                                       for x in xs], tok, facts)
-        raw = score_samples(model, [{"pieces": [("tokens", bos + x)], "target": x} for x in xs], tok, facts)
+                                       for x in xs], tok)
+        raw = score_samples(model, [{"pieces": [("tokens", bos + x)], "target": x} for x in xs], tok)
         out[str(n)] = {"texts": len(xs), **with_ctx,
                        **{f"{key}_nocontext": v for key, v in no_ctx.items() if key != "n_tokens"},
                        **{f"{key}_rawtokens": v for key, v in raw.items() if key != "n_tokens"}}
         n *= 2
+    return out
+
+
+ENTITY_ID = re.compile(r"(?<!\w)[A-Z][A-Za-z]*_\d+(?!\w)")  # the demo data's entity ids (City_191, Person_233)
+
+
+def token_kinds(tok, passage: str, values: list[str]) -> tuple[list[int], list[str]]:
+    """A passage's decoder tokens and what each carries: "value" (inside one of the answer strings the
+    questions ask about), "id" (inside an entity id such as City_191), or "" (anything else)."""
+    enc = tok(passage, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [(m.start(), m.end(), "id") for m in ENTITY_ID.finditer(passage)]
+    for v in values:
+        spans += [(m.start(), m.end(), "value") for m in re.finditer(r"(?<!\w)" + re.escape(v) + r"(?!\w)", passage)]
+    kinds = []
+    for a, b in enc["offset_mapping"]:
+        hit = {kind for s, e, kind in spans if a < e and b > s}
+        kinds.append("value" if "value" in hit else "id" if hit else "")
+    return enc["input_ids"], kinds
+
+
+def bootstrap_ci(correct: np.ndarray, counts: np.ndarray, n_boot: int = 1000, seed: int = 0) -> list[float]:
+    """95% percentile interval of sum(correct) / sum(counts) with windows resampled (tokens of one
+    window are not independent, so windows holding such tokens are the unit)."""
+    correct, counts = correct[counts > 0], counts[counts > 0]
+    if not len(counts):
+        return [float("nan"), float("nan")]
+    idx = np.random.default_rng(seed).integers(0, len(counts), size=(n_boot, len(counts)))
+    est = correct[idx].sum(1) / np.maximum(counts[idx].sum(1), 1)
+    return [float(np.percentile(est, 2.5)), float(np.percentile(est, 97.5))]
+
+
+@torch.inference_mode()
+def eval_recon_facts(model: RefragModel, passages: list[str], values: list[str], tok, k: int,
+                     batch_size: int = 16) -> dict:
+    """Reconstruction of every k-token window of the held-out passages from its one chunk embedding,
+    scored on what the chunk must carry: the tokens of fact values the questions ask about and of entity
+    ids, leaving out tokens copyable from the window's own prefix (a token id seen earlier in the window).
+    Beside it the same decoder with no context and with the raw tokens (the ceiling); accuracies with a
+    95% bootstrap interval over windows, and the gain over no context."""
+    model.eval()
+    bos = bos_ids(tok)
+    windows, kinds = [], []
+    for passage in dict.fromkeys(passages):  # each distinct passage once
+        ids, kind = token_kinds(tok, passage, values)
+        for i in range(0, len(ids) - 1, k):
+            windows.append(ids[i:i + k])
+            w = ids[i:i + k]
+            kinds.append([kd if w[t] not in w[:t] else "copy" for t, kd in enumerate(kind[i:i + k])])
+    variants = {"chunk": lambda x: [("tokens", bos)] + chunk_pieces(x, k, set()),
+                "nocontext": lambda x: [("tokens", bos)], "rawtokens": lambda x: [("tokens", bos + x)]}
+    correct = {}
+    for name, pieces in variants.items():
+        rows = []
+        for i in range(0, len(windows), batch_size):
+            part = windows[i:i + batch_size]
+            _, c, _ = model(make_batch([{"pieces": pieces(x), "target": x} for x in part], tok.pad_token_id),
+                            reduce=False)
+            rows += torch.split(c.cpu(), [len(x) for x in part])
+        correct[name] = rows
+    out = {"windows": len(windows), "k": k}
+    for cls in ("value", "id", "all"):
+        mask = [np.array([cls == "all" or kd == cls for kd in kind]) for kind in kinds]
+        counts = np.array([m.sum() for m in mask])
+        per = {name: np.array([r.numpy()[m].sum() for r, m in zip(rows, mask)]) for name, rows in correct.items()}
+        res = {"n_tokens": int(counts.sum())}
+        for name, hits in per.items():
+            res[name] = float(hits.sum() / max(counts.sum(), 1))
+            res[f"{name}_ci95"] = bootstrap_ci(hits, counts)
+        res["gain"] = res["chunk"] - res["nocontext"]
+        res["gain_ci95"] = bootstrap_ci(per["chunk"] - per["nocontext"], counts)
+        out[cls] = res
     return out
 
 
@@ -2809,7 +2961,7 @@ def eval_next(model: RefragModel, records: list[dict], tok, k: int, p: float, ma
                 L = len(split_chunks(ctx, k))
                 pieces = [("tokens", bos)] + chunk_pieces(ctx, k, set(rng.sample(range(L), int(round(frac * L)))))
             samples.append({"pieces": pieces, "target": tgt})
-        out[name] = score_samples(model, samples, tok, set())["logppl"]
+        out[name] = score_samples(model, samples, tok)["logppl"]
     return out
 
 
@@ -2838,22 +2990,25 @@ def train_setup(cfg: TrainConfig, acc) -> dict:
         seed=cfg.seed)
     if src and acc.is_main_process:
         print(f"{cfg.stage}: loaded {src} (stage {ckpt.get('stage')}, step {ckpt.get('step')}, trained {ckpt.get('trained')})")
-    model = RefragModel(encoder, projector, decoder)
+    model = RefragModel(encoder, projector, decoder, tok)
     trained = ["decoder"] if cfg.stage == "finetune" and cfg.mode == "full" else \
         ["encoder", "projector"] if cfg.stage == "cpt_recon" else ["encoder", "projector", "decoder"]
     for name, module in (("encoder", encoder), ("projector", projector), ("decoder", decoder)):
         module.requires_grad_(name in trained)
     if getattr(encoder.model, "pooler", None) is not None:  # unused by mean pooling; DDP needs every trained param used
         encoder.model.pooler.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    groups = [{"params": [p for p in module.parameters() if p.requires_grad], "module": name}
+              for name, module in (("encoder", encoder), ("projector", projector), ("decoder", decoder))
+              if name in trained]
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     start = load_train_state(src, opt)["step"] if resume else 0
     return {"model": model, "params": params, "opt": opt, "trained": trained, "start": start, "tok": tok,
             "dec": ckpt.get("dec", cfg.dec or DEFAULT_DEC), "enc": ckpt.get("enc", encoder.base)}
 
 
 def cpt_batches(cfg: TrainConfig, tok, acc):
-    """(batch maker, training texts, largest context in chunks) of cpt_recon / cpt_next: the curriculum
+    """(batch maker, largest context in chunks) of cpt_recon / cpt_next: the curriculum
     (paper table 8's shape) over contexts of 1, 2, 4, ... chunks, one size per batch."""
     world, rank = acc.num_processes, acc.process_index
     train = load_cpt_ids(cfg.train_json, "--train_json", tok)
@@ -2889,8 +3044,8 @@ def cpt_batches(cfg: TrainConfig, tok, acc):
         else:
             smp = [next_sample(r["ids"], r["s"], min(r["o"], cfg.max_o), n, cfg.k, cfg.mixed_frac, bos, rng)
                    for r in recs]
-        return make_batch(smp, tok, tok.pad_token_id), {"stage": st + 1, "chunks": n}
-    return make_step_batch, train, max_chunks
+        return make_batch(smp, tok.pad_token_id), {"stage": st + 1, "chunks": n}
+    return make_step_batch, max_chunks
 
 
 def finetune_batches(cfg: TrainConfig, tok, device, acc):
@@ -2925,27 +3080,43 @@ def finetune_batches(cfg: TrainConfig, tok, device, acc):
             pieces = [(kind, v[2] if kind == "chunk" else v)
                       for kind, v in prompt_segments(prefix, chunks, sep, suffix, expand)]
             smp.append({"pieces": pieces, "target": answer_ids(tok, rng.choice(qa[qi]["answers"]))})
-        return make_batch(smp, tok, tok.pad_token_id), {}
+        return make_batch(smp, tok.pad_token_id), {}
     return make_step_batch
 
 
-def cpt_heldout(cfg: TrainConfig, model, tok, train: list[dict], max_chunks: int):
+def print_recon_facts(res: dict, label: str):
+    print(f"{label}: held-out reconstruction of every {res['k']}-token window from its chunk ({res['windows']} windows; "
+          "tokens copyable from the window's own prefix left out; 95% bootstrap interval):\n"
+          "  tokens     |      n | chunk                | no context           | gain over no context  | raw tokens")
+    for cls, name in (("value", "fact values"), ("id", "entity ids"), ("all", "all")):
+        r = res[cls]
+        ci = lambda key: f"{r[key]:.3f} [{r[key + '_ci95'][0]:.3f}, {r[key + '_ci95'][1]:.3f}]"  # noqa: E731
+        print(f"  {name:<11s}| {r['n_tokens']:6d} | {ci('chunk')} | {ci('nocontext')} | {r['gain']:+.3f} "
+              f"[{r['gain_ci95'][0]:+.3f}, {r['gain_ci95'][1]:+.3f}] | {r['rawtokens']:.3f}")
+
+
+def cpt_heldout(cfg: TrainConfig, model, tok, max_chunks: int):
     """After cpt_recon / cpt_next: held-out reconstruction or next-paragraph scores, printed and saved to eval.json."""
     ev = load_cpt_ids(cfg.eval_json, "--eval_json", tok)
+    out = {"stage": cfg.stage, "eval_json": cfg.eval_json, "k": cfg.k}
     if cfg.stage == "cpt_recon":
-        res = eval_recon(model, ev, tok, cfg.k, fact_token_ids(tok, [r["text"] for r in train]), max_chunks)
-        print(f"{cfg.stage}: held-out reconstruction ({cfg.eval_json}):\n  chunks | token acc (no context, raw tokens) "
-              "| fact-token acc (no context, raw tokens) | log-ppl (no context, raw tokens)")
+        res = eval_recon(model, ev, tok, cfg.k, max_chunks)
+        print(f"{cfg.stage}: held-out reconstruction of the texts' openings ({cfg.eval_json}):\n  chunks | token acc "
+              "(no context, raw tokens) | log-ppl (no context, raw tokens)")
         for n, r in res.items():
             print(f"  {int(n):6d} | {r['acc']:.3f} ({r['acc_nocontext']:.3f}, {r['acc_rawtokens']:.3f}) | "
-                  f"{r['fact_acc'] or 0:.3f} ({r['fact_acc_nocontext'] or 0:.3f}, {r['fact_acc_rawtokens'] or 0:.3f}) | "
                   f"{r['logppl']:.3f} ({r['logppl_nocontext']:.3f}, {r['logppl_rawtokens']:.3f})")
+        if cfg.facts_json:
+            values = sorted({a.strip() for r in read_rag(cfg.facts_json, "--facts_json") for a in r["answers"]})
+            passages = [p for r in ev for p in r["text"].split(PASSAGE_SEP) if p.strip()]
+            out["facts"] = eval_recon_facts(model, passages, values, tok, cfg.k)
+            out["facts_json"] = cfg.facts_json
+            print_recon_facts(out["facts"], cfg.stage)
     else:
         res = eval_next(model, ev, tok, cfg.k, cfg.mixed_frac, cfg.max_o, cfg.seed)
         print(f"{cfg.stage}: held-out next-paragraph log-perplexity ({cfg.eval_json}): "
               + " | ".join(f"{key} {v:.4f}" for key, v in res.items()))
-    write_json(os.path.join(cfg.out_dir, "eval.json"), {"stage": cfg.stage, "eval_json": cfg.eval_json, "k": cfg.k,
-                                                        "results": res})
+    write_json(os.path.join(cfg.out_dir, "eval.json"), {**out, "results": res})
 
 
 def cmd_train(cfg: TrainConfig):
@@ -2959,14 +3130,15 @@ def cmd_train(cfg: TrainConfig):
     model, opt = acc.prepare(raw.to(device), s["opt"])
     world = acc.num_processes
     if cfg.stage == "finetune":  # the data is read (and checked) before anything is written
-        make_step_batch, train, max_chunks = finetune_batches(cfg, tok, device, acc), None, 0
+        make_step_batch, max_chunks = finetune_batches(cfg, tok, device, acc), 0
     else:
-        make_step_batch, train, max_chunks = cpt_batches(cfg, tok, acc)
+        make_step_batch, max_chunks = cpt_batches(cfg, tok, acc)
     if acc.is_main_process:
         write_run_info(cfg.out_dir, cfg)
         print(f"{cfg.stage}: k={cfg.k}, {sum(p.numel() for p in s['params']) / 1e6:.1f}M trainable parameters "
               f"({', '.join(s['trained'])}), {world} process(es) x batch {cfg.batch_size} x accumulation "
-              f"{cfg.grad_accum}, lr {cfg.lr:g}, device {device}, mixed precision {mixed}"
+              f"{cfg.grad_accum}, peak lr " + ", ".join(f"{m} {cfg.module_lr[m]:g}" for m in s["trained"])
+              + f", device {device}, mixed precision {mixed}"
               + (f", resuming at step {s['start']}" if s["start"] else ""))
 
     def save(step):
@@ -2986,7 +3158,7 @@ def cmd_train(cfg: TrainConfig):
     print(f"{cfg.stage}: trained to step {min(cfg.steps, cfg.stop_after or cfg.steps)} in "
           f"{time.perf_counter() - t0:.0f}s -> {cfg.out_dir}")
     if cfg.stage != "finetune" and cfg.eval_json and (cfg.stop_after is None or cfg.stop_after >= cfg.steps):
-        cpt_heldout(cfg, raw, tok, train, max_chunks)
+        cpt_heldout(cfg, raw, tok, max_chunks)
 
 
 # ---- training: the selection policy (GRPO / REINFORCE, models frozen) ----
@@ -3225,11 +3397,15 @@ def eval_configs(modes: list[str], ks: tuple, ps: list[float], selections: list[
             for p in ps:
                 for sel in (selections if p > 0 else ["none"]):
                     out.append({"mode": mode, "k": k, "p": p, "selection": sel})
+                    if 0 < p < 1:  # its twin: the same expanded chunks alone, the compressed ones dropped
+                        out.append({"mode": mode, "k": k, "p": p, "selection": sel, "drop_compressed": True})
     return out
 
 
 def config_key(c: dict) -> str:
-    return c["mode"] if c["mode"] != "refrag" else f"refrag k={c['k']} p={c['p']:g} sel={c['selection']}"
+    if c["mode"] != "refrag":
+        return c["mode"]
+    return f"refrag k={c['k']} p={c['p']:g} sel={c['selection']}" + (" expanded-only" if c.get("drop_compressed") else "")
 
 
 @torch.inference_mode()
@@ -3250,7 +3426,8 @@ def cpt_layout_and_target(rec: dict, cfg: GenerateConfig, models: Models, gen: t
     if cfg.mode == "refrag":
         ctx.chunk_embs = encode_chunks(models.encoder, tok, [ctx_ids], cfg.k)
         expanded = select_chunks(ctx, cfg, models, None, gen)[0]
-    layout = assemble_layout(ctx.prefix, ctx.chunks, ctx.sep, ctx.suffix, ctx.chunk_embs, expanded)
+    layout = assemble_layout(ctx.prefix, ctx.chunks, ctx.sep, ctx.suffix, ctx.chunk_embs, expanded,
+                             cfg.mode == "refrag" and cfg.drop_compressed)
     return layout, tgt, {"prompt_positions": int(layout.tok_ids.numel())}
 
 
@@ -3290,7 +3467,8 @@ def plot_quality(result: dict, path: str) -> list[tuple[str, float, float]]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     points = []
     for i, r in enumerate(rows):
-        label = r["mode"] if r["mode"] != "refrag" else f"refrag k={r['k']} p={r['p']:g} {r['selection']}"
+        label = r["mode"] if r["mode"] != "refrag" else f"refrag k={r['k']} p={r['p']:g} {r['selection']}" \
+            + (" expanded-only" if r.get("drop_compressed") else "")
         points.append((label, r["ttft_s"] * 1000, r["em"]))
         ax.scatter(r["ttft_s"] * 1000, r["em"], color=f"C{i % 10}", marker="o" if r["mode"] == "refrag" else "s",
                    label=label, zorder=3)
@@ -3305,7 +3483,8 @@ def results_markdown(result: dict) -> str:
         return "-" if x is None else format(x * scale, fmt)
 
     def cfg(s):
-        return f"| {s['mode']} | {s['k'] or '-'} | {num(s['p'], 'g')} | {s['selection'] or '-'} |"
+        sel = (s["selection"] or "-") + (" (expanded only)" if s.get("drop_compressed") else "")
+        return f"| {s['mode']} | {s['k'] or '-'} | {num(s['p'], 'g')} | {sel} |"
 
     if result["kind"] == "qa":
         cols = ["EM", "F1", "chrF", "answer log-ppl", "TTFT ms", "TTIT ms", "positions", "answer in context"]
@@ -3413,7 +3592,8 @@ def cmd_evaluate(args: EvalConfig):
         models.policy = policies[c["selection"]][0] if c["selection"] in policies else None
         heuristic = None if c["selection"] in (None, "none") or c["selection"] in policies else c["selection"]
         cfg = GenerateConfig(topk=args.topk, k=c["k"] or ks[0], p=c["p"] or 0.0, ctx_max=args.ctx_max,
-                             max_new=args.max_new, mode=c["mode"], heuristic=heuristic, seed=args.seed)
+                             max_new=args.max_new, mode=c["mode"], heuristic=heuristic, seed=args.seed,
+                             drop_compressed=c.get("drop_compressed", False))
         todo = [r for r in data if (key, r["id"]) not in done]
         if todo and kind == "qa":
             run_generation(todo[0]["question"], cfg, models, index)  # warm-up, discarded
@@ -3479,7 +3659,7 @@ def bench_models(args, device, dtype):
             encoder = BertModel(BertConfig(**ENCODER_PRESETS[args.enc_config], vocab_size=30522), add_pooling_layer=False).eval()
         enc_desc = f"preset {args.enc_config} (random weights)"
     else:
-        enc = ChunkEncoder(args.enc)
+        enc = load_encoder(args.enc, dec=args.dec)
         encoder, enc_desc = enc.model.to(device=device, dtype=dtype).eval(), args.enc
     return decoder, encoder, int(encoder.config.hidden_size), dec_desc, enc_desc
 
@@ -3723,7 +3903,7 @@ def chain_stages(a: ChainConfig) -> list[tuple[str, object]]:
         ("index", IndexConfig(corpus=a.corpus, index_dir=o("index"), embed_model=a.embed_model, enc=a.enc,
                               dec=a.dec, k=str(a.k), **dev)),
         ("cpt_recon", TrainConfig(stage="cpt_recon", steps=a.recon_steps, lr=a.lr_recon, out_dir=o("cpt_recon"),
-                                  max_chunks=max(1, a.recon_tokens // a.k), **cpt)),
+                                  max_chunks=max(1, a.recon_tokens // a.k), facts_json=a.rag_eval, **cpt)),
         ("cpt_next", TrainConfig(stage="cpt_next", load_dir=o("cpt_recon"), steps=a.next_steps, lr=a.lr_next,
                                  expand_frac=0.1, max_chunks=max(1, a.next_tokens // a.k), out_dir=o("cpt_next"),
                                  **cpt)),
@@ -3763,15 +3943,18 @@ def chain_summary(a: ChainConfig, done: dict) -> dict:
     out = {}
     recon, nxt = load("cpt_recon", "eval.json"), load("cpt_next", "eval.json")
     if recon:
-        out["recon"] = {n: {key: r.get(key) for key in ("acc", "acc_nocontext", "acc_rawtokens", "fact_acc",
-                                                         "fact_acc_nocontext", "fact_acc_rawtokens")}
+        out["recon"] = {n: {key: r.get(key) for key in ("acc", "acc_nocontext", "acc_rawtokens")}
                         for n, r in recon["results"].items()}
+        if "facts" in recon:
+            out["recon_facts"] = {cls: {key: recon["facts"][cls][key] for key in ("chunk", "chunk_ci95", "nocontext",
+                                                                                   "gain", "gain_ci95", "rawtokens")}
+                                  for cls in ("value", "id")}
     if nxt:
         out["next_logppl"] = nxt["results"]
     ev, base = load("eval", "results.json"), load("eval_full", "results.json")
     if ev:
-        out["qa"] = [{key: r[key] for key in ("mode", "k", "p", "selection", "em", "f1", "answer_logppl", "ttft_s")}
-                     for r in ev["results"]]
+        out["qa"] = [{**{key: r[key] for key in ("mode", "k", "p", "selection", "em", "f1", "answer_logppl", "ttft_s")},
+                      "expanded_only": r.get("drop_compressed", False)} for r in ev["results"]]
     if base:
         ft = base["results"][0]
         out["full_ft_baseline"] = {key: ft[key] for key in ("em", "f1", "answer_logppl", "ttft_s")}
@@ -3855,11 +4038,13 @@ def cmd_chain(args: ChainConfig):
     sm = record["summary"]
     print("chain: stage times: " + ", ".join(f"{n} {r['seconds']:.0f}s" for n, r in record["stages"].items()))
     print(f"chain: training {sm['train_s'] / 60:.1f} min, evaluation {sm['eval_s'] / 60:.1f} min -> {path}")
-    f3 = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731  (no fact tokens, or an older eval.json)
     for n, r in sm.get("recon", {}).items():
-        print(f"chain: reconstruction {n} chunk(s): token acc {f3(r['acc'])} (no context {f3(r['acc_nocontext'])}, "
-              f"raw tokens {f3(r['acc_rawtokens'])}), fact tokens {f3(r['fact_acc'])} "
-              f"({f3(r['fact_acc_nocontext'])}, {f3(r['fact_acc_rawtokens'])})")
+        print(f"chain: reconstruction {n} chunk(s): token acc {r['acc']:.3f} (no context {r['acc_nocontext']:.3f}, "
+              f"raw tokens {r['acc_rawtokens']:.3f})")
+    for cls, r in sm.get("recon_facts", {}).items():
+        print(f"chain: reconstruction from 1 chunk, {'fact values' if cls == 'value' else 'entity ids'}: "
+              f"{r['chunk']:.3f} [{r['chunk_ci95'][0]:.3f}, {r['chunk_ci95'][1]:.3f}] (no context {r['nocontext']:.3f}, "
+              f"gain {r['gain']:+.3f}, raw tokens {r['rawtokens']:.3f})")
     if "next_logppl" in sm:
         print("chain: next-paragraph log-ppl: " + ", ".join(f"{key} {v:.3f}" for key, v in sm["next_logppl"].items()))
     if "full_ft_baseline" in sm:
@@ -3867,7 +4052,8 @@ def cmd_chain(args: ChainConfig):
         print(f"chain: QA full context (fine-tuned baseline): EM {b['em']:.3f}, answer log-ppl "
               f"{b['answer_logppl']:.3f}, TTFT {b['ttft_s'] * 1000:.1f} ms")
     for r in sm.get("qa", []):
-        what = "full" if r["mode"] == "full" else f"refrag k={r['k']} p={r['p']:g} {r['selection']}"
+        what = "full" if r["mode"] == "full" else f"refrag k={r['k']} p={r['p']:g} {r['selection']}" \
+            + (" expanded-only" if r.get("expanded_only") else "")
         ratio = f", EM / baseline {r['em_ratio_to_baseline']:.2f}, TTFT speed-up {r['ttft_speedup']:.1f}x" \
             if r.get("em_ratio_to_baseline") is not None else ""
         print(f"chain: QA {what}: EM {r['em']:.3f}, answer log-ppl {r['answer_logppl']:.3f}, "

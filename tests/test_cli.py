@@ -255,21 +255,33 @@ def test_evaluate_scores_a_grid_and_resumes(tiny_index, tiny_dec_dir, tmp_path, 
     assert code == 0, err
     res = load_json(tmp_path / "ev" / "results.json")
     keys = [refrag.config_key(r) for r in res["results"]]
-    assert keys == ["full", "refrag k=8 p=0 sel=none", "refrag k=8 p=0.5 sel=random", "refrag k=8 p=0.5 sel=ppl_desc",
-                    "refrag k=16 p=0 sel=none", "refrag k=16 p=0.5 sel=random", "refrag k=16 p=0.5 sel=ppl_desc", "none"]
+    twin = lambda key: [key, key + " expanded-only"]  # noqa: E731  (p > 0: the expanded chunks alone beside it)
+    assert keys == ["full", "refrag k=8 p=0 sel=none", *twin("refrag k=8 p=0.5 sel=random"),
+                    *twin("refrag k=8 p=0.5 sel=ppl_desc"), "refrag k=16 p=0 sel=none",
+                    *twin("refrag k=16 p=0.5 sel=random"), *twin("refrag k=16 p=0.5 sel=ppl_desc"), "none"]
     for s in res["results"]:
         assert s["n"] == 3 and 0 <= s["em"] <= 1 and 0 <= s["chrf"] <= 100 and s["ttft_s"] > 0
         assert s["answer_logppl"] > 0 and 0 <= s["answer_in_context"] <= 1
     assert res["results"][0]["answer_in_context"] == 1.0  # retrieval found every gold passage
     assert res["results"][-1]["answer_in_context"] == 0.0  # no context, no answer in it
-    full, k8, k16 = (res["results"][i]["prompt_positions"] for i in (0, 1, 4))
+    full, k8, k16 = (res["results"][i]["prompt_positions"] for i in (0, 1, 6))
     assert k16 < k8 < full
+    # the twin drops exactly the compressed positions: a half of the chunks, one position each
+    by_key = {refrag.config_key(r): r for r in res["results"]}
+    rows = {(r["config"], r["id"]): r for r in map(json.loads, open(tmp_path / "ev" / "rows.jsonl"))}
+    for k in (8, 16):
+        n_chunks = by_key[f"refrag k={k} p=0 sel=none"]["prompt_positions"] - by_key["none"]["prompt_positions"]
+        for sel in ("random", "ppl_desc"):
+            both = by_key[f"refrag k={k} p=0.5 sel={sel}"], by_key[f"refrag k={k} p=0.5 sel={sel} expanded-only"]
+            assert 0 < both[0]["prompt_positions"] - both[1]["prompt_positions"] <= n_chunks
+    assert all(rows[("refrag k=8 p=0.5 sel=random expanded-only", i)]["prompt_positions"]
+               < rows[("refrag k=8 p=0.5 sel=random", i)]["prompt_positions"] for i in {i for _, i in rows})
     md = open(tmp_path / "ev" / "results.md").read()
-    assert md.count("\n| refrag |") == 6 and "Command: `" in md
+    assert md.count("\n| refrag |") == 10 and "Command: `" in md
     n_rows = len(open(tmp_path / "ev" / "rows.jsonl").read().splitlines())
-    assert n_rows == 8 * 3
+    assert n_rows == 12 * 3
     code, out, err = run_cli(*argv)  # resumed: nothing left to score, same results
-    assert code == 0 and "24 rows already scored" in out
+    assert code == 0 and "36 rows already scored" in out
     assert len(open(tmp_path / "ev" / "rows.jsonl").read().splitlines()) == n_rows
     assert load_json(tmp_path / "ev" / "results.json")["results"] == res["results"]
     # rows scored under other settings are never mixed in: refused, nothing written
@@ -278,7 +290,7 @@ def test_evaluate_scores_a_grid_and_resumes(tiny_index, tiny_dec_dir, tmp_path, 
     assert code == 2 and "rows.jsonl was scored with another --topk (8 -> 3)" in err, err
     assert before == {f: (tmp_path / "ev" / f).read_bytes() for f in before}
     code, out, err = run_cli(*argv[:-2], "--modes", "full", "--out", tmp_path / "ev")  # a part of the grid: fine
-    assert code == 0 and "24 rows already scored" in out, err
+    assert code == 0 and "36 rows already scored" in out, err
     # ids key the rows: a repeated id is refused
     qa.write_text(qa.read_text() + qa.read_text().splitlines(keepends=True)[0])
     code, out, err = run_cli(*argv[:-2], "--out", tmp_path / "ev2")

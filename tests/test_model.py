@@ -74,8 +74,8 @@ def test_training_loss_with_every_chunk_expanded_equals_plain_decoder_loss(dec, 
             refrag.encode_text(tok, "Alloy_3 melts at 900 degrees.")]
     samples = [{"pieces": [("tokens", prefix)] + refrag.chunk_pieces(c, 4, set(range(100))) + [("tokens", suffix)],
                 "target": refrag.answer_ids(tok, a)} for c, a in zip(ctxs, ["Velo River", "900"])]
-    batch = refrag.make_batch(samples, tok, tok.pad_token_id)
-    assert batch["chunk_texts"] == [] and (batch["slot"] == -1).all()
+    batch = refrag.make_batch(samples, tok.pad_token_id)
+    assert batch["chunks"] == [] and (batch["slot"] == -1).all()
     rows = [prefix + c + suffix + s["target"] for c, s in zip(ctxs, samples)]
     T = max(map(len, rows))
     ids = torch.full((2, T), tok.pad_token_id)
@@ -83,7 +83,7 @@ def test_training_loss_with_every_chunk_expanded_equals_plain_decoder_loss(dec, 
     for b, (x, s) in enumerate(zip(rows, samples)):
         ids[b, :len(x)], att[b, :len(x)] = torch.tensor(x), 1
         labels[b, len(x) - len(s["target"]):len(x)] = torch.tensor(s["target"])  # HF shifts them itself
-    model = refrag.RefragModel(None, refrag.Projector(8, dec.config.hidden_size), dec)
+    model = refrag.RefragModel(None, refrag.Projector(8, dec.config.hidden_size), dec, tok)
     with torch.no_grad():
         loss = model(batch)
         ref = dec(input_ids=ids, attention_mask=att, labels=labels).loss

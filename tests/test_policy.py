@@ -234,8 +234,9 @@ def test_evaluate_compares_policy_with_heuristics(tiny_dec_dir, tiny_index, smal
                                 "--modes", "full,refrag", "--k", 16, "--p", "0,0.25", "--topk", 2,
                                 "--heuristic", "random,ppl_desc", "--policy", pol, "--max_new", 2, "--out", out)
     assert code == 0, err
-    keys = [r["selection"] for r in load_json(out / "results.json")["results"] if r["mode"] == "refrag"]
-    assert keys == ["none", "random", "ppl_desc", "policy:policy"]
+    keys = [(r["selection"], r.get("drop_compressed", False))
+            for r in load_json(out / "results.json")["results"] if r["mode"] == "refrag"]
+    assert keys == [("none", False)] + [(s, drop) for s in ("random", "ppl_desc", "policy:policy") for drop in (False, True)]
     assert "policy:policy" in (out / "results.md").read_text()
     code, _, err = run_cli("evaluate", "--eval_json", qa, "--index_dir", tiny_index, "--dec", tiny_dec_dir,
                            "--modes", "refrag", "--k", 16, "--p", "0.25", "--policy", tmp_path, "--out", out)
@@ -283,7 +284,8 @@ def test_policy_on_long_texts_trains_and_is_evaluated(tiny_dec_dir, tiny_index, 
     assert code == 0, err
     res = {refrag.config_key(r): r for r in load_json(out / "results.json")["results"]}
     assert set(res) == {"full", "refrag k=16 p=0.25 sel=rank", "refrag k=16 p=0.25 sel=policy:policy",
-                        "refrag k=16 p=1 sel=rank", "refrag k=16 p=1 sel=policy:policy"}
+                        "refrag k=16 p=0.25 sel=rank expanded-only", "refrag k=16 p=0.25 sel=policy:policy expanded-only",
+                        "refrag k=16 p=1 sel=rank", "refrag k=16 p=1 sel=policy:policy"}  # p = 1 drops nothing: no twin
     assert res["refrag k=16 p=0.25 sel=policy:policy"]["logppl"] > 0
     # p = 1 expands every chunk whoever selects: the full-context prompt
     assert res["refrag k=16 p=1 sel=policy:policy"]["logppl"] == pytest.approx(res["full"]["logppl"], rel=1e-4)

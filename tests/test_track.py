@@ -48,6 +48,7 @@ def test_trainer_and_evaluate_runs_read_back_from_mlflow(tiny_dec_dir, tiny_inde
     res = load_json(tmp_path / "ev" / "results.json")["results"]
     assert ev.data.metrics["results.full.em"] == pytest.approx(res[0]["em"])
     assert ev.data.metrics["results.refrag_16_0.5_random.ttft_s"] == pytest.approx(res[2]["ttft_s"])
+    assert ev.data.metrics["results.refrag_16_0.5_random_expanded-only.ttft_s"] == pytest.approx(res[3]["ttft_s"])
     assert {"results.json", "results.md", "em_vs_ttft.png"} <= {a.path for a in client.list_artifacts(ev.info.run_id)}
 
 
@@ -72,7 +73,8 @@ def test_evaluate_plots_em_against_ttft_for_every_configuration(tiny_dec_dir, ti
     result = load_json(tmp_path / "ev" / "results.json")
     points = refrag.plot_quality(result, str(tmp_path / "again.png"))
     assert [(p[1], p[2]) for p in points] == [(r["ttft_s"] * 1000, r["em"]) for r in result["results"]]
-    assert [p[0] for p in points] == ["full", "refrag k=16 p=0 none", "refrag k=16 p=0.5 random", "none"]
+    assert [p[0] for p in points] == ["full", "refrag k=16 p=0 none", "refrag k=16 p=0.5 random",
+                                      "refrag k=16 p=0.5 random expanded-only", "none"]
 
 
 def test_without_the_flag_mlflow_is_not_imported(tiny_dec_dir, tmp_path):

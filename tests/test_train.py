@@ -34,11 +34,11 @@ def test_recon_sample_never_shows_the_chunk_tokens_as_context(tok):
     assert [k for k, _ in smp["pieces"]] == ["tokens", "chunk", "chunk"]
     x = smp["target"]
     assert len(x) == 16 and smp["pieces"][1][1] + smp["pieces"][2][1] == x
-    b = refrag.make_batch([smp], tok, tok.pad_token_id)
+    b = refrag.make_batch([smp], tok.pad_token_id)
     # positions: BOS, chunk, chunk, x1..x16; the last chunk position predicts x1, x_t predicts x_t+1
     assert b["tok_ids"][0, :3].tolist() == [tok.bos_token_id, -1, -1] and b["slot"][0, 1:3].tolist() == [0, 1]
     assert b["labels"][0, 2:18].tolist() == x and (b["labels"][0, :2] == -100).all()
-    assert len(b["chunk_texts"]) == 2
+    assert b["chunks"] == [x[:8], x[8:]]
 
 
 def test_next_sample_expands_a_random_fraction(tok):
@@ -194,7 +194,7 @@ def test_training_and_inference_prompts_are_the_same_layout(tok):
     layout = refrag.assemble_layout(prefix, chunks, sep, suffix, embs, sorted(expanded))
     pieces = [(kind, v[2] if kind == "chunk" else v)
               for kind, v in refrag.prompt_segments(prefix, chunks, sep, suffix, expanded)]
-    batch = refrag.make_batch([{"pieces": pieces, "target": [5]}], tok, tok.pad_token_id)
+    batch = refrag.make_batch([{"pieces": pieces, "target": [5]}], tok.pad_token_id)
     n = layout.tok_ids.numel()
     assert batch["tok_ids"][0, :n].tolist() == layout.tok_ids.tolist()
     assert ((batch["slot"][0, :n] >= 0) == (layout.slot >= 0)).all()
@@ -228,9 +228,11 @@ def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpu
     assert set(sm["recon"]) == {"1", "2"} and set(sm["next_logppl"]) >= {"compressed", "full", "none"}
     assert all(0 <= r["acc_rawtokens"] <= 1 for r in sm["recon"].values())  # the ceiling: raw tokens as context
     # rank expansion is trained and scored beside random, ppl_desc and the trained policy at the same p
-    assert [(r["mode"], r["p"], r["selection"]) for r in sm["qa"]] == [
-        ("refrag", 0.0, "none"), ("refrag", 0.25, "rank"), ("refrag", 0.25, "random"),
-        ("refrag", 0.25, "ppl_desc"), ("refrag", 0.25, "policy:policy")]
+    # (each p > 0 row with its expanded-only twin: the same expanded chunks, the compressed ones dropped)
+    assert [(r["mode"], r["p"], r["selection"], r["expanded_only"]) for r in sm["qa"]] == [
+        ("refrag", 0.0, "none", False)] + [("refrag", 0.25, sel, drop) for sel in ("rank", "random", "ppl_desc",
+                                                                                 "policy:policy") for drop in (False, True)]
+    assert set(sm["recon_facts"]) == {"value", "id"} and 0 <= sm["recon_facts"]["value"]["chunk"] <= 1
     base = sm["full_ft_baseline"]
     assert 0 <= base["em"] <= 1
     for r in sm["qa"]:
