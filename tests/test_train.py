@@ -222,7 +222,8 @@ def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpu
     rec = json.load(open(out / "chain.json"))
     assert rec["preset"] == "quick"
     assert list(rec["stages"]) == ["index", "cpt_recon", "cpt_next", "finetune", "finetune_full", "index_sft",
-                                   "train_policy", "evaluate", "evaluate_full"]
+                                   "train_policy", "evaluate", "evaluate_full", "evaluate_full_top1",
+                                   "evaluate_full_top4"]  # the preset's full_topk 1,2,4 besides --topk 2
     assert all(s["seconds"] > 0 for s in rec["stages"].values())
     sm = rec["summary"]
     assert set(sm["recon"]) == {"1", "2"} and set(sm["next_logppl"]) >= {"compressed", "full", "none"}
@@ -235,7 +236,11 @@ def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpu
     assert set(sm["recon_facts"]) == {"value", "id"} and 0 <= sm["recon_facts"]["value"]["chunk"] <= 1
     base = sm["full_ft_baseline"]
     assert 0 <= base["em"] <= 1
+    assert [r["topk"] for r in sm["full_ft_by_topk"]] == [2, 1, 4]
+    best = max(r["em"] for r in sm["full_ft_by_topk"])
+    assert sm["full_ft_best"]["em"] == best and sm["full_ft_best"] in sm["full_ft_by_topk"]
     for r in sm["qa"]:
+        assert r["em_ratio_to_best"] == (r["em"] / best if best else None)
         assert r["ttft_speedup"] == pytest.approx(base["ttft_s"] / r["ttft_s"])
         assert r["em_ratio_to_baseline"] == (r["em"] / base["em"] if base["em"] else None)
     assert sm["train_s"] > 0 and sm["eval_s"] > 0
@@ -255,7 +260,7 @@ def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpu
     assert stdout.count("chain: example ") == 2 and "REFRAG (" in stdout and "--preset cpu trains longer" in stdout
     code, stdout, err = run_cli(*argv, "--resume")
     assert code == 0, err
-    assert stdout.count("done earlier") == 9 and json.load(open(out / "chain.json"))["stages"] == rec["stages"]
+    assert stdout.count("done earlier") == 11 and json.load(open(out / "chain.json"))["stages"] == rec["stages"]
     meta = out / "index_sft" / "meta.json"  # an index written by an older refrag is built again on resume
     meta.write_text(json.dumps(dict(json.load(open(meta)), format=refrag.INDEX_FORMAT - 1)))
     code, stdout, err = run_cli(*argv, "--resume")
@@ -284,6 +289,46 @@ def test_chain_preset_defaults_to_cpu_without_cuda_and_checks_eval_p():
     args = refrag.parse_config(["chain", "--device", "cpu", "--ft_steps", "7"])
     assert args.preset == "cpu" and args.ft_steps == 7 and args.recon_steps == refrag.CHAIN_PRESETS["cpu"]["recon_steps"]
     names = [n for n, _ in refrag.chain_stages(args)]
-    assert "train_policy" in names and names[-2:] == ["evaluate", "evaluate_full"]
+    assert "train_policy" in names and names[-5:] == ["evaluate", "evaluate_full", "evaluate_full_top1",
+                                                      "evaluate_full_top2", "evaluate_full_top4"]
+    assert names.index("finetune") < names.index("finetune_full")
+    args = refrag.parse_config(["chain", "--device", "cpu", "--distill", "1", "--full_topk", ""])
+    names, stages = [n for n, _ in refrag.chain_stages(args)], dict(refrag.chain_stages(args))
+    assert names.index("finetune_full") < names.index("finetune") and names[-1] == "evaluate_full"  # the teacher first
+    assert stages["finetune"].teacher == os.path.join(args.out_dir, "sft_full", "decoder")
+    assert stages["finetune_full"].steps == stages["finetune"].steps  # the baseline fine-tunes as long as REFRAG
+    with pytest.raises(refrag.RefragError, match="--distill 1 needs the baseline"):
+        refrag.chain_stages(refrag.parse_config(["chain", "--device", "cpu", "--distill", "1", "--no_baseline"]))
     with pytest.raises(refrag.RefragError, match="--eval_p 0,1.5"):
         refrag.parse_config(["chain", "--device", "cpu", "--eval_p", "0,1.5"])
+
+
+def test_finetune_distils_a_teacher(tiny_dec_dir, tiny_index, small_corpus, tmp_path):
+    """--teacher adds KL(teacher || student) over the answer tokens to the gold answer's cross-entropy. With the
+    student's own decoder as teacher and every chunk expanded (--p 1) both read the same prompt: the KL is 0 and
+    the losses equal a run without a teacher; another decoder as teacher adds a positive KL."""
+    from conftest import save_decoder, tiny_llama
+    tok = refrag.load_tokenizer(os.path.join(DATA, "tokenizer.json"))
+    other = tmp_path / "other"
+    save_decoder(tiny_llama(tok, seed=1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2), tok, other)
+    qa = tmp_path / "qa.jsonl"
+    names = {line.split(" ", 1)[0] for line in open(small_corpus, encoding="utf-8")}
+    with open(os.path.join(DATA, "rag_train.jsonl"), encoding="utf-8") as fh:
+        qa.write_text("".join(json.dumps(r) + "\n" for r in map(json.loads, fh) if r["entity"] in names))
+
+    def losses(name, *extra):
+        argv = ["finetune", "--rag_json", qa, "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--k", 16, "--topk", 2,
+                "--steps", 2, "--batch_size", 2, "--log_every", 1, "--out_dir", tmp_path / name, *extra]
+        code, _, err = run_cli(*argv)
+        assert code == 0, err
+        return [json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")]
+
+    plain = losses("plain", "--p", 1)
+    assert losses("self", "--p", 1, "--teacher", tiny_dec_dir) == plain
+    assert all(a > b for a, b in zip(losses("other", "--p", 1, "--teacher", other), plain))
+    # --p0_share 1: every sample at p = 0, whatever --p says
+    assert losses("p0", "--p", 0.5, "--p0_share", 1) == losses("p0_ref", "--p", 0, "--p0_share", 1)
+    code, _, err = run_cli("finetune", "--rag_json", qa, "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--mode",
+                           "full", "--teacher", other, "--out_dir", tmp_path / "x")
+    assert code == 2 and "--teacher: distillation trains a REFRAG reader" in err
