@@ -2,16 +2,25 @@
 
     python data/make_corpus.py                      # rewrites the shipped files in data/
     python data/make_corpus.py --n 100000 --out_dir /tmp/big    # scale tests: only corpus_100000.txt
+    python data/make_corpus.py --extra 2000 --out_dir runs/extra  # more training data (fresh entities)
 
 Every fact is drawn from a seeded RNG (never computed from the entity id), so a decoder can only
 know it by reading the passage. The entities asked about in rag_eval.jsonl and cpt_eval.jsonl are
 held out: they are in the corpora but in no training text (rag_train, cpt_train, tokenizer.json).
 The same seed always gives byte-identical files.
+
+--extra N writes more *training* data about N fresh entities (ids from 100,000 up, disjoint from every
+shipped id and from any --n corpus), drawn by a separately seeded generator with its own name pools:
+extra_corpus.txt (their passages; extra questions get their own index), extra_rag_train.jsonl (4
+questions each) and extra_cpt_train.jsonl (texts of 5-9 of them). A drawn entity whose passage holds a
+held-out entity id or any answer of the shipped rag_eval.jsonl is drawn again, so none of those strings
+is in any extra file; the shipped files are not touched.
 """
 import argparse
 import json
 import os
 import random
+import re
 import tempfile
 
 KINDS = ("City", "Alloy", "Person", "Event")
@@ -227,6 +236,64 @@ def train_tokenizer(texts, vocab_size, split_digits=False):
     return tok
 
 
+EXTRA_SEED = 20261207
+EXTRA_ID_BASE = 100_000          # every shipped or --n id is below 42,100
+MAX_EXTRA = 20_000
+
+
+def held_out_strings(data_dir):
+    """The shipped rag_eval.jsonl's entities and answers: what no extra file may contain."""
+    entities, answers = set(), set()
+    with open(os.path.join(data_dir, "rag_eval.jsonl"), encoding="utf-8") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            entities.add(rec["entity"])
+            answers.update(a.strip() for a in rec["answers"])
+    return entities, answers
+
+
+def write_extra(n, seed, out_dir):
+    """--extra: n fresh training entities from their own generator (see the module docstring)."""
+    entities_out, answers = held_out_strings(os.path.dirname(os.path.abspath(__file__)))
+    banned = re.compile("|".join(r"(?<!\w)" + re.escape(x) + r"(?!\w)"
+                                 for x in sorted(entities_out | answers, key=len, reverse=True)))
+    rng = random.Random(seed)
+    pools = dict(country=make_pool(rng, 40), river=make_pool(rng, 80), univ=make_pool(rng, 60),
+                 award=make_pool(rng, 30), first=make_pool(rng, 50, (2, 2)), last=make_pool(rng, 50))
+    per_kind = -(-n // len(KINDS))
+    ids = {k: [EXTRA_ID_BASE + x for x in make_ids(rng, per_kind)] for k in KINDS}
+    entities = []
+    for k, num in [(k, ids[k][i]) for i in range(per_kind) for k in KINDS][:n]:
+        while True:  # drawn again until no held-out string is in the passage (it holds every answer too)
+            e = make_entity(rng, k, num, pools)
+            if not banned.search(e[1]):
+                break
+        entities.append(e)
+    questions = []
+    for e, _, qa in entities:
+        for fact in rng.sample(sorted(qa), TRAIN_QUESTIONS_PER_ENTITY):
+            q, a = qa[fact]
+            questions.append({"id": f"extra-train-{len(questions):06d}", "question": q, "answers": [a],
+                              "entity": e, "fact": fact})
+    rng.shuffle(questions)
+    texts = []
+    for j in range(max(1, n * N_CPT_TRAIN // 400)):  # as many texts per entity as the shipped split has
+        parts = [entities[i][1] for i in rng.sample(range(n), min(n, rng.randint(*CPT_PASSAGES)))]
+        texts.append({"id": f"extra-cpt-{j:06d}", "text": "\n".join(parts), "entities": [p.split(" ", 1)[0] for p in parts]})
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer.json"))
+    for rec in texts:  # the shipped split rule (s: all passages but the last two, o: at most 256 tokens)
+        parts = rec["text"].split("\n")
+        s = len(tok.encode("\n".join(parts[:-2])).ids) if len(parts) > 2 else len(tok.encode(parts[0]).ids) // 2
+        rec["split"] = {"s": max(1, s), "o": min(len(tok.encode(rec["text"]).ids) - max(1, s), CPT_MAX_O)}
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write(os.path.join(out_dir, "extra_corpus.txt"), "".join(t + "\n" for _, t, _ in entities))
+    atomic_write(os.path.join(out_dir, "extra_rag_train.jsonl"), jsonl(questions))
+    atomic_write(os.path.join(out_dir, "extra_cpt_train.jsonl"), jsonl(texts))
+    print(f"wrote extra_corpus {len(entities)}, extra_rag_train {len(questions)}, extra_cpt_train {len(texts)} "
+          f"to {out_dir} (seed {seed})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
@@ -234,7 +301,14 @@ def main():
     ap.add_argument("--n", type=int, default=0, help="write only corpus_<n>.txt with n passages (scale tests; "
                     f"at most {MAX_PER_KIND * len(KINDS)})")
     ap.add_argument("--corpus_only", action="store_true", help="(implied by --n; kept for older command lines)")
+    ap.add_argument("--extra", type=int, default=0, help="write only extra training data about this many fresh "
+                    f"entities (at most {MAX_EXTRA})")
+    ap.add_argument("--extra_seed", type=int, default=EXTRA_SEED, help="seed of the extra data's generator")
     args = ap.parse_args()
+    if args.extra:
+        if not 1 <= args.extra <= MAX_EXTRA or args.n:
+            ap.error(f"--extra {args.extra}: between 1 and {MAX_EXTRA}, without --n")
+        return write_extra(args.extra, args.extra_seed, args.out_dir)
     if not 0 <= args.n <= MAX_PER_KIND * len(KINDS):
         ap.error(f"--n {args.n}: between 1 and {MAX_PER_KIND * len(KINDS)} passages")
     rng = random.Random(args.seed)

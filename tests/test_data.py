@@ -113,3 +113,38 @@ def test_a_large_corpus_run_writes_only_that_corpus_and_refuses_what_it_cannot_m
     assert len(open(tmp_path / "corpus_4000.txt", encoding="utf-8").read().splitlines()) == 4000
     out = subprocess.run(gen + ["--n", "170000"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 2 and "--n 170000: between 1 and 120000 passages" in out.stderr
+
+
+def test_extra_training_data_is_fresh_and_leaves_the_shipped_files_alone(tmp_path):
+    """make_corpus --extra: more training text and questions from its own generator. The shipped files keep
+    their bytes, no held-out entity id or held-out answer is in any extra file, no extra id is a shipped one,
+    and every extra answer stands in its entity's passage."""
+    import hashlib
+    digest = lambda: {f: hashlib.sha256(open(os.path.join(DATA, f), "rb").read()).hexdigest() for f in SHIPPED}  # noqa: E731
+    before = digest()
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        proc = subprocess.run([sys.executable, os.path.join(DATA, "make_corpus.py"), "--extra", "120", "--out_dir",
+                               str(out)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    assert digest() == before
+    files = ["extra_corpus.txt", "extra_rag_train.jsonl", "extra_cpt_train.jsonl"]
+    assert all(filecmp.cmp(outs[0] / f, outs[1] / f, shallow=False) for f in files)  # deterministic
+    passages = by_name(refrag.read_corpus(str(outs[0] / files[0])))
+    qa = refrag.read_rag(str(outs[0] / files[1]), "--rag_json")
+    cpt = refrag.read_cpt(str(outs[0] / files[2]), "--train_json")
+    assert len(passages) == 120 and len(qa) == 480 and len(cpt) >= 100
+    for r in qa:
+        assert r["answers"][0] in passages[r["entity"]]
+    shipped_ids = {int(ENTITY_RE.match(p.split(" ", 1)[0]).group(2)) for p in corpus("large")}
+    extra_ids = {int(ENTITY_RE.match(name).group(2)) for name in passages}
+    assert min(extra_ids) >= 100_000 > max(shipped_ids)
+    held = {r["entity"] for r in refrag.read_rag(os.path.join(DATA, "rag_eval.jsonl"), "x")}
+    held |= {a for r in refrag.read_rag(os.path.join(DATA, "rag_eval.jsonl"), "x") for a in r["answers"]}
+    text = "\n".join(list(passages.values()) + [r["question"] + "\n" + r["answers"][0] + "\n" + r["entity"] for r in qa]
+                     + [r["text"] for r in cpt])  # what a model reads (not the files' split counts and line ids)
+    leaked = [s for s in held if re.search(r"(?<!\w)" + re.escape(s) + r"(?!\w)", text)]
+    assert not leaked, leaked[:5]
+    proc = subprocess.run([sys.executable, os.path.join(DATA, "make_corpus.py"), "--extra", "30000", "--out_dir",
+                           str(tmp_path / "c")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--extra 30000" in proc.stderr and not (tmp_path / "c").exists()

@@ -11,3 +11,7 @@ row() { name=$1; shift; [ -f "runs/m_recon_$name/eval.json" ] || python refrag.p
 row base --lr_enc 2e-4 --lr_proj 2e-4
 row mlr                                   # per-module defaults: encoder 5e-5, projector 5e-3
 row dec8 --enc decoder:8                  # the decoder's first 8 layers, bidirectional, mean pooled
+# more training text: the shipped 480 texts plus 2,400 about 2,000 fresh entities (data/make_corpus.py --extra)
+[ -f runs/extra/extra_cpt_train.jsonl ] || python data/make_corpus.py --extra 2000 --out_dir runs/extra
+cat data/cpt_train.jsonl runs/extra/extra_cpt_train.jsonl > runs/extra/cpt_train_plus.jsonl
+row extra --train_json runs/extra/cpt_train_plus.jsonl
