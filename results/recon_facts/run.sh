@@ -15,3 +15,5 @@ row dec8 --enc decoder:8                  # the decoder's first 8 layers, bidire
 [ -f runs/extra/extra_cpt_train.jsonl ] || python data/make_corpus.py --extra 2000 --out_dir runs/extra
 cat data/cpt_train.jsonl runs/extra/extra_cpt_train.jsonl > runs/extra/cpt_train_plus.jsonl
 row extra --train_json runs/extra/cpt_train_plus.jsonl
+# the trend with training minutes: the per-module defaults for 1,000 steps
+row mlr1000 --steps 1000
