@@ -1321,16 +1321,21 @@ class ChunkEncoder(nn.Module):
         m = attention_mask.unsqueeze(-1).to(h.dtype)                                         # (B, T, 1)
         return (h * m).sum(1) / m.sum(1).clamp(min=1.0)                                     # (B, d_enc)
 
-    @torch.no_grad()
     def embed_texts(self, texts: list[str], batch_size: int = 64, normalize: bool = False,
                     desc: str | None = None) -> torch.Tensor:
         """(N, d_enc) float32 on CPU, batched, without gradients, with a progress bar when desc is given."""
+        return self._embed(texts, lambda part: self.tokenizer(part, padding=True, truncation=True,
+                                                              max_length=self.max_len, return_tensors="pt"),
+                           batch_size, normalize, desc)
+
+    @torch.no_grad()
+    def _embed(self, items: list, inputs, batch_size: int, normalize: bool, desc: str | None) -> torch.Tensor:
+        """The one batched encoding loop: inputs(a batch of items) -> the tokenized batch."""
         dev = next(self.parameters()).device
         out = []
-        starts = range(0, len(texts), batch_size)
+        starts = range(0, len(items), batch_size)
         for i in (progress(starts, desc=desc, unit="batch") if desc else starts):
-            b = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
-                               max_length=self.max_len, return_tensors="pt").to(dev)
+            b = inputs(items[i:i + batch_size]).to(dev)
             e = self.forward(b["input_ids"], b["attention_mask"]).float()
             out.append(F.normalize(e, dim=-1) if normalize else e)
         return torch.cat(out).cpu() if out else torch.zeros(0, self.dim)
@@ -1340,17 +1345,10 @@ class ChunkEncoder(nn.Module):
         return self.tokenizer([dec_tok.decode(list(c)) for c in chunks], padding=True, truncation=True,
                               max_length=self.max_len, return_tensors="pt")
 
-    @torch.no_grad()
     def embed_chunks(self, chunks: list[list[int]], dec_tok, batch_size: int = 64,
                      desc: str | None = None) -> torch.Tensor:
         """(N, d_enc) float32 on CPU: chunks (decoder token ids) encoded in batches, without gradients."""
-        dev = next(self.parameters()).device
-        out = []
-        starts = range(0, len(chunks), batch_size)
-        for i in (progress(starts, desc=desc, unit="batch") if desc else starts):
-            b = self.chunk_inputs(chunks[i:i + batch_size], dec_tok).to(dev)
-            out.append(self.forward(b["input_ids"], b["attention_mask"]).float())
-        return torch.cat(out).cpu() if out else torch.zeros(0, self.dim)
+        return self._embed(chunks, lambda part: self.chunk_inputs(part, dec_tok), batch_size, False, desc)
 
 
 DECODER_ENC = re.compile(r"decoder:(\d+)((?::(?:bidir|causal|mean|last))*)")
@@ -2936,8 +2934,8 @@ def eval_recon_facts(model: RefragModel, passages: list[str], values: list[str],
     for passage in dict.fromkeys(passages):  # each distinct passage once
         ids, kind = token_kinds(tok, passage, values)
         for i in range(0, len(ids) - 1, k):
-            windows.append(ids[i:i + k])
             w = ids[i:i + k]
+            windows.append(w)
             kinds.append([kd if w[t] not in w[:t] else "copy" for t, kd in enumerate(kind[i:i + k])])
     variants = {"chunk": lambda x: [("tokens", bos)] + chunk_pieces(x, k, set()),
                 "nocontext": lambda x: [("tokens", bos)], "rawtokens": lambda x: [("tokens", bos + x)]}
@@ -3111,7 +3109,8 @@ def finetune_batches(cfg: TrainConfig, tok, device, acc):
             target = answer_ids(tok, rng.choice(qa[qi]["answers"]))
             smp.append({"pieces": [(kind, v[2] if kind == "chunk" else v)
                                    for kind, v in prompt_segments(prefix, chunks, sep, suffix, expand)], "target": target})
-            full.append({"pieces": prompt_segments(prefix, chunks, sep, suffix, None), "target": target})
+            if teacher is not None:  # what the teacher reads: every chunk as tokens
+                full.append({"pieces": prompt_segments(prefix, chunks, sep, suffix, None), "target": target})
         batch = make_batch(smp, tok.pad_token_id)
         if teacher is not None:  # the full-context reader's distribution over every answer token (same targets)
             tb = make_batch(full, tok.pad_token_id)
@@ -3120,6 +3119,12 @@ def finetune_batches(cfg: TrainConfig, tok, device, acc):
             batch["teacher_logprobs"], batch["kd_weight"] = F.log_softmax(logits.float(), -1), cfg.kd_weight
         return batch, {}
     return make_step_batch
+
+
+def held_out_facts(ev: list[dict], facts_json: str) -> tuple[list[str], list[str]]:
+    """(the held-out texts' passages, the fact values: every answer of facts_json) for eval_recon_facts."""
+    values = sorted({a.strip() for r in read_rag(facts_json, "--facts_json") for a in r["answers"]})
+    return [p for r in ev for p in r["text"].split(PASSAGE_SEP) if p.strip()], values
 
 
 def print_recon_facts(res: dict, label: str):
@@ -3145,9 +3150,7 @@ def cpt_heldout(cfg: TrainConfig, model, tok, max_chunks: int):
             print(f"  {int(n):6d} | {r['acc']:.3f} ({r['acc_nocontext']:.3f}, {r['acc_rawtokens']:.3f}) | "
                   f"{r['logppl']:.3f} ({r['logppl_nocontext']:.3f}, {r['logppl_rawtokens']:.3f})")
         if cfg.facts_json:
-            values = sorted({a.strip() for r in read_rag(cfg.facts_json, "--facts_json") for a in r["answers"]})
-            passages = [p for r in ev for p in r["text"].split(PASSAGE_SEP) if p.strip()]
-            out["facts"] = eval_recon_facts(model, passages, values, tok, cfg.k)
+            out["facts"] = eval_recon_facts(model, *held_out_facts(ev, cfg.facts_json), tok, cfg.k)
             out["facts_json"] = cfg.facts_json
             print_recon_facts(out["facts"], cfg.stage)
     else:

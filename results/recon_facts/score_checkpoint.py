@@ -15,9 +15,7 @@ cfg = refrag.read_checkpoint_config(ckpt, None)
 _, tok, dec, enc, proj = refrag.load_refrag_modules(ckpt, None, None, cfg["k"], torch.device("cpu"), torch.float32)
 model = refrag.RefragModel(enc, proj, dec, tok)
 ev = refrag.load_cpt_ids("data/cpt_eval.jsonl", "--eval_json", tok)
-values = sorted({a.strip() for r in refrag.read_rag("data/rag_eval.jsonl", "--facts_json") for a in r["answers"]})
-passages = [p for r in ev for p in r["text"].split(refrag.PASSAGE_SEP) if p.strip()]
-res = refrag.eval_recon_facts(model, passages, values, tok, cfg["k"])
+res = refrag.eval_recon_facts(model, *refrag.held_out_facts(ev, "data/rag_eval.jsonl"), tok, cfg["k"])
 refrag.print_recon_facts(res, ckpt)
 if len(sys.argv) > 2:
     refrag.write_json(sys.argv[2], {"checkpoint": ckpt, "facts": res})
