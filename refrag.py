@@ -485,7 +485,7 @@ class ModelArgs(DeviceArgs):
     enc: str = opt(None, "chunk encoder: HF id, directory, or a refrag checkpoint (default: the --load_dir "
                          "checkpoint's, else all-MiniLM-L6-v2)")
     embed_model: str = opt(None, "retrieval model; must be the one the index was built with (default: the index's)",
-                           cmds=("generate", "train_policy", "evaluate"))
+                           cmds=("generate", "serve", "train_policy", "evaluate"))
 
 
 @dataclass
@@ -544,7 +544,11 @@ class GenerateConfig(ModelArgs):
     policy_sample: bool = opt(False, "sample the policy's picks instead of taking its top-scoring chunks")
     drop_compressed: bool = opt(False, "refrag mode: keep only the expanded chunks (as tokens) and drop the compressed "
                                        "ones: what the selection alone gives (evaluate scores it beside every p > 0)",
-                                cmds=("generate",))
+                                cmds=("generate", "serve"))
+    untrained: bool = opt(False, "allow refrag mode without a trained checkpoint (no --load_dir): the projector is then "
+                                 "untrained and the answers noise; for research on untrained models only")
+    baseline: str = opt(None, "full mode's reader: a full-context fine-tuned decoder (a `finetune --mode full` output "
+                              "directory or its decoder/, e.g. runs/quickstart/sft_full); default: refrag mode's decoder")
     no_cache: bool = opt(False, "recompute chunk embeddings instead of reading the index's cache")
     warmup: int = opt(1, "untimed warm-up runs before the timed one")
     seed: int = opt(0, "sampling / random selection seed")
@@ -600,7 +604,8 @@ class LoopArgs(ModelArgs):
 class TrainConfig(LoopArgs):
     """cpt_recon, cpt_next and finetune (one class: they share the loop; `stage` is the subcommand)."""
     stage: str = "cpt_recon"
-    train_json: str = opt("data/cpt_train.jsonl", "long texts {text, split: {s, o}}", cmds=CPT)
+    train_json: str = opt("data/cpt_train.jsonl", "long texts {text, split: {s, o}} (finetune reads them only with "
+                                                  "--recon_share)", cmds=CPT + FT)
     eval_json: str = opt("data/cpt_eval.jsonl", "held-out texts scored at the end ('' to skip)", cmds=CPT)
     facts_json: str = opt("data/rag_eval.jsonl", "QA whose answers are the fact values the held-out reconstruction "
                                                  "scores apart ('' to skip)", cmds=("cpt_recon",))
@@ -614,6 +619,8 @@ class TrainConfig(LoopArgs):
                          choices=["random", "rank"], cmds=FT)
     p0_share: float = opt(0.0, "share of samples read at p = 0 (every chunk compressed, as REFRAG p = 0 answers), the "
                                "rest at --p", cmds=FT)
+    recon_share: float = opt(0.0, "share of samples that are reconstruction ones (1, 2 or 4 chunks of a --train_json "
+                                  "text -> its tokens, as cpt_recon), the rest QA", cmds=FT)
     teacher: str = opt(None, "distil this full-context reader (a decoder directory, e.g. the baseline's sft_full/"
                              "decoder): the student also learns its token distribution over each answer (KL)", cmds=FT)
     kd_weight: float = opt(1.0, "weight of the distillation KL beside the gold answer's cross-entropy", cmds=FT)
@@ -631,6 +638,9 @@ class TrainConfig(LoopArgs):
     lr_enc: float = opt(None, "encoder peak LR (default: --lr x 0.25 in cpt_recon, else --lr)", type=float)
     lr_proj: float = opt(None, "projector peak LR (default: --lr x 25 in cpt_recon, else --lr)", type=float)
     lr_dec: float = opt(None, "decoder peak LR (default: --lr)", type=float)
+    lora: int = opt(0, "train the decoder through LoRA adapters of this rank (peft) instead of all its weights; the "
+                       "checkpoint's decoder/ holds the merged weights (cpt_next, finetune)", cmds=("cpt_next", "finetune"))
+    lora_alpha: float = opt(0.0, "LoRA scale alpha (default: 2 x --lora)", cmds=("cpt_next", "finetune"))
     batch_size: int = opt(8, "samples per micro-batch per process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (batch = batch_size x grad_accum x processes)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -648,10 +658,15 @@ class TrainConfig(LoopArgs):
             _check(getattr(self, flag) >= 1, f"--{flag} {getattr(self, flag)}: must be at least 1")
         for flag in ("lr", "lr_enc", "lr_proj", "lr_dec"):
             _check(getattr(self, flag) > 0, f"--{flag} {getattr(self, flag)}: must be positive")
-        for flag in ("expand_frac", "p", "p0_share"):
+        for flag in ("expand_frac", "p", "p0_share", "recon_share"):
             _check(0 <= getattr(self, flag) <= 1, f"--{flag} {getattr(self, flag)}: must be between 0 and 1")
         _check(not (self.teacher and self.mode == "full"), "--teacher: distillation trains a REFRAG reader, not --mode full")
+        _check(not (self.recon_share and (self.teacher or self.mode == "full")),
+               f"--recon_share {self.recon_share}: mixes reconstruction into a REFRAG finetune without --teacher")
         _check(self.kd_weight >= 0, f"--kd_weight {self.kd_weight}: must be >= 0")
+        _check(self.lora >= 0 and (self.lora == 0 or self.stage != "cpt_recon"),
+               f"--lora {self.lora}: a rank >= 1 for cpt_next or finetune (cpt_recon trains no decoder)")
+        self.lora_alpha = self.lora_alpha or 2.0 * self.lora
         _check(self.dtype in ("auto", "fp32", "bf16"), f"--dtype {self.dtype}: trainers take auto, fp32 or bf16")
 
     @property
@@ -840,6 +855,22 @@ CHAIN_PRESETS = {
               "ft_batch_size": 16, "grad_accum": 16, "recon_tokens": 2048, "next_tokens": 2048, "max_new": 24,
               "policy_group": 8, "policy_batch": 4},
 }
+
+
+CHAIN_REF_S: dict = {}
+
+
+def chain_left_s(preset: str, stages: list, spent: list) -> float | None:
+    """Seconds the stages should take here: their reference times (CHAIN_REF_S, training stages scaled by their
+    steps) times how much slower or faster this machine ran the stages so far (spent: [seconds, reference]).
+    None when a stage has no reference (another preset, or a stage that preset's reference run had not)."""
+    ref, total = CHAIN_REF_S.get(preset, {}), 0.0
+    for name, cfg in stages:
+        if name not in ref:
+            return None
+        seconds, steps = ref[name]
+        total += seconds * (cfg.steps / steps if steps else 1.0)
+    return total * (spent[0] / spent[1] if spent[1] else 1.0)
 
 
 def preset_opt(help: str, kind=int):
@@ -2472,6 +2503,10 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
                eos, dev, on_token if on_text is not None else None, past)
     generated, times = d["tokens"], d["times"]
     body = [t for t in generated if t not in eos]
+    if on_text is not None:  # the answer ended inside a character (max_new): hand on what it holds, as the record does
+        rest = tok.decode(body, skip_special_tokens=True)
+        if rest.startswith(shown[0]) and len(rest) > len(shown[0]):
+            on_text(rest[len(shown[0]):])
     informative = next((times[i] for i in range(len(body)) if any(ch.isalnum() for ch in tok.decode(body[:i + 1]))), None)
     prev, breakdown = t0, {}
     for stage in ("retrieve", "encode", "select", "project"):
@@ -2500,9 +2535,22 @@ def check_index_tokenizer(index: PassageIndex, models: Models):
              f"rebuild the index with `refrag.py index --dec ...`")
 
 
+def load_baseline(path: str, models: Models) -> Models:
+    """--baseline: full mode's reader, a `finetune --mode full` output (its decoder/) or a decoder directory, beside
+    the refrag models (sharing their retriever and index, so its tokenizer must be theirs)."""
+    dec = os.path.join(path, "decoder") if os.path.isdir(os.path.join(path, "decoder")) else path
+    tok = load_tokenizer(dec, "--baseline")
+    _check(tokenizer_fingerprint(tok) == tokenizer_fingerprint(models.tok),
+           f"--baseline {path}: its tokenizer is not the refrag decoder's ({models.name}), so it cannot read this index")
+    decoder = load_decoder(dec, models.device, models.dtype, "--baseline").eval()
+    return dataclasses.replace(models, tok=tok, decoder=decoder, encoder=None, projector=None, policy=None, name=path,
+                               enc_name="", prefix_cache={}, fingerprints={"decoder": decoder.refrag_fingerprint,
+                                                                           "retriever": models.fingerprints["retriever"]})
+
+
 # the GenerateConfig fields one request may set (the rest are the pipeline's: models, index, device)
 REQUEST_FIELDS = ("mode", "k", "p", "topk", "ctx_max", "max_new", "temperature", "top_p", "heuristic",
-                  "policy_sample", "seed")
+                  "policy_sample", "drop_compressed", "seed")
 
 
 class RefragPipeline:
@@ -2518,21 +2566,29 @@ class RefragPipeline:
     embeddings are computed on the fly and the record says "context_source": "caller". stream: a callable
     that receives each new piece of the answer, or a file it is written to."""
 
-    def __init__(self, cfg: GenerateConfig, models: Models, index: PassageIndex | None):
+    def __init__(self, cfg: GenerateConfig, models: Models, index: PassageIndex | None,
+                 full_models: Models | None = None):
         self.cfg, self.models, self.index = cfg, models, index
+        self.full_models = full_models or models  # full mode's reader (--baseline), else the same models
         self.lock = threading.Lock()
 
     @classmethod
     def load(cls, cfg: GenerateConfig | None = None, encoder: bool = True, **settings) -> "RefragPipeline":
         """settings: GenerateConfig fields (index_dir, load_dir, policy, dec, enc, embed_model, k, device, dtype,
         and the request defaults mode, topk, p, ...). index_dir=None: no index (requests bring passages).
-        encoder=False skips the chunk encoder (full and none modes only)."""
+        encoder=False skips the chunk encoder (full and none modes only). With the encoder, a trained checkpoint
+        (load_dir, or the one a policy names) is required unless untrained=True: an untrained projector answers
+        noise. baseline: full mode's reader (another decoder with the same tokenizer)."""
         cfg = dataclasses.replace(cfg or GenerateConfig(), **settings)
         index = PassageIndex(cfg.index_dir) if cfg.index_dir else None
         device = resolve_device(cfg.device)
         # a policy names the models it was trained against: they are the defaults; explicit flags win
         base = (policy_config(cfg.policy) or {}).get("base", {}) if cfg.policy else {}
         cfg.load_dir = cfg.load_dir or base.get("load_dir")
+        _check(not encoder or cfg.load_dir or cfg.untrained,
+               "--load_dir: refrag mode needs a trained checkpoint (without one the projector is untrained and the "
+               "answers are noise): pass --load_dir (e.g. runs/quickstart/sft), or --mode full, or --untrained "
+               "for research on untrained models")
         dec = cfg.dec or (None if cfg.load_dir else base.get("dec"))
         enc = cfg.enc or (None if cfg.load_dir else base.get("enc"))
         embed = index.retriever(cfg.embed_model) if index else cfg.embed_model or MINILM_ID
@@ -2547,7 +2603,7 @@ class RefragPipeline:
             print(f"warning: the index's cached chunk embeddings come from another encoder than the one loaded; "
                   f"they are recomputed per query. Rebuild with `refrag.py index --enc {cfg.load_dir or cfg.enc}`.",
                   file=sys.stderr)
-        return cls(cfg, models, index)
+        return cls(cfg, models, index, load_baseline(cfg.baseline, models) if cfg.baseline else None)
 
     def request_config(self, question: str, **overrides) -> GenerateConfig:
         """This pipeline's settings with one request's overrides (validated, errors name the field)."""
@@ -2555,7 +2611,8 @@ class RefragPipeline:
         _check(not bad, f"{', '.join(bad)}: not a per-request setting (those are {', '.join(REQUEST_FIELDS)})")
         cfg = dataclasses.replace(self.cfg, question=question, **overrides)
         _check(cfg.mode != "refrag" or self.models.encoder is not None,
-               "--mode refrag: this pipeline was loaded without the chunk encoder")
+               "--mode refrag: this pipeline was loaded without the chunk encoder (full mode only: load a trained "
+               "checkpoint with --load_dir for refrag mode)")
         _check(cfg.k == self.cfg.k or not (self.cfg.load_dir or self.models.policy),
                f"--k {cfg.k}: the loaded checkpoint and policy are for k={self.cfg.k}")
         _check(self.index is None or cfg.topk <= self.index.meta["n_passages"] or cfg.mode == "none",
@@ -2576,13 +2633,14 @@ class RefragPipeline:
                                                                                    for x in passages),
                "passages: expected a non-empty list of non-empty strings")
         on_text = stream if callable(stream) or stream is None else lambda piece: (stream.write(piece), stream.flush())
+        models = self.full_models if cfg.mode == "full" else self.models
         with self.lock:
-            rec = run_generation(question, cfg, self.models, self.index, on_text=on_text, passages=passages)
+            rec = run_generation(question, cfg, models, self.index, on_text=on_text, passages=passages)
             if passages is not None and cfg.mode != "none" and not rec["passages_used"]:
                 fail(f"passages: the first passage alone is longer than ctx_max = {cfg.ctx_max} tokens")
             if context:
                 rec["context"] = self.context_chunks(rec, passages)
-        rec["decoder"] = self.models.name
+        rec["decoder"] = models.name
         if passages is not None:
             rec["passages_given"] = len(passages)
         return rec
@@ -2770,8 +2828,9 @@ def save_checkpoint(out_dir: str, config: dict, modules: dict, opt, step: int, s
         for keep in CARRIED_FILES:
             if os.path.isfile(os.path.join(out_dir, keep)):
                 shutil.copy2(os.path.join(out_dir, keep), os.path.join(tmp, keep))
-        for name, module in modules.items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+        for name, module in modules.items():  # a module, or a dict of tensors
+            tensors = module.state_dict() if isinstance(module, nn.Module) else module
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                       os.path.join(tmp, f"{name}.safetensors"))
         for name, (model, tok) in (hf or {}).items():
             model.save_pretrained(os.path.join(tmp, name), safe_serialization=True)
@@ -2843,8 +2902,9 @@ def train_loop(model: RefragModel, params: list, make_step_batch, cfg: TrainConf
         if (done % cfg.log_every == 0 or done == cfg.steps) and acc.is_main_process:
             dt = time.perf_counter() - t_log
             rec = {"step": done, "loss": total.item(), "lr": lr, "ms_per_step": 1000 * dt / (done - logged), **info}
+            left = rec["ms_per_step"] * (min(cfg.steps, stop_after or cfg.steps) - done) / 60000
             print(f"step {done:6d} | loss {rec['loss']:.4f} | lr {lr:.2e} | {rec['ms_per_step']:.0f} ms/step | "
-                  + " | ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+                  + "".join(f"{k} {v} | " for k, v in info.items()) + f"{left:.1f} min left", flush=True)
             append_jsonl(metrics_path, rec)
             t_log, logged = time.perf_counter(), done
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps or done == stop_after:
@@ -3013,11 +3073,27 @@ def train_setup(cfg: TrainConfig, acc) -> dict:
         seed=cfg.seed)
     if src and acc.is_main_process:
         print(f"{cfg.stage}: loaded {src} (stage {ckpt.get('stage')}, step {ckpt.get('step')}, trained {ckpt.get('trained')})")
-    model = RefragModel(encoder, projector, decoder, tok)
     trained = ["decoder"] if cfg.stage == "finetune" and cfg.mode == "full" else \
         ["encoder", "projector"] if cfg.stage == "cpt_recon" else ["encoder", "projector", "decoder"]
     for name, module in (("encoder", encoder), ("projector", projector), ("decoder", decoder)):
         module.requires_grad_(name in trained)
+    lora = None
+    _check(not resume or bool(cfg.lora) == ("lora" in ckpt), f"--lora {cfg.lora}: the run in {cfg.out_dir} began "
+           f"{'with' if 'lora' in ckpt else 'without'} LoRA adapters; resume it with the flags it began with")
+    if cfg.lora:  # the decoder's weights stay frozen; LoRA adapters on every linear layer of its blocks train
+        base = ckpt["lora"]["base"] if resume else (os.path.join(src, "decoder") if src and os.path.isdir(
+            os.path.join(src, "decoder")) else ckpt.get("dec") or cfg.dec or DEFAULT_DEC)
+        if resume:  # the adapters continue on the same base weights (the checkpoint's decoder/ is the merged one)
+            decoder = load_decoder(base, torch.device("cpu"), torch.float32, "--resume (LoRA base)")
+            _check(decoder.refrag_fingerprint == ckpt["lora"]["base_fingerprint"],
+                   f"--resume: the LoRA base decoder {base} changed since this run began")
+        decoder, lora = with_lora(decoder, cfg.lora, cfg.lora_alpha), {"r": cfg.lora, "alpha": cfg.lora_alpha,
+                                                                     "base": base,
+                                                                     "base_fingerprint": decoder.refrag_fingerprint}
+        if resume:
+            from peft import set_peft_model_state_dict
+            set_peft_model_state_dict(decoder, read_safetensors(os.path.join(src, "decoder_lora.safetensors"), "--resume"))
+    model = RefragModel(encoder, projector, decoder, tok)
     if getattr(encoder.model, "pooler", None) is not None:  # unused by mean pooling; DDP needs every trained param used
         encoder.model.pooler.requires_grad_(False)
     groups = [{"params": [p for p in module.parameters() if p.requires_grad], "module": name}
@@ -3027,7 +3103,23 @@ def train_setup(cfg: TrainConfig, acc) -> dict:
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     start = load_train_state(src, opt)["step"] if resume else 0
     return {"model": model, "params": params, "opt": opt, "trained": trained, "start": start, "tok": tok,
-            "dec": ckpt.get("dec", cfg.dec or DEFAULT_DEC), "enc": ckpt.get("enc", encoder.base)}
+            "dec": ckpt.get("dec", cfg.dec or DEFAULT_DEC), "enc": ckpt.get("enc", encoder.base), "lora": lora}
+
+
+def with_lora(decoder, rank: int, alpha: float):
+    """The decoder wrapped by peft with LoRA adapters (rank, alpha) on the attention and MLP projections of
+    every block; only the adapters train. merged_decoder() gives the plain model back for saving."""
+    from peft import LoraConfig, get_peft_model
+    fp = decoder.refrag_fingerprint
+    model = get_peft_model(decoder, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model.refrag_fingerprint = fp
+    return model
+
+
+def merged_decoder(decoder):
+    """A trained decoder as a plain model: LoRA adapters merged into a copy of their base weights."""
+    return copy.deepcopy(decoder).merge_and_unload() if hasattr(decoder, "merge_and_unload") else decoder
 
 
 def cpt_batches(cfg: TrainConfig, tok, acc):
@@ -3090,11 +3182,22 @@ def finetune_batches(cfg: TrainConfig, tok, device, acc):
         if tokenizer_fingerprint(load_tokenizer(cfg.teacher, "--teacher")) != tokenizer_fingerprint(tok):
             fail(f"--teacher {cfg.teacher}: its tokenizer is not the student decoder's")
         teacher = load_decoder(cfg.teacher, device, torch.float32, "--teacher").requires_grad_(False)
+    recon = {}  # --recon_share: the texts long enough for 1, 2 and 4 chunks
+    if cfg.recon_share:
+        texts = [r["ids"] for r in load_cpt_ids(cfg.train_json, "--train_json", tok)]
+        recon = {n: [x for x in texts if len(x) >= n * cfg.k] for n in (1, 2, 4)}
+        recon = {n: pool for n, pool in recon.items() if pool}
+        _check(bool(recon), f"--train_json {cfg.train_json}: no text holds one chunk of {cfg.k} tokens")
+    bos = bos_ids(tok)
 
     def make_step_batch(step, micro):
         rng = step_rng(cfg.seed, step * cfg.grad_accum + micro, acc.process_index)
         smp, full = [], []
         for _ in range(cfg.batch_size):
+            if recon and rng.random() < cfg.recon_share:
+                n = rng.choice(sorted(recon))
+                smp.append(recon_sample(rng.choice(recon[n]), n, cfg.k, bos, rng))
+                continue
             qi = rng.randrange(len(qa))
             prefix, sep, suffix = prompt_pieces(tok, qa[qi]["question"])
             chunks = [split_chunks(x, cfg.k) for x in contexts[qi]]
@@ -3186,9 +3289,13 @@ def cmd_train(cfg: TrainConfig):
         config = {"refrag_checkpoint": 1, "stage": cfg.stage, "enc": s["enc"], "dec": s["dec"], "k": cfg.k,
                   "d_enc": raw.encoder.dim, "d_dec": raw.projector.fc2.out_features, "trained": s["trained"],
                   "step": step, "train_config": dataclasses.asdict(cfg),
-                  "enc_fingerprint": weights_fingerprint(raw.encoder.model)}
-        save_checkpoint(cfg.out_dir, config, {"encoder": raw.encoder.model, "projector": raw.projector}, opt, step,
-                        {"seed": cfg.seed}, {"decoder": (raw.decoder, tok)} if "decoder" in s["trained"] else None)
+                  "enc_fingerprint": weights_fingerprint(raw.encoder.model), **({"lora": s["lora"]} if s["lora"] else {})}
+        modules = {"encoder": raw.encoder.model, "projector": raw.projector}
+        if s["lora"]:  # the adapters, to resume on the same base; decoder/ is the merged model inference loads
+            from peft import get_peft_model_state_dict
+            modules["decoder_lora"] = get_peft_model_state_dict(raw.decoder)
+        save_checkpoint(cfg.out_dir, config, modules, opt, step, {"seed": cfg.seed},
+                        {"decoder": (merged_decoder(raw.decoder), tok)} if "decoder" in s["trained"] else None)
 
     t0 = time.perf_counter()
     train_loop(model, s["params"], make_step_batch, cfg, acc, save, s["start"], opt)
@@ -3894,7 +4001,7 @@ def cmd_bench_index(cfg: BenchIndexConfig):
     result["ttft"], n = {}, str(big.meta["n_passages"])
     for name, d in ((n, big_dir), (str(cfg.small), small_dir)):
         pipe = RefragPipeline.load(index_dir=d, dec=cfg.dec, enc=cfg.enc, k=cfg.k, topk=cfg.topk, max_new=2,
-                                   p=0.0, device=cfg.device, dtype=cfg.dtype)
+                                   p=0.0, device=cfg.device, dtype=cfg.dtype, untrained=True)  # times, not answers
         # at the large index: flat search, then each approximate index in its place (same passages, same reader)
         for search in ["flat"] + ([k for k in ("hnsw", "ivf") if k in result] if name == n else []):
             if search != "flat":
@@ -3905,7 +4012,7 @@ def cmd_bench_index(cfg: BenchIndexConfig):
                 result["ttft"][f"{mode}@{name}" + ("" if search == "flat" else f"/{search}")] = 1000 * float(np.median(ttfts))
         del pipe
     argv = [sys.executable, os.path.abspath(__file__), "generate", "--index_dir", big_dir, "--question", ttft_q[0],
-            "--max_new", "4", "--json", "--k", str(cfg.k), "--device", cfg.device, "--dtype", cfg.dtype]
+            "--max_new", "4", "--json", "--k", str(cfg.k), "--device", cfg.device, "--dtype", cfg.dtype, "--untrained"]
     gen = subprocess.run(argv, capture_output=True, text=True)
     if gen.returncode != 0:
         fail(f"bench_index: generate on {big_dir} failed: {gen.stderr.strip().splitlines()[-1:]}")
@@ -4039,10 +4146,31 @@ def chain_examples(a: ChainConfig) -> list[dict]:
         full, comp = answers.get(("full", q["id"])), answers.get((refrag_key, q["id"]))
         if full and comp:
             out.append({"question": q["question"], "gold": q["answers"][0], "full": full["answer"],
-                        "full_ttft_s": full["ttft_s"], "refrag": comp["answer"], "refrag_ttft_s": comp["ttft_s"]})
+                        "full_ttft_s": full["ttft_s"], "full_em": full["em"], "refrag": comp["answer"],
+                        "refrag_ttft_s": comp["ttft_s"], "refrag_em": comp["em"]})
         if len(out) == a.show:
             break
     return out
+
+
+def chain_next_steps(a: ChainConfig) -> list[str]:
+    """The commands to run next with this chain's own paths: ask with the trained checkpoint in both modes, open
+    the page and the API, index one's own corpus (the launcher adds how to enter its .venv)."""
+    o = lambda name: shlex.quote(os.path.join(a.out_dir, name))  # noqa: E731
+    q = shlex.quote(read_rag(a.rag_eval, "--rag_eval")[0]["question"])
+    p = f"--policy {o('policy')} --p {max(a.eval_ps)}" if a.policy_steps else "--p 0"
+    lines = [f"python refrag.py generate --index_dir {o('index_sft')} --load_dir {o('sft')} {p} --question {q}"
+             "   # REFRAG"]
+    if not a.no_baseline:
+        lines.append(f"python refrag.py generate --mode full --index_dir {o('index')} --dec {o('sft_full/decoder')} "
+                     f"--question {q}   # full context, the fine-tuned baseline")
+    lines.append(f"python refrag.py serve --index_dir {o('index_sft')} --load_dir {o('sft')} {p}"
+                 + (f" --baseline {o('sft_full')}" if not a.no_baseline else "")
+                 + "   # the page at http://127.0.0.1:8000/ (both modes), the OpenAI API at /v1")
+    lines.append(f"python refrag.py index --corpus my_passages.txt --index_dir {o('my_index')} --enc {o('sft')} "
+                 f"--dec {o('sft/decoder')}   # your own corpus, one passage per line: then pass --index_dir "
+                 f"{o('my_index')} to generate and serve")
+    return lines
 
 
 STAGE_FUNCS = {IndexConfig: cmd_index, TrainConfig: cmd_train, PolicyConfig: cmd_train_policy, EvalConfig: cmd_evaluate}
@@ -4063,6 +4191,7 @@ def cmd_chain(args: ChainConfig):
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "stages": {}}
     # once a stage runs, every later one runs too, from scratch (only the first may resume its own checkpoint)
     stages, rerun = chain_stages(args), False
+    t_chain, spent = time.perf_counter(), [0.0, 0.0]  # the stages run here: their seconds, and their reference's
     for i, (name, cfg) in enumerate(stages, 1):
         command, prev = command_line(cfg), done.get(name)
         if prev and isinstance(cfg, IndexConfig) and index_meta(cfg.index_dir).get("format") != INDEX_FORMAT:
@@ -4071,7 +4200,9 @@ def cmd_chain(args: ChainConfig):
             print(f"chain: [{i}/{len(stages)}] {name} done earlier ({prev['seconds']:.0f}s), skipped", flush=True)
             record["stages"][name] = prev
             continue
-        print(f"chain: [{i}/{len(stages)}] {name}: {command}", flush=True)
+        left = chain_left_s(args.preset, stages[i - 1:], spent)
+        print(f"chain: [{i}/{len(stages)}] {name} ({(time.perf_counter() - t_chain) / 60:.1f} min so far"
+              + (f", about {left / 60:.0f} min to go" if left is not None else "") + f"): {command}", flush=True)
         if args.resume and not rerun and not prev and hasattr(cfg, "resume"):
             cfg.resume = True  # a stage killed mid-way continues from its last checkpoint
         stale = os.path.join(cfg.out, "rows.jsonl") if isinstance(cfg, EvalConfig) else ""
@@ -4087,6 +4218,9 @@ def cmd_chain(args: ChainConfig):
         except RefragError as e:
             raise RefragError(f"chain stage {name}: {e}") from None
         record["stages"][name] = {"command": command, "seconds": round(time.perf_counter() - t0, 1)}
+        ref = chain_left_s(args.preset, [(name, cfg)], [1.0, 1.0])
+        if ref is not None:
+            spent[0], spent[1] = spent[0] + record["stages"][name]["seconds"], spent[1] + ref
         write_json(path, record)
         print(f"chain: {name} took {record['stages'][name]['seconds']:.0f}s", flush=True)
     record["summary"] = chain_summary(args, record["stages"])
@@ -4118,14 +4252,16 @@ def cmd_chain(args: ChainConfig):
             f"TTFT speed-up {r['ttft_speedup']:.1f}x" if r.get("em_ratio_to_baseline") is not None else ""
         print(f"chain: QA {what}: EM {r['em']:.3f}, answer log-ppl {r['answer_logppl']:.3f}, "
               f"TTFT {r['ttft_s'] * 1000:.1f} ms{ratio}")
+    mark = lambda em: "right" if em else "wrong"  # noqa: E731  (exact match after normalisation, as EM counts)
     for i, e in enumerate(chain_examples(args), 1):
         print(f"chain: example {i}: {e['question']}  (gold: {e['gold']})\n"
-              f"    full   ({e['full_ttft_s'] * 1000:6.0f} ms): {e['full']}\n"
-              f"    REFRAG ({e['refrag_ttft_s'] * 1000:6.0f} ms): {e['refrag']}")
+              f"    full   ({e['full_ttft_s'] * 1000:6.0f} ms, {mark(e['full_em'])}): {e['full']}\n"
+              f"    REFRAG ({e['refrag_ttft_s'] * 1000:6.0f} ms, {mark(e['refrag_em'])}): {e['refrag']}")
     if args.preset != "paper":
         longer = "cpu" if args.preset == "quick" else "paper"
         print(f"chain: preset {args.preset} ran; --preset {longer} trains longer "
               f"(README, Results: the measured presets; python refrag.py chain --help)")
+    print("chain: next, your own questions with these checkpoints:\n" + "\n".join("  " + x for x in chain_next_steps(args)))
 
 
 # ---- serving: the OpenAI-compatible API, the web page and its run browser (FastAPI + uvicorn) ----
@@ -4489,7 +4625,8 @@ def add_page_routes(app, pipe: RefragPipeline, cfg: ServeConfig):
 
     async def config():
         return {"defaults": {f: getattr(cfg, f) for f in REQUEST_FIELDS}, "policy": cfg.policy, "load_dir": cfg.load_dir,
-                "decoder": pipe.models.name, "index": cfg.index_dir, "runs_dir": cfg.runs_dir,
+                "decoder": pipe.models.name, "full_reader": pipe.full_models.name,
+                "refrag": pipe.models.encoder is not None, "index": cfg.index_dir, "runs_dir": cfg.runs_dir,
                 "jobs": None if cfg.no_jobs else {c: list(flags) for c, (_, flags) in JOB_FLAGS.items()}}
 
     async def runs():
@@ -4562,7 +4699,8 @@ def make_app(pipe: RefragPipeline, cfg: ServeConfig, submit=None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "decoder": pipe.models.name, "index": cfg.index_dir, "k": cfg.k,
+        return {"status": "ok", "decoder": pipe.models.name, "full_reader": pipe.full_models.name,
+                "index": cfg.index_dir, "k": cfg.k,
                 "policy": cfg.policy, "encoder": pipe.models.encoder is not None}
 
     @app.get("/v1/models")
@@ -4583,7 +4721,8 @@ def cmd_serve(cfg: ServeConfig):
     import queue
 
     import uvicorn
-    pipe = RefragPipeline.load(cfg)
+    # full mode alone needs no checkpoint; refrag mode needs a trained one (or --untrained)
+    pipe = RefragPipeline.load(cfg, encoder=cfg.mode != "full" or bool(cfg.load_dir) or cfg.untrained)
     if pipe.index is not None:
         for _ in range(cfg.warmup):  # first-call allocations, before the first user waits
             for mode in ("full", "refrag") if pipe.models.encoder is not None else ("full",):
@@ -4594,7 +4733,8 @@ def cmd_serve(cfg: ServeConfig):
     web = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     web.start()
     print(f"serve: http://{cfg.host}:{cfg.port}/ (page), OpenAI base URL http://{cfg.host}:{cfg.port}/v1; "
-          f"decoder {pipe.models.name}", file=sys.stderr, flush=True)
+          f"refrag mode reads with {pipe.models.name if pipe.models.encoder is not None else '(not loaded)'}, full mode "
+          f"with {pipe.full_models.name}", file=sys.stderr, flush=True)
     try:
         while web.is_alive():
             with contextlib.suppress(queue.Empty):

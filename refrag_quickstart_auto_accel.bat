@@ -69,6 +69,7 @@ if not "%LR_POLICY%"=="" set "ARGS=!ARGS! --lr_policy %LR_POLICY%"
 REM the whole chain, timed; it prints held-out answers of both modes with their TTFT, then EM and TTFT.
 REM --resume: a rerun skips the stages already done with the same settings.
 python refrag.py chain !ARGS! --resume || goto :error
+echo [quickstart] everything is installed in .venv: in a new window run .venv\Scripts\activate once, then the commands above (python refrag.py ...)
 goto :eof
 
 :error

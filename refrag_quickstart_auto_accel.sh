@@ -110,6 +110,7 @@ demo() {
   # evaluate; it prints held-out answers of both modes with their TTFT, then EM and TTFT on the held-out set.
   # --resume: a rerun skips the stages already done with the same settings.
   python refrag.py chain "${args[@]}" --resume
+  echo "[quickstart] everything is installed in $VENV: in a new shell run 'source $VENV/bin/activate' once, then the commands above"
 }
 
 case "$ACTION" in

@@ -68,6 +68,17 @@ def tiny_dec_dir(tmp_path_factory, tok):
 
 
 @pytest.fixture(scope="session")
+def tiny_baseline_dir(tmp_path_factory, tok):
+    """Another random tiny Llama (other weights, the same tokenizer): serve's --baseline reader in the tests. Its
+    weights are drawn wider (std 0.5) so that it answers visibly unlike tiny_dec_dir (which repeats one token)."""
+    model = tiny_llama(tok, seed=7, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5)
+    d = str(tmp_path_factory.mktemp("tiny_baseline"))
+    save_decoder(model, tok, d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     path = d / "corpus.txt"
@@ -140,9 +151,11 @@ def runs_dir(tmp_path_factory, tiny_dec_dir):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_index, tiny_dec_dir, runs_dir):
-    proc, url = start_server("--index_dir", tiny_index, "--dec", tiny_dec_dir, "--runs_dir", runs_dir,
-                             "--max_new", 6, "--topk", 4, "--max_passages", 4)
+def server(tiny_index, tiny_dec_dir, tiny_baseline_dir, runs_dir):
+    """serve with an untrained tiny model in refrag mode and another tiny decoder as the full-mode reader."""
+    proc, url = start_server("--index_dir", tiny_index, "--embed_model", refrag.MINILM_ID, "--dec", tiny_dec_dir,
+                             "--untrained", "--baseline", tiny_baseline_dir, "--runs_dir", runs_dir, "--max_new", 6,
+                             "--topk", 4, "--max_passages", 4)
     yield url
     proc.terminate()
     proc.wait(timeout=30)

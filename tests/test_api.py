@@ -9,7 +9,7 @@ from conftest import run_cli
 
 @pytest.fixture(scope="module")
 def pipe(tiny_index, tiny_dec_dir):
-    return refrag.RefragPipeline.load(index_dir=tiny_index, dec=tiny_dec_dir, max_new=6, topk=4)
+    return refrag.RefragPipeline.load(index_dir=tiny_index, dec=tiny_dec_dir, max_new=6, topk=4, untrained=True)
 
 
 def test_pipeline_answers_like_the_cli(pipe, tiny_index, tiny_dec_dir):
@@ -18,7 +18,7 @@ def test_pipeline_answers_like_the_cli(pipe, tiny_index, tiny_dec_dir):
     for mode in ("full", "refrag", "none"):
         rec = pipe.generate(q, mode=mode)
         code, out, err = run_cli("generate", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--question", q,
-                                 "--max_new", 6, "--topk", 4, "--mode", mode, "--json")
+                                 "--max_new", 6, "--topk", 4, "--mode", mode, "--json", "--untrained")
         cli = json.loads(out.strip().splitlines()[-1])
         assert code == 0 and rec["answer"] == cli["answer"] and rec["passages_used"] == cli["passages_used"]
         assert rec["mode"] == mode and rec["context_source"] == "index" and rec["ttft_s"] > 0
@@ -96,3 +96,38 @@ def test_context_chunks_rejoin_to_the_passage_text(pipe):
     assert len(passage["chunks"]) == rec["n_chunks"] > 1
     assert "".join(c["text"] for c in passage["chunks"]) == pipe.models.tok.decode(refrag.encode_text(pipe.models.tok, text))
     assert not any("\ufffd" in c["text"] for c in passage["chunks"])
+
+
+def test_refrag_mode_refuses_an_untrained_projector(tiny_index, tiny_dec_dir, tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    refusal = "--load_dir: refrag mode needs a trained checkpoint (without one the projector is untrained"
+    with pytest.raises(refrag.RefragError, match="refrag mode needs a trained checkpoint"):
+        refrag.RefragPipeline.load(index_dir=tiny_index, dec=tiny_dec_dir)
+    q = ("--index_dir", tiny_index, "--dec", tiny_dec_dir, "--question", "Who led Event_314?", "--max_new", 2)
+    code, out, err = run_cli("generate", *q)
+    assert code == 2 and err.strip().splitlines() == [f"error: {refusal} and the answers are noise): pass --load_dir "
+                                                      "(e.g. runs/quickstart/sft), or --mode full, or --untrained for "
+                                                      "research on untrained models"] and not out
+    assert run_cli("generate", *q, "--mode", "full")[0] == 0      # full mode reads no projector
+    assert run_cli("generate", *q, "--untrained")[0] == 0        # the explicit opt-in
+    # serve refuses before it listens (a server that started would make this call time out)
+    served = subprocess.run([sys.executable, "refrag.py", "serve", "--index_dir", tiny_index, "--dec", tiny_dec_dir,
+                             "--port", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert served.returncode == 2 and served.stderr.strip().splitlines()[-1].startswith("error: " + refusal)
+
+
+def test_baseline_reads_full_mode_and_refrag_mode_keeps_its_decoder(pipe, tiny_index, tiny_dec_dir, tiny_baseline_dir):
+    both = refrag.RefragPipeline.load(index_dir=tiny_index, dec=tiny_dec_dir, max_new=6, topk=4, untrained=True,
+                                      baseline=tiny_baseline_dir)
+    alone = refrag.RefragPipeline.load(index_dir=tiny_index, dec=tiny_baseline_dir, max_new=6, topk=4, encoder=False,
+                                       mode="full")
+    qs = ["Who led Event_314?", "Where does Person_233 work?", "What is Alloy_270 mainly used for?"]
+    differ = 0
+    for q in qs:
+        full, ref = both.generate(q, mode="full"), both.generate(q, mode="refrag", p=0.25)
+        assert full["answer"] == alone.generate(q)["answer"] and full["decoder"] == tiny_baseline_dir
+        assert ref["answer"] == pipe.generate(q, mode="refrag", p=0.25)["answer"] and ref["decoder"] == tiny_dec_dir
+        differ += full["answer"] != pipe.generate(q, mode="full")["answer"]
+    assert differ  # the two tiny decoders answer differently, so the reader really changed

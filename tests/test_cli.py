@@ -13,7 +13,7 @@ from conftest import DATA, N_PASSAGES, ROOT, load_json, run_cli, save_decoder, t
 
 def gen_json(index_dir, dec_dir, question, *extra):
     code, out, err = run_cli("generate", "--index_dir", index_dir, "--dec", dec_dir, "--question", question,
-                             "--max_new", 6, "--json", *extra)
+                             "--max_new", 6, "--json", "--untrained", *extra)
     assert code == 0, err
     return json.loads(out.strip().splitlines()[-1])
 
@@ -144,7 +144,7 @@ def test_ctx_max_keeps_whole_passages_in_rank_order(tiny_index, tiny_dec_dir):
 
 def test_generate_streams_answer_and_writes_out_dir(tiny_index, tiny_dec_dir, tmp_path):
     code, out, err = run_cli("generate", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--question", "Who led Event_314?",
-                             "--max_new", 4, "--out_dir", tmp_path / "g")
+                             "--max_new", 4, "--out_dir", tmp_path / "g", "--untrained")
     assert code == 0, err
     rec = load_json(tmp_path / "g" / "generate.json")
     assert rec["answer"] and out.strip() == rec["answer"]  # what was streamed is the (non-empty) recorded answer
@@ -155,7 +155,8 @@ def test_generate_streams_answer_and_writes_out_dir(tiny_index, tiny_dec_dir, tm
 
 def test_embed_model_flag_names_the_index_retriever_or_is_refused(tiny_index, tiny_dec_dir, tmp_path):
     # the seed's command lines pass --embed_model to generate and train_policy
-    q = ("--index_dir", tiny_index, "--dec", tiny_dec_dir, "--question", "Who led Event_314?", "--max_new", 2)
+    q = ("--index_dir", tiny_index, "--dec", tiny_dec_dir, "--question", "Who led Event_314?", "--max_new", 2,
+         "--untrained")
     code, out, err = run_cli("generate", *q, "--embed_model", "sentence-transformers/all-MiniLM-L6-v2")
     assert code == 0, err
     other = str(tmp_path / "another-encoder")
@@ -178,11 +179,18 @@ def test_generate_bad_input_gives_one_line_error(tiny_index, tiny_dec_dir, args,
     base = {"--index_dir": tiny_index, "--dec": tiny_dec_dir, "--question": "Who led Event_314?"}
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = value
-    argv = ["generate"] + [x for kv in base.items() for x in kv]
+    argv = ["generate"] + [x for kv in base.items() for x in kv] + ["--untrained"]
     code, out, err = run_cli(*argv)
     assert code == 2
     lines = err.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], err
+
+
+def test_serve_takes_every_model_and_retrieval_flag_generate_takes():
+    import argparse
+    sub = next(a for a in refrag.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    flags = lambda command: {s for a in sub[command]._actions for s in a.option_strings}  # noqa: E731
+    assert flags("generate") - flags("serve") == {"--question", "--json", "--out_dir"}  # one question's flags
 
 
 def test_generate_refuses_index_built_for_another_tokenizer(tiny_index, tmp_path, tok):
@@ -193,7 +201,7 @@ def test_generate_refuses_index_built_for_another_tokenizer(tiny_index, tmp_path
     tok2 = refrag.load_tokenizer(os.path.join(DATA, "tokenizer.json"))
     tok2.add_tokens(["<extra>"])
     save_decoder(model, tok2, str(other))
-    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--dec", other, "--question", "x?")
+    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--dec", other, "--question", "x?", "--untrained")
     assert code == 2 and "built with decoder tokenizer" in err
 
 

@@ -125,7 +125,8 @@ def test_kill_serve_under_load_then_restart_serves(tmp_path, tiny_index, tiny_de
     runs = tmp_path / "runs"
     runs.mkdir()
     before = tree(tiny_index)
-    proc, url = start_server("--index_dir", tiny_index, "--dec", tiny_dec_dir, "--runs_dir", runs, "--max_new", 40)
+    proc, url = start_server("--index_dir", tiny_index, "--dec", tiny_dec_dir, "--untrained", "--runs_dir", runs,
+                             "--max_new", 40)
     body = json.dumps({"messages": [{"role": "user", "content": "Who led Event_314?"}], "stream": True}).encode()
     import threading
 
@@ -143,7 +144,8 @@ def test_kill_serve_under_load_then_restart_serves(tmp_path, tiny_index, tiny_de
     proc.wait()
     for t in threads:
         t.join()
-    proc, url = start_server("--index_dir", tiny_index, "--dec", tiny_dec_dir, "--runs_dir", runs, "--max_new", 3)
+    proc, url = start_server("--index_dir", tiny_index, "--dec", tiny_dec_dir, "--untrained", "--runs_dir", runs,
+                             "--max_new", 3)
     try:
         req = urllib.request.Request(url + "/v1/chat/completions", data=body.replace(b'"stream": true', b'"stream": false'),
                                      headers={"Content-Type": "application/json"})
@@ -202,7 +204,7 @@ def test_damaged_policy_checkpoint_is_named(tmp_path, tiny_index, tiny_dec_dir, 
                            tiny_dec_dir, "--topk", 2, "--steps", 1, "--group", 2, "--batch_size", 2, "--out_dir", pol)
     assert code == 0, err
     damage(pol / "policy.safetensors", "truncate")
-    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--policy", pol,
+    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--policy", pol, "--untrained",
                            "--question", "Who led Event_314?", "--max_new", 2)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "policy.safetensors" in err, err
 
@@ -264,7 +266,13 @@ def bad_inputs():
         (lambda f: ["generate", "--index_dir", f["missing"], "--question", "q?"], "--index_dir"),
         (lambda f: ["generate", "--index_dir", f["index"], "--question", "q?", "--load_dir", f["ckpt"], "--dec", f["other_dec"]],
          "--dec"),
-        (lambda f: ["generate", "--index_dir", f["index"], "--question", "q?", "--dec", f["other_tok_dec"]], "tokenizer"),
+        (lambda f: ["generate", "--index_dir", f["index"], "--question", "q?", "--dec", f["other_tok_dec"], "--untrained"],
+         "tokenizer"),
+        (lambda f: ["generate", "--index_dir", f["index"], "--question", "q?", "--dec", f["dec"]],
+         "--load_dir: refrag mode needs a trained checkpoint (without one the projector is untrained"),
+        (lambda f: f["gen"] + ["--question", "q?", "--mode", "full", "--baseline", f["other_tok_dec"]],
+         "other_tok_dec: its tokenizer is not the refrag decoder's"),
+        (lambda f: f["gen"] + ["--question", "q?", "--mode", "full", "--baseline", f["missing"]], "--baseline"),
         (lambda f: ["evaluate", "--eval_json", f["missing"], "--index_dir", f["index"], "--dec", f["dec"]], "--eval_json"),
         (lambda f: ["evaluate", "--eval_json", f["bad_line3"], "--index_dir", f["index"], "--dec", f["dec"]], ":3: invalid JSON"),
         (lambda f: ["evaluate", "--eval_json", f["no_answers"], "--index_dir", f["index"], "--dec", f["dec"]], "'answers'"),
@@ -313,7 +321,7 @@ def bad_files(tmp_path_factory, tiny_index, tiny_dec_dir, checkpoint, tok):
                             num_attention_heads=4, num_key_value_heads=2), gpt_tok, str(other_tok))
     return {"missing": d / "missing.txt", "out": d / "out", "dec": tiny_dec_dir, "index": tiny_index, "ckpt": checkpoint,
             "other_dec": other, "other_tok_dec": other_tok, "bad_ckpt": d / "bad_ckpt", "bad_chain": d / "bad_chain",
-            "gen": ["generate", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--max_new", "2"],
+            "gen": ["generate", "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--max_new", "2", "--untrained"],
             **{n: d / f for n, f in (("empty", "empty.txt"), ("blank_line", "blank_line.txt"), ("latin1", "latin1.txt"),
                                      ("bad_line3", "bad_line3.jsonl"), ("no_answers", "no_answers.jsonl"),
                                      ("nul_question", "nul_question.jsonl"))}}

@@ -127,7 +127,8 @@ def test_index_caches_chunk_perplexities_used_by_the_heuristic(tmp_path, tiny_de
     meta = load_json(idx / "meta.json")
     assert meta["ppl_cache"]["ks"] == [8, 16] and (idx / "chunk_ppl_k16.npy").exists()
     q = "Who led Event_314?"
-    args = ("generate", "--dec", tiny_dec_dir, "--question", q, "--heuristic", "--p", 0.5, "--max_new", 2, "--json")
+    args = ("generate", "--dec", tiny_dec_dir, "--question", q, "--heuristic", "--p", 0.5, "--max_new", 2, "--json",
+            "--untrained")
     code, out, err = run_cli(*args, "--index_dir", idx)
     cached = json.loads(out.strip().splitlines()[-1])
     code2, out2, err2 = run_cli(*args, "--index_dir", tiny_index)
@@ -169,30 +170,30 @@ def test_train_policy_end_to_end_and_generate_uses_it(tiny_dec_dir, tiny_index, 
     assert [m["step"] for m in metrics] == [1, 2] and all(m["reward"] < 0 for m in metrics)
     ev = load_json(out / "eval.json")
     assert ev["n"] == 2 and all(ev[m] > 0 for m in ("policy", "random", "ppl_desc", "ppl_asc", "rank", "p=0", "p=1"))
-    code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--policy", out, "--k", 16, "--p", 0.25,
+    code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--policy", out, "--untrained", "--k", 16, "--p", 0.25,
                                 "--question", rows[0]["question"], "--max_new", 2, "--json")
     assert code == 0, err
     rec = json.loads(stdout.strip().splitlines()[-1])
     assert rec["selection"] == "policy" and len(rec["expanded"]) == round(0.25 * rec["n_chunks"])
-    code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--policy", out, "--k", 16, "--p", 0.25,
+    code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--policy", out, "--untrained", "--k", 16, "--p", 0.25,
                                 "--question", rows[0]["question"], "--max_new", 2, "--json", "--policy_sample")
     assert code == 0, err
     sampled = json.loads(stdout.strip().splitlines()[-1])
     assert sampled["selection"] == "policy" and len(sampled["expanded"]) == len(rec["expanded"])
     # the untrained projector is seeded by --seed: another seed is another model, and is refused
-    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--policy", out, "--k", 16,
+    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--policy", out, "--untrained", "--k", 16,
                            "--question", rows[0]["question"], "--seed", 7)
     assert code == 2 and "policy trained against other projector weights" in err
-    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--policy", out, "--k", 8, "--question", "x?")
+    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--policy", out, "--untrained", "--k", 8, "--question", "x?")
     assert code == 2 and "policy trained with k=16, but --k 8" in err
     # trained with the models in bf16 (or fp32): the same models loaded in fp16 are accepted
-    code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--policy", out, "--k", 16, "--p", 0.25,
+    code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--policy", out, "--untrained", "--k", 16, "--p", 0.25,
                                 "--question", rows[0]["question"], "--max_new", 2, "--json", "--dtype", "fp16")
     assert code == 0, err
     half = json.loads(stdout.strip().splitlines()[-1])
     assert half["selection"] == "policy" and (query or half["expanded"] == rec["expanded"])  # (fp16 question vector)
     # the community version's spelling, --load_dir naming the policy, is read as --policy (and said so)
-    code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--load_dir", out, "--k", 16, "--p", 0.25,
+    code, stdout, err = run_cli("generate", "--index_dir", tiny_index, "--load_dir", out, "--untrained", "--k", 16, "--p", 0.25,
                                 "--question", rows[0]["question"], "--max_new", 2, "--json")
     assert code == 0 and "read as --policy" in err, err
     assert json.loads(stdout.strip().splitlines()[-1])["expanded"] == rec["expanded"]
@@ -214,7 +215,7 @@ def test_policy_refuses_models_it_was_not_trained_against(tiny_dec_dir, tiny_ind
     other_dir = tmp_path / "other_dec"
     other_dir.mkdir()
     save_decoder(other, tok, str(other_dir))
-    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--dec", other_dir, "--policy", out,
+    code, _, err = run_cli("generate", "--index_dir", tiny_index, "--dec", other_dir, "--policy", out, "--untrained",
                            "--question", rows[0]["question"], "--max_new", 2)
     assert code == 2 and "policy trained against other decoder weights" in err
     code, _, err = run_cli("train_policy", "--rag_json", qa, "--index_dir", tiny_index, "--dec", tiny_dec_dir,

@@ -46,7 +46,8 @@ def test_qdrant_store_holds_what_faiss_holds(stores):
 
 
 def gen(index, dec, q, *extra):
-    code, out, err = run_cli("generate", "--index_dir", index, "--dec", dec, "--question", q, "--max_new", 5, "--json", *extra)
+    code, out, err = run_cli("generate", "--index_dir", index, "--dec", dec, "--question", q, "--max_new", 5, "--json",
+                             "--untrained", *extra)
     assert code == 0, err
     return json.loads(out.strip().splitlines()[-1])
 
@@ -92,7 +93,8 @@ def test_either_store_puts_back_an_interrupted_swap_and_refuses_another_format(s
     assert type(refrag.PassageIndex(str(d))).__name__ == ("PassageIndex", "QdrantIndex")[store] and d.is_dir()
     meta = json.load(open(d / "meta.json"))
     (d / "meta.json").write_text(json.dumps(dict(meta, format=meta["format"] - 1)))
-    code, out, err = run_cli("generate", "--index_dir", d, "--dec", tiny_dec_dir, "--question", "Who led Event_314?")
+    code, out, err = run_cli("generate", "--index_dir", d, "--dec", tiny_dec_dir, "--question", "Who led Event_314?",
+                             "--untrained")
     assert code == 2 and err.strip() == f"error: --index_dir {d}: index format {meta['format'] - 1} is not " \
         f"{meta['format']}; rebuild it"
 

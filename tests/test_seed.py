@@ -1,8 +1,10 @@
 """The community version's quickstart command lines (refrag_quickstart_auto_accel.sh of the seed), flag
 for flag, with local paths in place of hub ids: index, generate, cpt_recon, cpt_next, train_policy, then
-generate with the policy (`--load_dir runs/policy`) and with the CPT checkpoint. Two deviations, both
+generate with the policy (`--load_dir runs/policy`) and with the CPT checkpoint. Three deviations, all
 deliberate: `index` is given the decoder (a chunk is k tokens of the decoder's tokenizer, so the index must
-know it), and one k is used throughout (a projector trained for k=64 is refused at k=32)."""
+know it), one k is used throughout (a projector trained for k=64 is refused at k=32), and the two generate
+lines that read an untrained projector (before any training, and with the policy trained against it) are
+refused with a one-line error unless they add --untrained (their answers would be noise)."""
 import json
 import os
 
@@ -37,7 +39,12 @@ def test_community_quickstart_runs_with_local_paths(tiny_dec_dir, small_corpus, 
          runs("cpt_next"), "--question", q, "--topk", 4, "--k", k, "--p", 0.25, "--max_new", 4],
     ]
     errs = []
-    for argv in steps:
+    for i, argv in enumerate(steps):
+        if i in (1, 5):  # the untrained projector: refused as written, run with --untrained
+            code, out, err = run_cli(*argv)
+            assert code == 2 and err.strip().splitlines()[-1].startswith("error: --load_dir: refrag mode needs a "
+                                                                          "trained checkpoint") and "--untrained" in err
+            argv = argv + ["--untrained"]
         code, out, err = run_cli(*argv)
         assert code == 0, (argv[0], err)
         errs.append(err)

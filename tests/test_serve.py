@@ -17,8 +17,9 @@ QUESTIONS = ["Who led Event_314?", "Where does Person_233 work?", "What is Alloy
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_index, tiny_dec_dir):
-    return refrag.RefragPipeline.load(index_dir=tiny_index, dec=tiny_dec_dir, max_new=6, topk=4)
+def pipe(tiny_index, tiny_dec_dir, tiny_baseline_dir):  # the models the `server` fixture serves
+    return refrag.RefragPipeline.load(index_dir=tiny_index, dec=tiny_dec_dir, max_new=6, topk=4, untrained=True,
+                                      baseline=tiny_baseline_dir)
 
 
 def post(url, body, path="/v1/chat/completions", headers=None):

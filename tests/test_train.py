@@ -2,6 +2,8 @@
 import json
 import os
 import random
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -258,13 +260,25 @@ def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpu
     assert "--ppl" in words("index_sft")
     assert "chain: QA full context (fine-tuned baseline): EM" in stdout
     assert stdout.count("chain: example ") == 2 and "REFRAG (" in stdout and "--preset cpu trains longer" in stdout
+    assert len(re.findall(r"\(\s*\d+ ms, (right|wrong)\): ", stdout)) == 4  # each example's answers marked
+    so_far = r"\(\d+\.\d min so far(, about \d+ min to go)?\): "  # each stage's line: minutes spent and expected
+    assert re.search(r"chain: \[11/11\] evaluate_full_top4 " + so_far, stdout)
+    # it ends with the commands to ask one's own questions with these checkpoints, its own paths in them
+    nxt = stdout.split("chain: next, your own questions with these checkpoints:\n")[1].splitlines()
+    assert nxt[0].startswith(f"  python refrag.py generate --index_dir {out}/index_sft --load_dir {out}/sft ")
+    assert f"--mode full --index_dir {out}/index --dec {out}/sft_full/decoder" in nxt[1]
+    assert f"serve --index_dir {out}/index_sft --load_dir {out}/sft --policy {out}/policy --p 0.25 --baseline " \
+        f"{out}/sft_full" in nxt[2] and nxt[3].startswith("  python refrag.py index --corpus ")
+    for line in nxt[:2]:  # the printed generate commands run as printed
+        code2, out2, err2 = run_cli(*shlex.split(line.split("   #")[0])[2:], "--max_new", 2)
+        assert code2 == 0 and "TTFT" in err2, err2
     code, stdout, err = run_cli(*argv, "--resume")
     assert code == 0, err
     assert stdout.count("done earlier") == 11 and json.load(open(out / "chain.json"))["stages"] == rec["stages"]
     meta = out / "index_sft" / "meta.json"  # an index written by an older refrag is built again on resume
     meta.write_text(json.dumps(dict(json.load(open(meta)), format=refrag.INDEX_FORMAT - 1)))
     code, stdout, err = run_cli(*argv, "--resume")
-    assert code == 0 and stdout.count("done earlier") == 5 and "] index_sft: refrag.py index" in stdout, err
+    assert code == 0 and stdout.count("done earlier") == 5 and re.search(r"\] index_sft " + so_far + "refrag.py index", stdout), err
     assert json.load(open(meta))["format"] == refrag.INDEX_FORMAT
 
 
@@ -277,12 +291,13 @@ def test_chain_examples_match_questions_by_evaluate_s_ids(tmp_path):
     key = refrag.config_key({"mode": "refrag", "k": 16, "p": 0.0, "selection": "none"})
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "rows.jsonl").write_text("".join(
-        json.dumps({"config": c, "id": i, "answer": f"{c} {i}", "ttft_s": 0.1}) + "\n"
+        json.dumps({"config": c, "id": i, "answer": f"{c} {i}", "ttft_s": 0.1, "em": float(c == "full")}) + "\n"
         for c in ("full", key) for i in ("1", "7")))
     cfg = refrag.ChainConfig(out_dir=str(tmp_path), rag_eval=str(qa), k=16, show=5)
     shown = refrag.chain_examples(cfg)
     assert [(x["question"], x["full"], x["refrag"]) for x in shown] == [
         ("Who led Event_9?", "full 1", f"{key} 1"), ("Where is City_3?", "full 7", f"{key} 7")]
+    assert all(x["full_em"] == 1.0 and x["refrag_em"] == 0.0 for x in shown)
 
 
 def test_chain_preset_defaults_to_cpu_without_cuda_and_checks_eval_p():
@@ -332,3 +347,70 @@ def test_finetune_distils_a_teacher(tiny_dec_dir, tiny_index, small_corpus, tmp_
     code, _, err = run_cli("finetune", "--rag_json", qa, "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--mode",
                            "full", "--teacher", other, "--out_dir", tmp_path / "x")
     assert code == 2 and "--teacher: distillation trains a REFRAG reader" in err
+
+
+def test_finetune_with_lora_trains_adapters_only_resumes_exactly_and_loads_merged(tiny_dec_dir, tiny_index,
+                                                                                  small_corpus, tmp_path):
+    from safetensors.torch import load_file
+    qa = tmp_path / "qa.jsonl"
+    names = {line.split(" ", 1)[0] for line in open(small_corpus, encoding="utf-8")}
+    with open(os.path.join(DATA, "rag_train.jsonl"), encoding="utf-8") as fh:
+        rows = [r for r in map(json.loads, fh) if r["entity"] in names][:6]
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    def args(out, *extra, lora=("--lora", 4)):
+        return ["finetune", "--rag_json", qa, "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--k", 16, "--p", 0.25,
+                "--topk", 3, "--steps", 4, "--batch_size", 2, "--lr", 1e-2, "--log_every", 1, *lora, "--out_dir", out,
+                *extra]
+    a, b = tmp_path / "a", tmp_path / "b"
+    code, stdout, err = run_cli(*args(a))
+    assert code == 0, err
+    base = load_file(os.path.join(tiny_dec_dir, "model.safetensors"))
+    merged = load_file(str(a / "decoder" / "model.safetensors"))
+    adapters = load_file(str(a / "decoder_lora.safetensors"))
+    assert set(merged) == set(base) and adapters and all("lora_" in key for key in adapters)
+    # LoRA changes the adapted projections only: embeddings and norms keep the base weights exactly
+    changed = {key for key in base if not torch.equal(base[key], merged[key])}
+    assert changed and all(any(m in key for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj")) for key in changed)
+    cfg = json.load(open(a / "config.json"))
+    assert cfg["lora"]["r"] == 4 and cfg["lora"]["alpha"] == 8 and cfg["lora"]["base"] == tiny_dec_dir
+    # killed after step 2 and resumed: the same adapters and merged weights as the uninterrupted run
+    assert run_cli(*args(b, "--stop_after", 2))[0] == 0
+    code, stdout, err = run_cli(*args(b, "--resume"))
+    assert code == 0 and "resuming at step 2" in stdout, err
+    for name in ("decoder_lora.safetensors", "decoder/model.safetensors", "projector.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[key], wb[key]) for key in wa), name
+    code, _, err = run_cli(*args(b, "--resume", lora=()))  # resumed without --lora: refused
+    assert code == 2 and "began with LoRA adapters" in err
+    # the checkpoint is a plain one: generate loads its merged decoder
+    code, out, err = run_cli("generate", "--index_dir", tiny_index, "--load_dir", a, "--question", rows[0]["question"],
+                             "--max_new", 3, "--json")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["answer"] is not None, err
+
+
+def test_finetune_mixes_a_share_of_reconstruction_samples(tiny_dec_dir, tiny_index, small_corpus, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    qa = tmp_path / "qa.jsonl"
+    names = {line.split(" ", 1)[0] for line in open(small_corpus, encoding="utf-8")}
+    with open(os.path.join(DATA, "rag_train.jsonl"), encoding="utf-8") as fh:
+        qa.write_text("".join(json.dumps(r) + "\n" for r in map(json.loads, fh) if r["entity"] in names))
+    tok = refrag.load_tokenizer(tiny_dec_dir)
+    made = []
+    real = refrag.recon_sample
+    monkeypatch.setattr(refrag, "recon_sample", lambda *a: made.append(real(*a)) or made[-1])
+    counts = {}
+    for share in (0.0, 0.5, 1.0):
+        cfg = refrag.TrainConfig(stage="finetune", rag_json=str(qa), index_dir=tiny_index, dec=tiny_dec_dir, k=16,
+                                 topk=2, batch_size=8, recon_share=share, train_json=os.path.join(DATA, "cpt_eval.jsonl"))
+        make = refrag.finetune_batches(cfg, tok, torch.device("cpu"), Accelerator(cpu=True))
+        made.clear()
+        batches = [make(step, 0)[0] for step in range(4)]
+        counts[share] = len(made)
+        for smp in made:  # a reconstruction sample: its target is the text its chunks compress, which it never sees
+            assert [ids for kind, ids in smp["pieces"] if kind == "chunk"] == \
+                [smp["target"][i:i + 16] for i in range(0, len(smp["target"]), 16)]
+        assert all(b["labels"].ge(0).any() for b in batches)
+    assert counts[0.0] == 0 and 0 < counts[0.5] < 32 and counts[1.0] == 32
+    with pytest.raises(refrag.RefragError, match="--recon_share"):
+        refrag.TrainConfig(stage="finetune", recon_share=0.2, mode="full")

@@ -36,11 +36,11 @@ def wait(driver, condition, seconds=90):
     return WebDriverWait(driver, seconds).until(condition)
 
 
-def test_page_asks_shows_runs_and_refuses_outside_paths(browser, server):
+def test_page_asks_shows_runs_and_refuses_outside_paths(browser, server, tiny_dec_dir, tiny_baseline_dir):
     from selenium.webdriver.common.by import By
     css = lambda sel: browser.find_elements(By.CSS_SELECTOR, sel)  # noqa: E731
     browser.get(server + "/")
-    wait(browser, lambda d: "decoder" in d.find_element(By.ID, "server-info").text)
+    wait(browser, lambda d: "reader" in d.find_element(By.ID, "server-info").text)
     for field, value in (("question", "Who led Event_314?"), ("max_new", "5"), ("p", "0.5"), ("topk", "4")):
         box = browser.find_element(By.ID, field)
         box.clear()
@@ -51,6 +51,13 @@ def test_page_asks_shows_runs_and_refuses_outside_paths(browser, server):
         _, text = post(server, dict(chat("Who led Event_314?", mode=mode, p=0.5, topk=4), max_tokens=5))
         assert browser.find_element(By.ID, "answer-" + mode).text == json.loads(text)["choices"][0]["message"]["content"].strip()
         assert browser.find_element(By.CSS_SELECTOR, f"#stats-{mode} .ttft").text.endswith(" ms")
+    # each answer names its reader (full mode: serve's --baseline); REFRAG ran first, full context after it
+    assert browser.find_element(By.CSS_SELECTOR, "#stats-refrag .reader").text == tiny_dec_dir
+    assert browser.find_element(By.CSS_SELECTOR, "#stats-full .reader").text == tiny_baseline_dir
+    started, finished = (float(browser.find_element(By.ID, f"answer-{m}").get_attribute(f"data-{a}"))
+                         for m, a in (("full", "started"), ("refrag", "finished")))
+    assert finished <= started
+    assert "full-context reader " + tiny_baseline_dir in browser.find_element(By.ID, "server-info").text
     assert css("#context-refrag .passage .chunk.expanded") and css("#context-refrag .passage .chunk.compressed")
     assert css("#context-full .passage .chunk.expanded") and not css("#context-full .passage .chunk.compressed")
 

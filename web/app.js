@@ -60,7 +60,8 @@ function renderStats(box, rec, clientFirst) {
     " · ", el("b", {}, rec.throughput_tok_s ? rec.throughput_tok_s.toFixed(1) : "n/a"), " tok/s · prompt ",
     el("b", {}, rec.prompt_positions), " positions (", rec.context_tokens, " context tokens",
     rec.mode === "refrag" ? `, ${rec.n_chunks} chunks, ${rec.expanded.length} expanded by ${rec.selection}` : "", ")",
-    clientFirst != null ? ` · first text in the browser after ${clientFirst.toFixed(0)} ms` : "");
+    clientFirst != null ? ` · first text in the browser after ${clientFirst.toFixed(0)} ms` : "",
+    " · reader ", el("b", { class: "reader" }, rec.decoder || "?"));
 }
 
 async function ask(mode, question, settings) {
@@ -68,6 +69,7 @@ async function ask(mode, question, settings) {
   answer.textContent = ""; answer.classList.add("waiting"); stats.textContent = "waiting for the server"; context.replaceChildren();
   const refrag = Object.assign({ mode, return_context: true }, settings.refrag);
   const t0 = performance.now();
+  answer.dataset.started = t0; delete answer.dataset.finished;  // when each request ran (the order is checked)
   let first = null;
   try {
     const r = await api("/v1/chat/completions", {
@@ -102,6 +104,7 @@ async function ask(mode, question, settings) {
   } catch (e) {
     answer.classList.remove("waiting"); stats.replaceChildren(el("span", { class: "error" }, String(e.message || e)));
   }
+  answer.dataset.finished = performance.now();
 }
 
 $("#ask-form").addEventListener("submit", (ev) => {
@@ -111,8 +114,11 @@ $("#ask-form").addEventListener("submit", (ev) => {
   const refrag = { topk: +$("#topk").value, k: +$("#k").value, p: +$("#p").value };
   if ($("#heuristic").value) refrag.heuristic = $("#heuristic").value;
   const settings = { max_new: +$("#max_new").value, refrag };
-  // the server answers one request at a time: both start now, full context is served first
-  ask("full", q, settings); ask("refrag", q, settings);
+  // the server answers one request at a time: REFRAG is asked first and full context once REFRAG's answer is
+  // done, so each browser time counts from its own request, not from the other's place in the queue
+  $("#answer-full").textContent = ""; $("#context-full").replaceChildren();
+  $("#stats-full").textContent = "asked once REFRAG has answered";
+  (async () => { await ask("refrag", q, settings); await ask("full", q, settings); })();
 });
 
 // ---- runs ----
@@ -242,7 +248,8 @@ async function init() {
   try {
     const cfg = await apiJson("/api/config");
     $("#key-box").hidden = true;
-    $("#server-info").textContent = `decoder ${cfg.decoder} · index ${cfg.index || "none"}` +
+    $("#server-info").textContent = (cfg.refrag ? `REFRAG reader ${cfg.decoder}` : "REFRAG mode not loaded (no --load_dir)") +
+      ` · full-context reader ${cfg.full_reader} · index ${cfg.index || "none"}` +
       (cfg.load_dir ? ` · checkpoint ${cfg.load_dir}` : "") + (cfg.policy ? ` · policy ${cfg.policy}` : "");
     const d = cfg.defaults;
     $("#topk").value = d.topk; $("#k").value = d.k; $("#p").value = d.p; $("#max_new").value = Math.min(d.max_new, 64);
