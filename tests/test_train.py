@@ -215,7 +215,8 @@ def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpu
     out = tmp_path / "chain"
     argv = ["chain", "--preset", "quick", "--corpus", small_corpus, "--train_json", cpt, "--eval_json", cpt,
             "--rag_json", qa, "--rag_eval", qa, "--dec", tiny_dec_dir, "--k", 16, "--p", 0.25, "--eval_p", "0,0.25",
-            "--topk", 2, "--ft_full_topk", 2, "--recon_steps", 2, "--next_steps", 2, "--ft_steps", 2,
+            "--topk", 2, "--ft_full_topk", 2, "--full_topk", "1,2,4", "--recon_steps", 2, "--next_steps", 2,
+            "--ft_steps", 2,
             "--ft_full_steps", 2, "--policy_steps", 2, "--ppl", 1, "--batch_size", 2, "--ft_batch_size", 2,
             "--recon_tokens", 32, "--next_tokens", 32, "--eval_limit", 2, "--max_new", 4, "--show", 2,
             "--expand_by", "rank", "--ctx_max", 600, "--out_dir", out]

@@ -50,6 +50,8 @@ full_row full50 50
 refrag_row ft50 50
 refrag_row ft200_mlr 200 --lr_enc 2.5e-5 --lr_proj 2.5e-3
 refrag_row ft200 200
-full_row full200 200
 refrag_row ft400 400
+# LoRA at a rate suited to adapters (ten times the full fine-tuning rate)
+refrag_row ft100_lora_lr1e-3 100 --lora 16 --lr_dec 1e-3
+raw_row ft100_lora_lr1e-3 runs/abl/ft100_lora_lr1e-3/sft
 python results/ablation/table.py

@@ -51,6 +51,12 @@ def qa(results, p, expanded_only=False, selection=None):
     return None
 
 
+def raw_top1(d):
+    """{"raw_top1_em": ...} when the row's decoder was also scored reading raw passages (full mode, top 1)."""
+    path = f"{d}/eval_raw1/results.json"
+    return {"raw_top1_em": load(path)["results"][0]["em"]} if os.path.exists(path) else {}
+
+
 def main():
     rows = []
     # cpt_recon alone: held-out fact values from one chunk of 16 (no context 0.127, raw-token ceiling 0.797)
@@ -94,16 +100,19 @@ def main():
            ("ft400", "refrag", "finetune 400 steps"),
            ("ft100_mlr", "refrag", "finetune 100 steps, per-module rates (encoder 2.5e-5, projector 2.5e-3)"),
            ("ft100_p0only", "refrag", "finetune 100 steps, every sample at p = 0 (--p0_share 1)"),
+           ("ft100_lora", "refrag", "finetune 100 steps, the decoder through LoRA adapters (--lora 16)"),
+           ("ft100_lora_lr1e-3", "refrag", "finetune 100 steps, LoRA adapters (--lora 16) at --lr_dec 1e-3"),
+           ("ft100_recon20", "refrag", "finetune 100 steps, 20% reconstruction samples (--recon_share 0.2)"),
+           ("ft200_mlr", "refrag", "finetune 200 steps, per-module rates (encoder 2.5e-5, projector 2.5e-3)"),
            ("full25", "full", "full-context baseline, 25 steps at top 4"),
-           ("full50", "full", "full-context baseline, 50 steps at top 4"),
-           ("full200", "full", "full-context baseline, 200 steps at top 4")]
+           ("full50", "full", "full-context baseline, 50 steps at top 4")]
     for name, group, factor in abl:
         src = f"runs/abl/{name}"
         dst = f"{HERE}/{name}"
         if os.path.exists(f"{src}/train_s"):  # copy the small files of a finished row into results/
             os.makedirs(dst, exist_ok=True)
             shutil.copy(f"{src}/train_s", dst)
-            for sub in ("eval", "eval_top1", "eval_top4", "eval_top8"):
+            for sub in ("eval", "eval_top1", "eval_top4", "eval_top8", "eval_raw1"):
                 if os.path.exists(f"{src}/{sub}/results.json"):
                     os.makedirs(f"{dst}/{sub}", exist_ok=True)
                     for fn in ("results.json", "results.md"):
@@ -122,7 +131,8 @@ def main():
             r0, r25, tw = qa(res, 0.0), qa(res, 0.25, selection="ppl_desc"), qa(res, 0.25, True, "ppl_desc")
             rows.append(dict(row=name, group=group, factor=factor, minutes=shared + mins, p0_em=r0["em"],
                              p0_f1=r0["f1"], ttft_ms=1000 * r0["ttft_s"], p25_em=r25["em"],
-                             p25_twin_em=tw["em"], p25_ttft_ms=1000 * r25["ttft_s"], source=dst))
+                             p25_twin_em=tw["em"], p25_ttft_ms=1000 * r25["ttft_s"], source=dst,
+                             **raw_top1(dst)))
         else:
             if not all(os.path.exists(f"{dst}/eval_top{t}/results.json") for t in (1, 4, 8)):
                 continue
@@ -130,6 +140,15 @@ def main():
             rows.append(dict(row=name, group=group, factor=factor, minutes=mins, em_top8=by[8]["em"],
                              f1_top8=by[8]["f1"], em_top1=by[1]["em"], em_top4=by[4]["em"],
                              ttft_top8_ms=1000 * by[8]["ttft_s"], ttft_top1_ms=1000 * by[1]["ttft_s"], source=dst))
+    # how the quickstart's fully fine-tuned REFRAG decoder reads raw passages (runs/abl/quick_mlr/eval_raw1)
+    src = "runs/abl/quick_mlr/eval_raw1"
+    if os.path.exists(f"{src}/results.json"):
+        os.makedirs(f"{HERE}/quick_mlr/eval_raw1", exist_ok=True)
+        for fn in ("results.json", "results.md"):
+            shutil.copy(f"{src}/{fn}", f"{HERE}/quick_mlr/eval_raw1/")
+    for r in rows:
+        if r["row"] == "quick_mlr":
+            r.update(raw_top1(f"{HERE}/quick_mlr"))
     # quick_mlr is the trend's 100-step REFRAG point, full100 the baseline's
     out = dict(machine=machine(), rows=rows)
     with open(f"{HERE}/rows.json", "w") as f:
@@ -140,14 +159,15 @@ def main():
 
     lines = [f"Machine: {out['machine']}. 50 held-out questions, top 8, greedy, 16 answer tokens.", "",
              "| row | what changed | training min | fact values (1 chunk) | p = 0 EM / F1 | p = 0.25 ppl EM "
-             "(expanded-only twin) | TTFT ms p = 0 | source |", "|---|---|---|---|---|---|---|---|"]
+             "(expanded-only twin) | TTFT ms p = 0 | its decoder on raw text, top 1 EM | source |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["group"] == "full":
             continue
         em = "—" if "p0_em" not in r else f"{r['p0_em']:.3f} / {r['p0_f1']:.3f}"
         p25 = "—" if "p25_em" not in r else f"{r['p25_em']:.3f} ({r['p25_twin_em']:.3f})"
         lines.append(f"| {r['row']} | {r['factor']} | {fmt(r.get('minutes'), 1)} | {fmt(r.get('fact_value'))} | "
-                     f"{em} | {p25} | {fmt(r.get('ttft_ms'), 1)} | {r['source']} |")
+                     f"{em} | {p25} | {fmt(r.get('ttft_ms'), 1)} | {fmt(r.get('raw_top1_em'))} | {r['source']} |")
     lines += ["", "| baseline | training min | EM top 1 / 4 / 8 | F1 top 8 | TTFT ms top 1 / 8 | source |",
               "|---|---|---|---|---|---|"]
     for r in rows:
@@ -165,9 +185,11 @@ def main():
     trend = {"quick_mlr", "ft50", "ft200", "ft400"}
     ref = sorted((r for r in rows if r["row"] in trend), key=lambda r: r["minutes"])
     full = sorted((r for r in rows if r["group"] == "full"), key=lambda r: r["minutes"])
+    mlr = sorted((r for r in rows if r["row"] in ("ft100_mlr", "ft200_mlr")), key=lambda r: r["minutes"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, fkey, name in ((axes[0], "p0_em", "em_top8", "EM"), (axes[1], "p0_f1", "f1_top8", "F1")):
         ax.plot([r["minutes"] for r in ref], [r[key] for r in ref], "o-", label="REFRAG k=16 p=0, top 8")
+        ax.plot([r["minutes"] for r in mlr], [r[key] for r in mlr], "o--", label="REFRAG, per-module finetune rates")
         ax.plot([r["minutes"] for r in full], [r[fkey] for r in full], "s-", label="full context, top 8")
         if key == "p0_em":
             ax.plot([r["minutes"] for r in full], [r["em_top1"] for r in full], "^--", label="full context, top 1")
