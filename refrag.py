@@ -860,7 +860,11 @@ CHAIN_PRESETS = {
 }
 
 
-CHAIN_REF_S: dict = {}
+# (seconds, steps) of each stage of the quick preset's run behind README's figures (results/quickstart_33: a fresh
+# clone on a 2-core Intel Xeon with AVX512-BF16, bf16 autocast); chain_left_s scales them to say how long is left
+CHAIN_REF_S = {"quick": {"index": (7.7, 0), "cpt_recon": (116.5, 60), "cpt_next": (136.7, 20), "finetune": (109.5, 50),
+                         "finetune_full": (118.4, 50), "index_sft": (7.6, 0), "evaluate": (19.6, 0),
+                         "evaluate_full": (47.2, 0), "evaluate_full_top1": (19.1, 0), "evaluate_full_top2": (25.6, 0)}}
 
 
 def chain_left_s(preset: str, stages: list, spent: list) -> float | None:
@@ -929,7 +933,7 @@ class ChainConfig(ModelArgs):
     show: int = preset_opt("held-out questions printed with both modes' answers at the end")
     no_baseline: bool = opt(False, "skip the full-context fine-tuning baseline")
     resume: bool = opt(False, "skip the stages chain.json records as done; continue a stage killed mid-way")
-    log_every: int = opt(50, "trainers' steps per progress line")
+    log_every: int = opt(10, "trainers' steps per progress line (with the minutes left)")
     seed: int = opt(0, "seed of every stage")
     out_dir: str = opt("runs/chain", "one directory per stage, chain.json")
     mlflow: str = mlflow_opt()

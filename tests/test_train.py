@@ -415,3 +415,19 @@ def test_finetune_mixes_a_share_of_reconstruction_samples(tiny_dec_dir, tiny_ind
     assert counts[0.0] == 0 and 0 < counts[0.5] < 32 and counts[1.0] == 32
     with pytest.raises(refrag.RefragError, match="--recon_share"):
         refrag.TrainConfig(stage="finetune", recon_share=0.2, mode="full")
+
+
+def test_chain_says_about_how_long_is_left():
+    args = refrag.parse_config(["chain", "--preset", "quick", "--device", "cpu"])
+    stages = refrag.chain_stages(args)
+    ref = refrag.CHAIN_REF_S["quick"]
+    assert [n for n, _ in stages] == list(ref)  # every quick stage has a reference time
+    assert refrag.chain_left_s("quick", stages, [0.0, 0.0]) == pytest.approx(sum(s for s, _ in ref.values()))
+    # twice as slow as the reference so far: twice the reference for what is left
+    assert refrag.chain_left_s("quick", stages[3:], [200.0, 100.0]) == pytest.approx(
+        2 * sum(ref[n][0] for n, _ in stages[3:]))
+    longer = refrag.chain_stages(refrag.parse_config(["chain", "--preset", "quick", "--device", "cpu", "--ft_steps", "100"]))
+    assert refrag.chain_left_s("quick", [s for s in longer if s[0] == "finetune"], [0, 0]) == pytest.approx(
+        2 * ref["finetune"][0])  # a training stage scales with its steps
+    assert refrag.chain_left_s("cpu", refrag.chain_stages(refrag.parse_config(["chain", "--device", "cpu"])),
+                               [0, 0]) is None  # no reference run: no estimate

@@ -10,8 +10,9 @@
 set -euo pipefail
 mkdir -p runs/abl
 base=runs/q_mlr
+# one rate 1e-4 for every module unless a row says otherwise (finetune's default before per-module rates)
 ft=(--rag_json data/rag_train.jsonl --index_dir $base/index --k 16 --topk 8 --ctx_max 1024 --lr 1e-4
-    --batch_size 2 --log_every 50)
+    --lr_enc 1e-4 --lr_proj 1e-4 --batch_size 2 --log_every 50)
 ev=(--eval_json data/rag_eval.jsonl --max_new 16 --limit 50 --ctx_max 1024)
 timed() {  # timed DIR cmd...: run, and record the seconds it took in DIR/train_s
   local dir=$1; shift; local t0=$SECONDS; "$@"; echo $((SECONDS - t0)) > "$dir/train_s"; }
