@@ -867,19 +867,6 @@ CHAIN_REF_S = {"quick": {"index": (7.7, 0), "cpt_recon": (116.5, 60), "cpt_next"
                          "evaluate_full": (47.2, 0), "evaluate_full_top1": (19.1, 0), "evaluate_full_top2": (25.6, 0)}}
 
 
-def chain_left_s(preset: str, stages: list, spent: list) -> float | None:
-    """Seconds the stages should take here: their reference times (CHAIN_REF_S, training stages scaled by their
-    steps) times how much slower or faster this machine ran the stages so far (spent: [seconds, reference]).
-    None when a stage has no reference (another preset, or a stage that preset's reference run had not)."""
-    ref, total = CHAIN_REF_S.get(preset, {}), 0.0
-    for name, cfg in stages:
-        if name not in ref:
-            return None
-        seconds, steps = ref[name]
-        total += seconds * (cfg.steps / steps if steps else 1.0)
-    return total * (spent[0] / spent[1] if spent[1] else 1.0)
-
-
 def preset_opt(help: str, kind=int):
     return opt(None, help + " (default: the preset's)", type=kind)
 
@@ -2510,10 +2497,9 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
                eos, dev, on_token if on_text is not None else None, past)
     generated, times = d["tokens"], d["times"]
     body = [t for t in generated if t not in eos]
-    if on_text is not None:  # the answer ended inside a character (max_new): hand on what it holds, as the record does
-        rest = tok.decode(body, skip_special_tokens=True)
-        if rest.startswith(shown[0]) and len(rest) > len(shown[0]):
-            on_text(rest[len(shown[0]):])
+    answer = tok.decode(body, skip_special_tokens=True)
+    if on_text is not None and answer.startswith(shown[0]) and len(answer) > len(shown[0]):
+        on_text(answer[len(shown[0]):])  # the answer ended inside a character (max_new): what the record holds
     informative = next((times[i] for i in range(len(body)) if any(ch.isalnum() for ch in tok.decode(body[:i + 1]))), None)
     prev, breakdown = t0, {}
     for stage in ("retrieve", "encode", "select", "project"):
@@ -2522,7 +2508,7 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
     breakdown["prefill_s"] = times[0] - prev
     total = times[-1] - t0
     return {
-        "question": question, "answer": tok.decode(body, skip_special_tokens=True).strip(), "mode": cfg.mode,
+        "question": question, "answer": answer.strip(), "mode": cfg.mode,
         "k": cfg.k, "p": cfg.p, "topk": cfg.topk, **info, "ttft_s": times[0] - t0, "ttft_breakdown": breakdown,
         "ttit_s": (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
         "time_to_informative_token_s": (informative - t0) if informative is not None else None,
@@ -4160,6 +4146,19 @@ def chain_examples(a: ChainConfig) -> list[dict]:
     return out
 
 
+def chain_left_s(preset: str, stages: list, spent: list) -> float | None:
+    """Seconds the stages should take here: their reference times (CHAIN_REF_S, training stages scaled by their
+    steps) times how much slower or faster this machine ran the stages so far (spent: [seconds, reference]).
+    None when a stage has no reference (another preset, or a stage that preset's reference run had not)."""
+    ref, total = CHAIN_REF_S.get(preset, {}), 0.0
+    for name, cfg in stages:
+        if name not in ref:
+            return None
+        seconds, steps = ref[name]
+        total += seconds * (cfg.steps / steps if steps else 1.0)
+    return total * (spent[0] / spent[1] if spent[1] else 1.0)
+
+
 def chain_next_steps(a: ChainConfig) -> list[str]:
     """The commands to run next with this chain's own paths: ask with the trained checkpoint in both modes, open
     the page and the API, index one's own corpus (the launcher adds how to enter its .venv)."""
@@ -4232,6 +4231,12 @@ def cmd_chain(args: ChainConfig):
         print(f"chain: {name} took {record['stages'][name]['seconds']:.0f}s", flush=True)
     record["summary"] = chain_summary(args, record["stages"])
     write_json(path, record)
+    print_chain_summary(args, record, path)
+
+
+def print_chain_summary(args: ChainConfig, record: dict, path: str):
+    """A finished chain's closing lines: stage times, reconstruction, QA against the baseline, the examples
+    marked right or wrong, and the commands to run next."""
     sm = record["summary"]
     print("chain: stage times: " + ", ".join(f"{n} {r['seconds']:.0f}s" for n, r in record["stages"].items()))
     print(f"chain: training {sm['train_s'] / 60:.1f} min, evaluation {sm['eval_s'] / 60:.1f} min -> {path}")

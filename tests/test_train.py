@@ -57,6 +57,15 @@ def weights(path):
             for k, v in load_file(os.path.join(path, name)).items()}
 
 
+def write_corpus_qa(corpus, path, n=None) -> list[dict]:
+    """The training questions about the entities of `corpus` (the first n) written to `path`, and returned."""
+    names = {line.split(" ", 1)[0] for line in open(corpus, encoding="utf-8")}
+    with open(os.path.join(DATA, "rag_train.jsonl"), encoding="utf-8") as fh:
+        rows = [r for r in map(json.loads, fh) if r["entity"] in names][:n]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
 def train_args(tiny_dec_dir, out, *extra):
     return ["cpt_recon", "--dec", tiny_dec_dir, "--train_json", os.path.join(DATA, "cpt_eval.jsonl"),
             "--eval_json", "", "--k", 8, "--max_chunks", 2, "--steps", 4, "--batch_size", 2, "--log_every", 1,
@@ -154,10 +163,7 @@ def test_two_processes_keep_identical_weights(tiny_dec_dir, tmp_path):
 @pytest.mark.parametrize("mode", ["refrag", "full", "rank"])  # rank: refrag, the leading chunks kept as tokens
 def test_finetune_trains_on_retrieved_contexts(tiny_dec_dir, tiny_index, small_corpus, tmp_path, mode):
     qa = tmp_path / "qa.jsonl"
-    names = {line.split(" ", 1)[0] for line in open(small_corpus, encoding="utf-8")}
-    with open(os.path.join(DATA, "rag_train.jsonl"), encoding="utf-8") as fh:
-        rows = [r for r in map(json.loads, fh) if r["entity"] in names][:6]
-    qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = write_corpus_qa(small_corpus, qa, 6)
     out = tmp_path / f"sft_{mode}"
     how = ["--mode", "refrag", "--expand_by", "rank"] if mode == "rank" else ["--mode", mode]
     code, stdout, err = run_cli("finetune", "--rag_json", qa, "--index_dir", tiny_index, "--dec", tiny_dec_dir,
@@ -205,10 +211,8 @@ def test_training_and_inference_prompts_are_the_same_layout(tok):
 
 
 def test_chain_runs_every_stage_times_them_and_resumes(tiny_dec_dir, small_corpus, tmp_path):
-    names = {line.split(" ", 1)[0] for line in open(small_corpus, encoding="utf-8")}
     qa = tmp_path / "qa.jsonl"
-    with open(os.path.join(DATA, "rag_train.jsonl"), encoding="utf-8") as fh:
-        qa.write_text("".join(json.dumps(r) + "\n" for r in map(json.loads, fh) if r["entity"] in names))
+    write_corpus_qa(small_corpus, qa)
     cpt = tmp_path / "cpt.jsonl"
     with open(os.path.join(DATA, "cpt_eval.jsonl"), encoding="utf-8") as fh:
         cpt.write_text("".join(next(fh) for _ in range(4)))
@@ -329,9 +333,7 @@ def test_finetune_distils_a_teacher(tiny_dec_dir, tiny_index, small_corpus, tmp_
     save_decoder(tiny_llama(tok, seed=1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2), tok, other)
     qa = tmp_path / "qa.jsonl"
-    names = {line.split(" ", 1)[0] for line in open(small_corpus, encoding="utf-8")}
-    with open(os.path.join(DATA, "rag_train.jsonl"), encoding="utf-8") as fh:
-        qa.write_text("".join(json.dumps(r) + "\n" for r in map(json.loads, fh) if r["entity"] in names))
+    write_corpus_qa(small_corpus, qa)
 
     def losses(name, *extra):
         argv = ["finetune", "--rag_json", qa, "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--k", 16, "--topk", 2,
@@ -354,10 +356,7 @@ def test_finetune_with_lora_trains_adapters_only_resumes_exactly_and_loads_merge
                                                                                   small_corpus, tmp_path):
     from safetensors.torch import load_file
     qa = tmp_path / "qa.jsonl"
-    names = {line.split(" ", 1)[0] for line in open(small_corpus, encoding="utf-8")}
-    with open(os.path.join(DATA, "rag_train.jsonl"), encoding="utf-8") as fh:
-        rows = [r for r in map(json.loads, fh) if r["entity"] in names][:6]
-    qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = write_corpus_qa(small_corpus, qa, 6)
     def args(out, *extra, lora=("--lora", 4)):
         return ["finetune", "--rag_json", qa, "--index_dir", tiny_index, "--dec", tiny_dec_dir, "--k", 16, "--p", 0.25,
                 "--topk", 3, "--steps", 4, "--batch_size", 2, "--lr", 1e-2, "--log_every", 1, *lora, "--out_dir", out,
@@ -393,9 +392,7 @@ def test_finetune_with_lora_trains_adapters_only_resumes_exactly_and_loads_merge
 def test_finetune_mixes_a_share_of_reconstruction_samples(tiny_dec_dir, tiny_index, small_corpus, tmp_path, monkeypatch):
     from accelerate import Accelerator
     qa = tmp_path / "qa.jsonl"
-    names = {line.split(" ", 1)[0] for line in open(small_corpus, encoding="utf-8")}
-    with open(os.path.join(DATA, "rag_train.jsonl"), encoding="utf-8") as fh:
-        qa.write_text("".join(json.dumps(r) + "\n" for r in map(json.loads, fh) if r["entity"] in names))
+    write_corpus_qa(small_corpus, qa)
     tok = refrag.load_tokenizer(tiny_dec_dir)
     made = []
     real = refrag.recon_sample
