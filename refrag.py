@@ -519,6 +519,7 @@ class IndexConfig(ModelArgs):
 
 # non-learned selections: random chunks, the highest / lowest perplexity chunks, the leading chunks
 # (the best-ranked passages' text)
+HISTORY = ("compressed", "raw", "drop")  # where a conversation's earlier turns go (conversation_prompt)
 HEURISTICS = ("random", "ppl_desc", "ppl_asc", "rank")
 
 
@@ -549,6 +550,18 @@ class GenerateConfig(ModelArgs):
                                  "untrained and the answers noise; for research on untrained models only")
     baseline: str = opt(None, "full mode's reader: a full-context fine-tuned decoder (a `finetune --mode full` output "
                               "directory or its decoder/, e.g. runs/quickstart/sft_full); default: refrag mode's decoder")
+    history: str = opt("compressed", "a conversation's earlier turns (questions, answers, the passages retrieved for "
+                                      "them): compressed (chunks like the passages; refrag mode), raw (tokens) or drop",
+                       choices=list(HISTORY))
+    history_turns: int = opt(4, "earlier turns kept in the prompt at most (the latest)")
+    query_turns: int = opt(1, "retrieve with the question joined to the N - 1 user messages before it (2: a "
+                              "follow-up that names nothing retrieves with the previous question)")
+    messages: str = opt(None, "a JSON file of the conversation so far, OpenAI style: [{role: user|assistant, content}, "
+                              "...]; --question is the next user message", cmds=("generate",))
+    draft: str = opt("none", "speculative decoding: lookup drafts the next tokens by copying what follows the answer's "
+                             "last tokens in the retrieved passages (raw ids, compressed or not) and checks them in one "
+                             "decoder pass; the answer is the same as without (greedy exactly)", choices=["none", "lookup"])
+    draft_len: int = opt(8, "--draft lookup: tokens drafted per decoder pass at most")
     no_cache: bool = opt(False, "recompute chunk embeddings instead of reading the index's cache")
     warmup: int = opt(1, "untimed warm-up runs before the timed one")
     seed: int = opt(0, "sampling / random selection seed")
@@ -557,12 +570,15 @@ class GenerateConfig(ModelArgs):
 
     def __post_init__(self):
         for flag, ok in (("topk", self.topk >= 1), ("k", self.k >= 1), ("ctx_max", self.ctx_max >= 1),
-                         ("max_new", self.max_new >= 1), ("warmup", self.warmup >= 0)):
-            _check(ok, f"--{flag} {getattr(self, flag)}: must be at least {0 if flag == 'warmup' else 1}")
+                         ("max_new", self.max_new >= 1), ("warmup", self.warmup >= 0), ("draft_len", self.draft_len >= 1),
+                         ("history_turns", self.history_turns >= 0), ("query_turns", self.query_turns >= 1)):
+            _check(ok, f"--{flag} {getattr(self, flag)}: must be at least {int(flag not in ('warmup', 'history_turns'))}")
         _check(0.0 <= self.p <= 1.0, f"--p {self.p}: must be between 0 and 1")
         _check(self.temperature >= 0, f"--temperature {self.temperature}: must be >= 0")
         _check(0.0 < self.top_p <= 1.0, f"--top_p {self.top_p}: must be in (0, 1]")
         _check(self.mode in ("refrag", "full", "none"), f"--mode {self.mode}: expected refrag, full or none")
+        _check(self.draft in ("none", "lookup"), f"--draft {self.draft}: expected none or lookup")
+        _check(self.history in HISTORY, f"--history {self.history}: expected one of {', '.join(HISTORY)}")
         _check(self.heuristic in (None,) + HEURISTICS, f"--heuristic {self.heuristic}: expected one of "
                                                        f"{', '.join(HEURISTICS)}")
 
@@ -1138,17 +1154,73 @@ def uses_chat(tok) -> bool:
     return bool(getattr(tok, "chat_template", None))
 
 
+def template_parts(tok, question: str, n_earlier: int = 0) -> list:
+    """The shared prompt template (chat template where the tokenizer has one) as text pieces and marks:
+    [text, (kind, turn), text, ...] with kind "C" (a turn's passages), "Q" (an earlier turn's question), "A" (its
+    answer). The current question is in the text; earlier turns are user / assistant pairs before it."""
+    user = lambda i, q: USER_TURN.format(context=f"\0C{i}\0", question=q)  # noqa: E731
+    if uses_chat(tok):
+        msgs = [{"role": "system", "content": INSTRUCTION}]
+        for i in range(n_earlier):
+            msgs += [{"role": "user", "content": user(i, f"\0Q{i}\0")}, {"role": "assistant", "content": f"\0A{i}\0"}]
+        text = tok.apply_chat_template(msgs + [{"role": "user", "content": user(n_earlier, question.strip())}],
+                                       tokenize=False, add_generation_prompt=True)
+    else:
+        text = INSTRUCTION + "\n" + "".join(user(i, f"\0Q{i}\0") + f"\nAnswer:\0A{i}\0\n" for i in range(n_earlier)) \
+            + user(n_earlier, question.strip()) + "\nAnswer:"
+    parts = re.split("\0([CQA])(\\d+)\0", text)
+    return [parts[0]] + [x for j in range(1, len(parts), 3) for x in ((parts[j], int(parts[j + 1])), parts[j + 2])]
+
+
 def prompt_pieces(tok, question: str) -> tuple[list[int], list[int], list[int]]:
     """(prefix ids, separator ids, suffix ids) of the shared template: passages go between prefix
     and suffix, joined by the separator. BOS (or the chat template's first token) only at the start."""
-    user = USER_TURN.format(context=CONTEXT_MARK, question=question.strip())
-    if uses_chat(tok):
-        text = tok.apply_chat_template([{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": user}],
-                                       tokenize=False, add_generation_prompt=True)
-        head, tail = text.split(CONTEXT_MARK)
-        return encode_text(tok, head), encode_text(tok, PASSAGE_SEP), encode_text(tok, tail)
-    head, tail = (INSTRUCTION + "\n" + user + "\nAnswer:").split(CONTEXT_MARK)
-    return bos_ids(tok) + encode_text(tok, head), encode_text(tok, PASSAGE_SEP), encode_text(tok, tail)
+    head, _, tail = template_parts(tok, question)
+    return (bos_ids(tok) if not uses_chat(tok) else []) + encode_text(tok, head), encode_text(tok, PASSAGE_SEP), \
+        encode_text(tok, tail)
+
+
+@dataclass
+class Turn:
+    """An earlier turn of a conversation: its question, the answer given, and the passages retrieved for it."""
+    question: str
+    answer: str
+    passages: list = dataclasses.field(default_factory=list)  # token ids of each passage
+
+
+
+def conversation_prompt(tok, question: str, passages: list, turns: list[Turn] = (), history: str = "compressed"):
+    """A question's prompt after earlier turns (paper: "compress anywhere"): (prefix, texts, gaps, suffix,
+    n_history). texts are the token ids of what the prompt holds as k-token chunks: with history "compressed" the
+    earlier turns' passages, questions and answers (in that order per turn), then the question's passages;
+    gaps[i] the template tokens between texts[i] and texts[i + 1]. "raw" puts the earlier turns in tokens
+    (prefix), "drop" leaves them out. Without turns this is prompt_pieces' prompt."""
+    turns = list(turns) if history != "drop" else []
+    items, chat = [], uses_chat(tok)  # (role, ids): role "tokens" (template), "history" or "passage" (a text)
+    for part in template_parts(tok, question, len(turns)):
+        if isinstance(part, str):
+            items.append(("tokens", encode_text(tok, part)))
+            continue
+        kind, i = part
+        role = "history" if i < len(turns) else "passage"
+        if kind == "C":
+            for j, ids in enumerate(passages if role == "passage" else turns[i].passages):
+                items += ([("tokens", encode_text(tok, PASSAGE_SEP))] if j else []) + [(role, [int(x) for x in ids])]
+        else:
+            text = (turns[i].question if kind == "Q" else turns[i].answer).strip()
+            items.append((role, encode_text(tok, text if chat or kind == "Q" else " " + text)))
+    prefix, texts, gaps, run, n_history = None, [], [], bos_ids(tok) if not chat else [], 0
+    for role, ids in items:
+        if role == "tokens" or role == "history" and history == "raw" or not ids:
+            run += ids
+            continue
+        if prefix is None:
+            prefix = run
+        else:
+            gaps.append(run)
+        run, n_history = [], n_history + (role == "history")
+        texts.append(ids)
+    return (run, [], [], [], 0) if prefix is None else (prefix, texts, gaps, run, n_history)
 
 
 def answer_ids(tok, answer: str) -> list[int]:
@@ -2142,6 +2214,7 @@ class PromptLayout:
     tok_ids: torch.Tensor    # (T,) long, -1 at compressed positions
     slot: torch.Tensor       # (T,) long, index into chunks, -1 at token positions
     chunks: list             # per compressed position: its embedding (d_enc,) (inference) or token ids (training)
+    texts: list = dataclasses.field(default_factory=list)  # raw token ids of the context's texts (drafts copy them)
 
     @property
     def chunk_emb(self) -> torch.Tensor:
@@ -2167,12 +2240,14 @@ def build_layout(segments: list[tuple[str, object]]) -> PromptLayout:
 def prompt_segments(prefix: list[int], chunks: list[list[list[int]]], sep: list[int], suffix: list[int],
                     expanded: set[int] | None) -> list[tuple[str, object]]:
     """The one prompt assembly shared by inference and training: prefix, passages (each a list of
-    k-token chunks) joined by sep, suffix. With `expanded` (global chunk indices kept as tokens),
+    k-token chunks) joined by sep (one list of ids, or one per gap: a conversation's template between its
+    texts, see conversation_prompt), suffix. With `expanded` (global chunk indices kept as tokens),
     every other chunk is ("chunk", (passage, chunk, ids)); with None, every chunk stays tokens."""
+    gaps = sep if sep and isinstance(sep[0], list) else [sep] * max(0, len(chunks) - 1)
     segments, j = [("tokens", prefix)], 0
     for pi, pchunks in enumerate(chunks):
         if pi:
-            segments.append(("tokens", sep))
+            segments.append(("tokens", gaps[pi - 1]))
         for ci, c in enumerate(pchunks):
             compressed = expanded is not None and j not in expanded
             segments.append(("chunk", (pi, ci, c)) if compressed else ("tokens", c))
@@ -2294,6 +2369,9 @@ class RetrievedContext:
     q_emb: torch.Tensor | None  # (d_q,) L2-normalised retrieval embedding of the question
     cache: str = "n/a"
     source: str = "index"      # or "caller": passages given with the request (ids index them)
+    head: int | None = None    # the template's constant first tokens (prefix_kv caches them); None: all of prefix
+    history_texts: int = 0     # leading passages_ids that are earlier turns' texts (compressed history)
+    history_turns: int = 0     # earlier turns in the prompt (compressed or raw)
 
     @property
     def n_chunks(self) -> int:
@@ -2306,16 +2384,33 @@ class RetrievedContext:
                    chunks=[split_chunks(ids, k)], chunk_embs=chunk_embs, q_emb=None, cache="n/a (long text)")
 
 
+def retrieval_queries(question: str, turns: list, query_turns: int) -> list[str]:
+    """Each turn's retrieval query, the current question's last: its question joined with the query_turns - 1
+    user messages before it (a follow-up such as "When was that city founded?" names nothing to search for)."""
+    asked = [t.question for t in turns] + [question]
+    return [" ".join(q.strip() for q in asked[max(0, i + 1 - query_turns):i + 1]) for i in range(len(asked))]
+
+
 def retrieve_context(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex | None,
-                     marks: dict, passages: list[str] | None = None) -> RetrievedContext:
+                     marks: dict, passages: list[str] | None = None, turns: list | None = None) -> RetrievedContext:
     """Retrieve and encode (cache lookup or encoder); clock readings go into `marks`. With `passages`
-    (the caller's own, in their order) nothing is searched and their chunks are encoded on the fly."""
+    (the caller's own, in their order) nothing is searched and their chunks are encoded on the fly. `turns`
+    (Turn: question, answer) are the conversation's earlier turns: the last cfg.history_turns enter the prompt
+    (cfg.history), each with the passages its own query retrieves again (the same search as when it was asked)."""
     dev, tok = models.device, models.tok
-    prefix, sep, suffix = prompt_pieces(tok, question)
-    ranked, scores, used, q, all_ids = [], [], [], None, []
+    turns = [] if cfg.history == "drop" else list(turns or [])
+    queries = retrieval_queries(question, turns, cfg.query_turns)
+    kept = [Turn(t.question, t.answer) for t in turns[len(turns) - min(len(turns), cfg.history_turns):]]
+    ranked, scores, used, q, all_ids, kept_used = [], [], [], None, [], [[] for _ in kept]
     if cfg.mode != "none":
-        if passages is None or getattr(models.policy, "query", False):  # the caller's passages need no search
-            q = models.retriever.embed_texts([question], normalize=True)
+        past_q = queries[len(turns) - len(kept):len(turns)] if index is not None else []
+        now_q = [queries[-1]] if passages is None or getattr(models.policy, "query", False) else []
+        if past_q or now_q:  # one batch: the earlier turns' queries and the question's
+            qs = models.retriever.embed_texts(past_q + now_q, normalize=True)
+            for t, qi, u in zip(kept, qs[:len(past_q)], kept_used):
+                u += index.fit(index.search(qi[None].numpy(), cfg.topk)[0], cfg.ctx_max)
+                t.passages = [x.tolist() for x in index.passage_ids(u)] if u else []
+            q = qs[len(past_q):] if now_q else None  # (1, d_q)
         if passages is None:
             ranked, scores = index.search(q.numpy(), cfg.topk)
             used = index.fit(ranked, cfg.ctx_max)
@@ -2325,14 +2420,25 @@ def retrieve_context(question: str, cfg: GenerateConfig, models: Models, index: 
             used = fit_passages(ranked, [len(x) for x in all_ids], cfg.ctx_max)
     passages_ids = [all_ids[i] for i in used] if passages is not None else (index.passage_ids(used) if used else [])
     marks["retrieve"] = clock(dev)
-    ctx = RetrievedContext(prefix, sep, suffix, used, ranked, scores, passages_ids,
-                           [split_chunks(x, cfg.k) for x in passages_ids], None, q[0] if q is not None else None,
-                           source="index" if passages is None else "caller")
-    if cfg.mode == "refrag" and used:
+    prefix, texts, gaps, suffix, n_hist = conversation_prompt(tok, question, passages_ids, kept, cfg.history)
+    ctx = RetrievedContext(prefix, gaps, suffix, used, ranked, scores, texts, [split_chunks(x, cfg.k) for x in texts],
+                           None, q[0] if q is not None else None, source="index" if passages is None else "caller",
+                           head=len(prompt_pieces(tok, question)[0]), history_texts=n_hist, history_turns=len(kept))
+    if cfg.mode == "refrag" and texts:
+        # every text's index passage (None: a caller's passage, an earlier question or answer), in texts' order
+        origin = [] if not n_hist else [x for t, u in zip(kept, kept_used) for x in
+                                        u + [None] * (1 + bool(t.answer.strip()))]
+        origin += list(used) if passages is None else [None] * len(used)
         ctx.cache = "n/a (caller passages, encoded on the fly)" if passages is not None else \
             index.cache_status(models, cfg.k, cfg.use_cache)
-        ctx.chunk_embs = [torch.from_numpy(np.array(e)) for e in index.cached_chunks(used, cfg.k)] \
-            if ctx.cache == "hit" else encode_chunks(models.encoder, tok, passages_ids, cfg.k)
+        in_index = [i for i in origin if i is not None]
+        cached = dict(zip(in_index, index.cached_chunks(in_index, cfg.k))) if ctx.cache == "hit" and in_index else {}
+        todo = [j for j, i in enumerate(origin) if i not in cached]
+        fresh = encode_chunks(models.encoder, tok, [texts[j] for j in todo], cfg.k) if todo else []
+        embs = dict(zip(todo, fresh))
+        ctx.chunk_embs = [embs[j] if j in embs else torch.from_numpy(np.array(cached[i])) for j, i in enumerate(origin)]
+        if cached and todo and n_hist:
+            ctx.cache = f"hit ({len(todo)} history texts encoded on the fly)"
     marks["encode"] = clock(dev)
     return ctx
 
@@ -2340,7 +2446,8 @@ def retrieve_context(question: str, cfg: GenerateConfig, models: Models, index: 
 def context_perplexities(ctx: RetrievedContext, models: Models, index: PassageIndex | None, k: int) -> tuple[torch.Tensor, str]:
     """(L,) chunk perplexities of a context, from the index's cache when it holds them for this
     decoder and k, else one batched decoder pass; and where they came from."""
-    status = index.ppl_status(models, k) if ctx.source == "index" and ctx.used else "miss (not index passages)"
+    status = index.ppl_status(models, k) if ctx.source == "index" and ctx.used and not ctx.history_texts \
+        else "miss (not index passages only)"
     if status == "hit":
         return torch.cat([torch.from_numpy(np.array(x)) for x in index.cached_ppl(ctx.used, k)]), status
     return torch.cat(chunk_perplexities(models.decoder, ctx.passages_ids, k, models.device, models.tok.pad_token_id)), status
@@ -2375,33 +2482,38 @@ def select_chunks(ctx: RetrievedContext, cfg: GenerateConfig, models: Models, in
 
 
 def prepare_prompt(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex | None,
-                   gen: torch.Generator, marks: dict, passages: list[str] | None = None) -> tuple[PromptLayout, dict]:
+                   gen: torch.Generator, marks: dict, passages: list[str] | None = None,
+                   turns: list | None = None) -> tuple[PromptLayout, dict]:
     """Retrieve (or take the caller's `passages`), encode (cache lookup or encoder), select, and lay out
     the prompt. Clock readings after each stage go into `marks`; the returned dict describes what was done."""
-    ctx = retrieve_context(question, cfg, models, index, marks, passages)
+    ctx = retrieve_context(question, cfg, models, index, marks, passages, turns)
     expanded, method, ppl_src = [], "n/a", "n/a"
     if cfg.mode == "refrag" and ctx.used:
         expanded, method, ppl_src = select_chunks(ctx, cfg, models, index, gen)
     layout = assemble_layout(ctx.prefix, ctx.chunks, ctx.sep, ctx.suffix, ctx.chunk_embs, expanded,
                              cfg.mode == "refrag" and cfg.drop_compressed)
+    layout.texts = ctx.passages_ids
     marks["select"] = clock(models.device)
     info = {"selection": method, "chunk_cache": ctx.cache, "ppl_cache": ppl_src, "context_source": ctx.source,
             "retrieved": [{"id": i, "score": round(s, 4) if ctx.scores else None}
                           for i, s in zip(ctx.ranked, ctx.scores or [None] * len(ctx.ranked))],
-            "passages_used": ctx.used, "context_tokens": int(sum(len(x) for x in ctx.passages_ids)),
+            "passages_used": ctx.used, "context_tokens": int(sum(len(x) for x in ctx.passages_ids[ctx.history_texts:])),
             "n_chunks": ctx.n_chunks if cfg.mode == "refrag" else 0, "expanded": expanded,
-            "prompt_positions": int(layout.tok_ids.numel()), "cached_prefix_positions": len(ctx.prefix)}
+            "prompt_positions": int(layout.tok_ids.numel()),
+            "cached_prefix_positions": len(ctx.prefix) if ctx.head is None else ctx.head,
+            **({"history": cfg.history, "history_turns": ctx.history_turns,
+                "history_chunks": sum(len(c) for c in ctx.chunks[:ctx.history_texts])} if ctx.history_turns else {})}
     return layout, info
 
 
-def check_question(tok, question: str):
+def check_question(tok, question: str, flag: str = "--question"):
     if not question.strip():
-        fail("--question: empty question")
+        fail(f"{flag}: empty question")
     if "\0" in question:  # (the template marks where the passages go with NUL characters)
-        fail("--question: contains a NUL character")
+        fail(f"{flag}: contains a NUL character")
     n = len(encode_text(tok, question))
     if n > 512:
-        fail(f"--question: {n} tokens, longer than the 512-token limit")
+        fail(f"{flag}: {n} tokens, longer than the 512-token limit")
 
 
 def _stream(on_text, tok, generated, shown, eos) -> str:
@@ -2415,26 +2527,70 @@ def _stream(on_text, tok, generated, shown, eos) -> str:
     return text
 
 
+DRAFT_MAX_NGRAM = 3  # prompt-lookup drafting matches the answer's last 3, else 2, else 1 tokens in the passages
+
+
+def lookup_draft(source: np.ndarray, seq: list[int], n: int) -> list[int]:
+    """Prompt-lookup drafting (RASD / prompt lookup decoding, no draft model): the n tokens that follow the first
+    occurrence in `source` (passages' token ids, -1 between passages) of the longest suffix of `seq`, up to
+    DRAFT_MAX_NGRAM tokens long; [] when none occurs."""
+    for g in range(min(DRAFT_MAX_NGRAM, len(seq)), 0, -1):
+        if len(source) <= g:
+            continue
+        win = np.lib.stride_tricks.sliding_window_view(source[:-1], g)                  # (len - g, g)
+        for i in np.flatnonzero((win == np.asarray(seq[-g:])).all(1)):
+            follow = source[i + g:i + g + n]
+            stop = np.flatnonzero(follow < 0)
+            follow = follow[:stop[0]] if stop.size else follow
+            if follow.size:
+                return follow.tolist()
+    return []
+
+
+def draft_source(passages_ids: list) -> np.ndarray:
+    """The token ids drafts are copied from: every passage of the prompt, raw, -1 between them."""
+    parts = [np.append(np.asarray(ids, dtype=np.int64), -1) for ids in passages_ids]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 @torch.inference_mode()
 def decode(decoder, inputs: dict, max_new: int, pick, stop: set, device: torch.device, on_token=None,
-           past=None) -> dict:
+           past=None, draft: np.ndarray | None = None, draft_len: int = 0) -> dict:
     """The one decode loop (generate, evaluate, bench): prefill `inputs` (input_ids or inputs_embeds;
-    after the KV cache `past` when given) keeping only the last position's logits, then one KV-cached
-    step per token until a `stop` token or max_new tokens. pick(logits) -> token id; on_token(tokens)
-    runs after each token's clock reading (streaming). Returns the tokens, the clock after each, the
-    first token's logits and the KV cache."""
+    after the KV cache `past` when given) keeping only the last position's logits, then KV-cached steps
+    until a `stop` token or max_new tokens. pick(logits) -> token id; on_token(tokens) runs after each
+    clock reading (streaming). Returns the tokens, the clock after each, the first token's logits, the KV
+    cache and the drafting counts.
+
+    With `draft` (token ids, see draft_source) each step feeds the last token and up to draft_len tokens
+    copied from it (lookup_draft) in one forward, then picks the token after each position in turn while
+    the pick equals the draft: every emitted token is one pick from the same logits as without drafting,
+    so a greedy answer is unchanged and a sampled one keeps its distribution (for a one-token draft, sampling
+    from p and keeping the draft if they agree is the speculative-sampling rule: accept with probability
+    p(draft), else a sample from p without it). The cache is cut back to the accepted tokens."""
     out = decoder(**inputs, use_cache=True, logits_to_keep=1, **({_cache_kwarg(type(decoder)): past} if past else {}))
     first = out.logits[0, -1]
     tokens, past, times = [pick(first)], kv_cache_of(out), [clock(device)]
+    proposed = accepted = steps = 0
     while True:
         if on_token is not None:
             on_token(tokens)
         if len(tokens) >= max_new or tokens[-1] in stop:
             break
-        out, past = decode_step(decoder, torch.tensor([[tokens[-1]]], device=device), past)
-        tokens.append(pick(out.logits[0, -1]))
-        times.append(clock(device))
-    return {"tokens": tokens, "times": times, "first_logits": first, "past": past}
+        guess = lookup_draft(draft, tokens, min(draft_len, max_new - len(tokens) - 1)) if draft is not None else []
+        n_past = past.get_seq_length()
+        out, past = decode_step(decoder, torch.tensor([[tokens[-1]] + guess], device=device), past)
+        logits, steps, proposed = out.logits[0], steps + 1, proposed + len(guess)  # (1 + len(guess), V)
+        for i in range(len(guess) + 1):
+            tokens.append(pick(logits[i]))
+            if i == len(guess) or tokens[-1] != guess[i] or tokens[-1] in stop:
+                break
+            accepted += 1
+        if i < len(guess):  # the cache holds the fed token and the i accepted draft tokens, not the rejected rest
+            past.crop(n_past + 1 + i - past.get_seq_length())  # (a negative crop removes that many positions)
+        times += [clock(device)] * (i + 1)
+    return {"tokens": tokens, "times": times, "first_logits": first, "past": past,
+            "draft": {"proposed": proposed, "accepted": accepted, "steps": steps}}
 
 
 @torch.inference_mode()
@@ -2464,18 +2620,22 @@ def prefix_kv(models: Models, prefix: list[int]):
 
 @torch.inference_mode()
 def run_generation(question: str, cfg: GenerateConfig, models: Models, index: PassageIndex | None,
-                   on_text=None, target: list[int] | None = None, passages: list[str] | None = None) -> dict:
+                   on_text=None, target: list[int] | None = None, passages: list[str] | None = None,
+                   turns: list | None = None) -> dict:
     """Answer one question and time it. The clock starts when the question is received and every
     stage (retrieve, encode, select, project, prefill) is inside TTFT; the device is synchronised
     before each reading. on_text(piece) receives the answer as it is generated. With `target` (token
     ids) the record also holds its mean NLL after the prompt, scored after the clock stops from the
-    prompt's KV cache (no second prefill). `passages`: the caller's, instead of retrieval."""
+    prompt's KV cache (no second prefill). `passages`: the caller's, instead of retrieval; `turns`: the
+    conversation's earlier turns (Turn), laid out as cfg.history says."""
     dev, tok = models.device, models.tok
     check_question(tok, question)
     gen = torch.Generator().manual_seed(cfg.seed)
     marks = {}
     t0 = clock(dev)
-    layout, info = prepare_prompt(question, cfg, models, index, gen, marks, passages)
+    for t in turns or []:
+        check_question(tok, t.question, "turns")
+    layout, info = prepare_prompt(question, cfg, models, index, gen, marks, passages, turns)
     T = info["prompt_positions"]
     if T + cfg.max_new > decoder_max_positions(models.decoder):
         fail(f"--ctx_max/--max_new: prompt of {T} positions + {cfg.max_new} new tokens exceeds the decoder's "
@@ -2493,8 +2653,9 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
     def on_token(tokens):
         shown[0] = _stream(on_text, tok, tokens, shown[0], eos)
 
+    source = draft_source(layout.texts) if cfg.draft == "lookup" else None
     d = decode(models.decoder, inputs, cfg.max_new, lambda lg: sample_next(lg, cfg.temperature, cfg.top_p, gen),
-               eos, dev, on_token if on_text is not None else None, past)
+               eos, dev, on_token if on_text is not None else None, past, draft=source, draft_len=cfg.draft_len)
     generated, times = d["tokens"], d["times"]
     body = [t for t in generated if t not in eos]
     answer = tok.decode(body, skip_special_tokens=True)
@@ -2515,6 +2676,10 @@ def run_generation(question: str, cfg: GenerateConfig, models: Models, index: Pa
         "throughput_tok_s": len(generated) / total if total > 0 else None,
         "generated_tokens": len(generated), "total_s": total,
         "finish_reason": "stop" if generated[-1] in eos else "length",
+        "draft": cfg.draft, **({"draft_len": cfg.draft_len, "draft_proposed": d["draft"]["proposed"],
+                                "draft_accepted": d["draft"]["accepted"], "decoder_steps": d["draft"]["steps"] + 1,
+                                "acceptance": d["draft"]["accepted"] / d["draft"]["proposed"]
+                                if d["draft"]["proposed"] else None} if cfg.draft == "lookup" else {}),
         "device": str(dev), "dtype": str(models.dtype).replace("torch.", ""),
         **({"target_nll": nll_after_prompt(models.decoder, d, T, target)} if target else {}),
     }
@@ -2541,9 +2706,40 @@ def load_baseline(path: str, models: Models) -> Models:
                                                                            "retriever": models.fingerprints["retriever"]})
 
 
+def message_text(m: dict, where: str) -> str:
+    """A chat message's text: string content, or the text parts of a content list."""
+    content = m.get("content")
+    if isinstance(content, list):
+        _check(all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content),
+               f"{where}: content parts must be objects with a string text")
+        content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+    _check(isinstance(content, str), f"{where}: content must be a string or a list of text parts")
+    return content
+
+
+def turns_of_messages(messages, where: str = "messages") -> list[Turn]:
+    """Earlier turns from OpenAI-style messages (oldest first): each user message opens a turn, the assistant
+    message after it is its answer (empty if none); system messages are skipped (the template has its own)."""
+    _check(isinstance(messages, list) and all(isinstance(m, dict) for m in messages),
+           f"{where}: expected a list of {{role, content}} objects")
+    turns = []
+    for i, m in enumerate(messages):
+        role, text = m.get("role"), message_text(m, f"{where}[{i}]")
+        _check(role in ("user", "assistant", "system"), f"{where}[{i}].role: {role!r}, expected user, assistant or system")
+        _check("\0" not in text, f"{where}[{i}].content: contains a NUL character")
+        if role == "user":
+            _check(bool(text.strip()), f"{where}[{i}].content: an empty user message")
+            turns.append(Turn(text, ""))
+        elif role == "assistant":
+            _check(bool(turns) and not turns[-1].answer, f"{where}[{i}]: an assistant message must answer a user message")
+            turns[-1].answer = text
+    return turns
+
+
 # the GenerateConfig fields one request may set (the rest are the pipeline's: models, index, device)
 REQUEST_FIELDS = ("mode", "k", "p", "topk", "ctx_max", "max_new", "temperature", "top_p", "heuristic",
-                  "policy_sample", "drop_compressed", "seed")
+                  "policy_sample", "drop_compressed", "seed", "draft", "draft_len", "history", "history_turns",
+                  "query_turns")
 
 
 class RefragPipeline:
@@ -2615,11 +2811,17 @@ class RefragPipeline:
         return cfg
 
     def generate(self, question: str, passages: list[str] | None = None, stream=None, context: bool = False,
-                 **overrides) -> dict:
-        """Answer one question; overrides: any of REQUEST_FIELDS. Returns generate's JSON record (with
-        context=True also its "context": context_chunks). An exception raised by `stream` stops the
-        generation (a server does so when its client goes away)."""
+                 turns: list | None = None, **overrides) -> dict:
+        """Answer one question; overrides: any of REQUEST_FIELDS. turns: the conversation so far, as (question,
+        answer) pairs (or Turn), oldest first; overrides history, history_turns and query_turns say how they
+        enter. Returns generate's JSON record (with context=True also its "context": context_chunks). An
+        exception raised by `stream` stops the generation (a server does so when its client goes away)."""
         cfg = self.request_config(question, **overrides)
+        _check(turns is None or isinstance(turns, list) and all(isinstance(t, Turn) or isinstance(t, (list, tuple))
+                                                               and len(t) == 2 and all(isinstance(x, str) for x in t)
+                                                               for t in turns),
+               "turns: expected a list of (question, answer) string pairs")
+        turns = [t if isinstance(t, Turn) else Turn(*t) for t in turns or []]
         _check(passages is not None or self.index is not None or cfg.mode == "none",
                "passages: this pipeline has no index, so a request must bring its passages")
         _check(passages is None or isinstance(passages, list) and passages and all(isinstance(x, str) and x.strip()
@@ -2628,7 +2830,7 @@ class RefragPipeline:
         on_text = stream if callable(stream) or stream is None else lambda piece: (stream.write(piece), stream.flush())
         models = self.full_models if cfg.mode == "full" else self.models
         with self.lock:
-            rec = run_generation(question, cfg, models, self.index, on_text=on_text, passages=passages)
+            rec = run_generation(question, cfg, models, self.index, on_text=on_text, passages=passages, turns=turns)
             if passages is not None and cfg.mode != "none" and not rec["passages_used"]:
                 fail(f"passages: the first passage alone is longer than ctx_max = {cfg.ctx_max} tokens")
             if context:
@@ -2640,8 +2842,8 @@ class RefragPipeline:
 
     def context_chunks(self, rec: dict, passages: list[str] | None = None) -> list[dict]:
         """The passages a record's prompt used, as chunks of text marked expanded (raw tokens) or compressed
-        (one embedding each; every chunk is raw in full mode)."""
-        expanded, n, out = set(rec["expanded"]), 0, []
+        (one embedding each; every chunk is raw in full mode). A conversation's history is not among them."""
+        expanded, n, out = set(rec["expanded"]), rec.get("history_chunks", 0), []
         tok = self.models.tok
         used = rec["passages_used"]
         ids_of = [encode_text(tok, passages[i]) for i in used] if passages is not None else \
@@ -2661,10 +2863,11 @@ class RefragPipeline:
 def cmd_generate(cfg: GenerateConfig):
     if not cfg.question.strip():
         fail("--question: empty question")
+    turns = turns_of_messages(read_json(cfg.messages, "--messages"), "--messages " + cfg.messages) if cfg.messages else None
     pipe = RefragPipeline.load(cfg, encoder=cfg.mode == "refrag")
     for _ in range(cfg.warmup):  # discarded: first-call allocations and kernel selection
-        pipe.generate(cfg.question)
-    rec = pipe.generate(cfg.question, stream=sys.stderr if cfg.json else sys.stdout)
+        pipe.generate(cfg.question, turns=turns)
+    rec = pipe.generate(cfg.question, stream=sys.stderr if cfg.json else sys.stdout, turns=turns)
     print(file=sys.stderr if cfg.json else sys.stdout)
     rec.update(warmup_runs=cfg.warmup, peak_rss_mb=peak_rss_mb())
     if cfg.json:
@@ -2676,7 +2879,9 @@ def cmd_generate(cfg: GenerateConfig):
               f"{rec['throughput_tok_s']:.1f} tok/s | prompt {rec['prompt_positions']} positions from "
               f"{rec['context_tokens']} context tokens | chunks {rec['n_chunks']}, expanded {len(rec['expanded'])} "
               f"({rec['selection']}) | cache {rec['chunk_cache']}"
-              + (f" | perplexities {rec['ppl_cache']}" if rec["ppl_cache"] != "n/a" else ""), file=sys.stderr)
+              + (f" | perplexities {rec['ppl_cache']}" if rec["ppl_cache"] != "n/a" else "")
+              + (f" | drafts accepted {rec['draft_accepted']}/{rec['draft_proposed']}, {rec['generated_tokens']} tokens in "
+                 f"{rec['decoder_steps']} decoder passes" if rec["draft"] == "lookup" else ""), file=sys.stderr)
     if cfg.out_dir:
         write_run_info(cfg.out_dir, cfg)
         write_json(os.path.join(cfg.out_dir, "generate.json"), rec)
@@ -4349,6 +4554,8 @@ REFRAG_FIELDS = (("mode", str, lambda v: v in ("refrag", "full", "none"), "refra
                  ("ctx_max", int, lambda v: v >= 1, "an integer >= 1"),
                  ("heuristic", str, lambda v: v in HEURISTICS, " / ".join(HEURISTICS)),
                  ("policy_sample", bool, None, "true or false"), ("return_context", bool, None, "true or false"),
+                 ("draft", str, lambda v: v in ("none", "lookup"), "none or lookup"),
+                 ("draft_len", int, lambda v: v >= 1, "an integer >= 1"),
                  ("policy", (bool, str), None, "true, false or the served policy's path"),
                  ("passages", list, None, "a list of strings"))
 
@@ -4370,8 +4577,9 @@ def chat_request(body, cfg: ServeConfig) -> tuple[str, dict, list | None, bool, 
         raise RequestError(f"refrag.{bad[0]}: unknown field (known: {', '.join(n for n, *_ in REFRAG_FIELDS)})",
                            "refrag." + bad[0])
     r = {name: _field(rf, name, kinds, "refrag.", check, what) for name, kinds, check, what in REFRAG_FIELDS}
-    over.update({key: float(r[key]) if key == "p" else r[key] for key in ("mode", "k", "p", "topk", "ctx_max",
-                                                                           "heuristic", "policy_sample") if r[key] is not None})
+    over.update({key: float(r[key]) if key == "p" else r[key] for key in ("mode", "k", "p", "topk", "ctx_max", "heuristic",
+                                                                           "policy_sample", "draft", "draft_len")
+                 if r[key] is not None})
     if r["policy"] is not None:
         wanted = bool(r["policy"])
         named = isinstance(r["policy"], str)  # compared as text: a request never makes the server read a path

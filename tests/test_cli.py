@@ -190,7 +190,7 @@ def test_serve_takes_every_model_and_retrieval_flag_generate_takes():
     import argparse
     sub = next(a for a in refrag.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     flags = lambda command: {s for a in sub[command]._actions for s in a.option_strings}  # noqa: E731
-    assert flags("generate") - flags("serve") == {"--question", "--json", "--out_dir"}  # one question's flags
+    assert flags("generate") - flags("serve") == {"--question", "--messages", "--json", "--out_dir"}  # one question's flags
 
 
 def test_generate_refuses_index_built_for_another_tokenizer(tiny_index, tmp_path, tok):
