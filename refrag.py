@@ -520,6 +520,7 @@ class IndexConfig(ModelArgs):
 # non-learned selections: random chunks, the highest / lowest perplexity chunks, the leading chunks
 # (the best-ranked passages' text)
 HISTORY = ("compressed", "raw", "drop")  # where a conversation's earlier turns go (conversation_prompt)
+HISTORY_TURNS = 4  # earlier turns a prompt keeps (generate, serve, evaluate, and finetune's conversation examples)
 HEURISTICS = ("random", "ppl_desc", "ppl_asc", "rank")
 
 
@@ -553,7 +554,7 @@ class GenerateConfig(ModelArgs):
     history: str = opt("compressed", "a conversation's earlier turns (questions, answers, the passages retrieved for "
                                       "them): compressed (chunks like the passages; refrag mode), raw (tokens) or drop",
                        choices=list(HISTORY))
-    history_turns: int = opt(4, "earlier turns kept in the prompt at most (the latest)")
+    history_turns: int = opt(HISTORY_TURNS, "earlier turns kept in the prompt at most (the latest)")
     query_turns: int = opt(1, "retrieve with the question joined to the N - 1 user messages before it (2: a "
                               "follow-up that names nothing retrieves with the previous question)")
     messages: str = opt(None, "a JSON file of the conversation so far, OpenAI style: [{role: user|assistant, content}, "
@@ -627,7 +628,8 @@ class TrainConfig(LoopArgs):
     eval_json: str = opt("data/cpt_eval.jsonl", "held-out texts scored at the end ('' to skip)", cmds=CPT)
     facts_json: str = opt("data/rag_eval.jsonl", "QA whose answers are the fact values the held-out reconstruction "
                                                  "scores apart ('' to skip)", cmds=("cpt_recon",))
-    rag_json: str = opt("data/rag_train.jsonl", "QA records {question, answers}", cmds=FT)
+    rag_json: str = opt("data/rag_train.jsonl", "QA records {question, answers}, or conversations {turns: [{question, "
+                                                "answers}, ...]} (data/conv_train.jsonl)", cmds=FT)
     index_dir: str = opt(DEFAULT_INDEX, "index the fine-tuning contexts are retrieved from", cmds=FT)
     mode: str = opt("refrag", "full: fine-tune the plain decoder on full-token contexts (the fair baseline)",
                     choices=["refrag", "full"], cmds=FT)
@@ -752,6 +754,12 @@ class EvalConfig(ModelArgs):
     policy: list = opt(help="a policy checkpoint to compare when p > 0 (repeatable); must match --load_dir's models",
                        action="append", factory=list)
     limit: int = opt(0, "only the first N records (0: all)")
+    history: str = opt("compressed,raw,drop", "conversations (--eval_json rows with turns, every turn scored after the "
+                                              "ones before it): comma list of history layouts (full and none modes: raw, drop)")
+    history_turns: int = opt(HISTORY_TURNS, "conversations: earlier turns kept in the prompt at most")
+    query_turns: int = opt(1, "conversations: retrieve with the question and the N - 1 user messages before it")
+    draft: str = opt("none", "comma list of none, lookup (speculative decoding from the passages: generate --draft)")
+    draft_len: int = opt(8, "--draft lookup: tokens drafted per decoder pass at most")
     seed: int = opt(0, "seed of random selections")
     out: str = opt("runs/eval", "output directory (rows.jsonl makes a rerun resume)")
     mlflow: str = mlflow_opt()
@@ -764,6 +772,14 @@ class EvalConfig(ModelArgs):
         for flag in ("topk", "ctx_max", "max_new"):
             _check(getattr(self, flag) >= 1, f"--{flag} {getattr(self, flag)}: must be at least 1")
         _check(min(self.ks) >= 1 and self.limit >= 0, f"--k {self.k} / --limit {self.limit}: k >= 1, limit >= 0")
+        self.histories = [x.strip() for x in self.history.split(",") if x.strip()]
+        _check(bool(self.histories) and all(h in HISTORY for h in self.histories),
+               f"--history {self.history}: a comma list of {', '.join(HISTORY)}")
+        self.drafts = [x.strip() for x in self.draft.split(",") if x.strip()]
+        _check(bool(self.drafts) and all(d in ("none", "lookup") for d in self.drafts),
+               f"--draft {self.draft}: a comma list of none, lookup")
+        _check(self.history_turns >= 0 and self.query_turns >= 1 and self.draft_len >= 1,
+               "--history_turns >= 0, --query_turns >= 1, --draft_len >= 1")
         self.selections = [x.strip() for x in (self.heuristic or "random").split(",")]
         bad = [s for s in self.selections if s not in HEURISTICS]
         _check(not bad, f"--heuristic {','.join(bad)}: expected a comma list of {', '.join(HEURISTICS)}")
@@ -1110,6 +1126,25 @@ def read_rag(path: str, flag: str) -> list[dict]:
             fail(f"{flag} {path}:{n}: 'question' must be a non-empty string without NUL characters")
         if not isinstance(ans, list) or not ans or not all(isinstance(a, str) and a.strip() for a in ans):
             fail(f"{flag} {path}:{n}: 'answers' must be a non-empty list of non-empty strings")
+        out.append(dict(rec, id=str(rec.get("id", n)), line=n))
+    return out
+
+
+def read_conv(path: str, flag: str) -> list[dict]:
+    """Conversations {"id", "turns": [{"question", "answers": [...]}, ...]}: each turn a QA record, asked after
+    the turns before it (answered with their first answer)."""
+    out = []
+    for n, rec in read_jsonl(path, flag):
+        turns = rec.get("turns")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+            fail(f"{flag} {path}:{n}: 'turns' must be a non-empty list of {{question, answers}} objects")
+        for j, t in enumerate(turns):
+            q, ans = t.get("question"), t.get("answers")
+            if not isinstance(q, str) or not q.strip() or "\0" in q:
+                fail(f"{flag} {path}:{n}: turns[{j}].question must be a non-empty string without NUL characters")
+            if not isinstance(ans, list) or not ans or not all(isinstance(a, str) and a.strip() and "\0" not in a
+                                                               for a in ans):
+                fail(f"{flag} {path}:{n}: turns[{j}].answers must be a non-empty list of non-empty strings")
         out.append(dict(rec, id=str(rec.get("id", n)), line=n))
     return out
 
@@ -3364,16 +3399,19 @@ def cpt_batches(cfg: TrainConfig, tok, acc):
 def finetune_batches(cfg: TrainConfig, tok, device, acc):
     """finetune's batch maker: each question's retrieved passages (the ones generate would use) in the
     shared prompt, a mixed fraction p of its chunks as tokens (all of them with --mode full), the gold
-    answer as target."""
+    answer as target. A --rag_json of conversations gives every turn as an example, after the turns before it
+    laid out as generate lays them out (history compressed: their passages, questions and answers are chunks
+    that the mixed fraction expands like the others)."""
     index = PassageIndex(cfg.index_dir)
     if index.meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tok):
         fail(f"--index_dir {cfg.index_dir}: built with another decoder tokenizer; rebuild it with --dec")
-    qa = read_rag(cfg.rag_json, "--rag_json")
+    conv = "turns" in read_jsonl(cfg.rag_json, "--rag_json")[0][1]
+    qa = conversation_items(read_conv(cfg.rag_json, "--rag_json")) if conv else read_rag(cfg.rag_json, "--rag_json")
+    asked = sorted({r["question"] for r in qa} | {t.question for r in qa for t in r.get("turns", [])})
     retriever = ChunkEncoder(index.meta["embed_model"], "--embed_model").to(device).eval()
-    q_emb = retriever.embed_texts([r["question"] for r in qa], normalize=True,
-                                  desc="retrieve" if acc.is_main_process else None).numpy()
-    used = [index.fit(index.search(q_emb[qi:qi + 1], cfg.topk)[0], cfg.ctx_max) for qi in range(len(qa))]
-    contexts = [[x.tolist() for x in index.passage_ids(u)] for u in used]
+    q_emb = retriever.embed_texts(asked, normalize=True, desc="retrieve" if acc.is_main_process else None).numpy()
+    contexts = {q: [x.tolist() for x in index.passage_ids(index.fit(index.search(q_emb[i:i + 1], cfg.topk)[0], cfg.ctx_max))]
+                for i, q in enumerate(asked)}  # each question's passages, as generate retrieves them
     del retriever
     teacher = None
     if cfg.teacher:
@@ -3396,9 +3434,10 @@ def finetune_batches(cfg: TrainConfig, tok, device, acc):
                 n = rng.choice(sorted(recon))
                 smp.append(recon_sample(rng.choice(recon[n]), n, cfg.k, bos, rng))
                 continue
-            qi = rng.randrange(len(qa))
-            prefix, sep, suffix = prompt_pieces(tok, qa[qi]["question"])
-            chunks = [split_chunks(x, cfg.k) for x in contexts[qi]]
+            r = qa[rng.randrange(len(qa))]
+            turns = [Turn(t.question, t.answer, contexts[t.question]) for t in r.get("turns", [])[-HISTORY_TURNS:]]
+            prefix, texts, sep, suffix, _ = conversation_prompt(tok, r["question"], contexts[r["question"]], turns)
+            chunks = [split_chunks(x, cfg.k) for x in texts]
             L = sum(len(c) for c in chunks)
             p = 0.0 if cfg.p0_share and rng.random() < cfg.p0_share else cfg.mixed_frac
             if cfg.mode == "full":
@@ -3407,7 +3446,7 @@ def finetune_batches(cfg: TrainConfig, tok, device, acc):
                 expand = set(select_expand(L, p, "rank", None, None))
             else:  # the paper's mixed input; the loop's own seeded rng keeps resumed runs exact
                 expand = set(rng.sample(range(L), int(round(p * L))))
-            target = answer_ids(tok, rng.choice(qa[qi]["answers"]))
+            target = answer_ids(tok, rng.choice(r["answers"]))
             smp.append({"pieces": [(kind, v[2] if kind == "chunk" else v)
                                    for kind, v in prompt_segments(prefix, chunks, sep, suffix, expand)], "target": target})
             if teacher is not None:  # what the teacher reads: every chunk as tokens
@@ -3749,9 +3788,9 @@ def eval_configs(modes: list[str], ks: tuple, ps: list[float], selections: list[
 
 
 def config_key(c: dict) -> str:
-    if c["mode"] != "refrag":
-        return c["mode"]
-    return f"refrag k={c['k']} p={c['p']:g} sel={c['selection']}" + (" expanded-only" if c.get("drop_compressed") else "")
+    key = c["mode"] if c["mode"] != "refrag" else \
+        f"refrag k={c['k']} p={c['p']:g} sel={c['selection']}" + (" expanded-only" if c.get("drop_compressed") else "")
+    return key + (f" history={c['history']}" if c.get("history") else "") + (" draft=lookup" if c.get("draft") == "lookup" else "")
 
 
 @torch.inference_mode()
@@ -3813,8 +3852,7 @@ def plot_quality(result: dict, path: str) -> list[tuple[str, float, float]]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     points = []
     for i, r in enumerate(rows):
-        label = r["mode"] if r["mode"] != "refrag" else f"refrag k={r['k']} p={r['p']:g} {r['selection']}" \
-            + (" expanded-only" if r.get("drop_compressed") else "")
+        label = config_key(r)
         points.append((label, r["ttft_s"] * 1000, r["em"]))
         ax.scatter(r["ttft_s"] * 1000, r["em"], color=f"C{i % 10}", marker="o" if r["mode"] == "refrag" else "s",
                    label=label, zorder=3)
@@ -3824,19 +3862,45 @@ def plot_quality(result: dict, path: str) -> list[tuple[str, float, float]]:
     return points
 
 
+def plot_turns(result: dict, path: str):
+    """Conversations: TTFT (left) and EM (right) against the number of earlier turns in the prompt, per configuration."""
+    plt = pyplot()
+    rows = [r for r in result["results"] if r.get("by_turn")]
+    if plt is None or not rows:
+        return
+    fig, (ax, ax_em) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for i, r in enumerate(rows):
+        turns = [b["turn"] for b in r["by_turn"]]
+        style = dict(color=f"C{i % 10}", marker="o" if r["mode"] == "refrag" else "s", label=config_key(r))
+        ax.plot(turns, [b["ttft_s"] * 1000 for b in r["by_turn"]], **style)
+        ax_em.plot(turns, [b["em"] for b in r["by_turn"]], **style)
+    ax_em.set_xlabel("earlier turns")
+    ax_em.set_ylabel("exact match")
+    ax_em.grid(True, alpha=0.3)
+    ax.set_yscale("log")
+    save_figure(plt, fig, ax, path, "earlier turns", "TTFT (ms, log scale)",
+                f"{result['decoder']} on {result['eval_json']}, {result['device']}", 8)
+
+
 def results_markdown(result: dict) -> str:
     def num(x, fmt=".3f", scale=1.0):
         return "-" if x is None else format(x * scale, fmt)
 
     def cfg(s):
-        sel = (s["selection"] or "-") + (" (expanded only)" if s.get("drop_compressed") else "")
+        sel = (s["selection"] or "-") + (" (expanded only)" if s.get("drop_compressed") else "") \
+            + (f", history {s['history']}" if s.get("history") else "") + (", draft lookup" if s.get("draft") == "lookup" else "")
         return f"| {s['mode']} | {s['k'] or '-'} | {num(s['p'], 'g')} | {sel} |"
 
-    if result["kind"] == "qa":
-        cols = ["EM", "F1", "chrF", "answer log-ppl", "TTFT ms", "TTIT ms", "positions", "answer in context"]
+    if result["kind"] != "cpt":
+        conv, drafts = result["kind"] == "conv", any(s.get("draft") == "lookup" for s in result["results"])
+        cols = ["EM"] + ["EM last turn"] * conv + ["F1", "chrF", "answer log-ppl", "TTFT ms", "TTIT ms", "tok/s",
+                                                   "positions", "answer in context"] \
+            + ["drafts accepted", "same answer as without"] * drafts
         fmt = lambda s: cfg(s) + " " + " | ".join([  # noqa: E731
-            num(s["em"]), num(s["f1"]), num(s["chrf"], ".1f"), num(s["answer_logppl"]), num(s["ttft_s"], ".1f", 1000),
-            num(s["ttit_s"], ".1f", 1000), num(s["prompt_positions"], ".0f"), num(s["answer_in_context"])]) + " |"
+            num(s["em"])] + [num(s.get("em_last"))] * conv + [num(s["f1"]), num(s["chrf"], ".1f"), num(s["answer_logppl"]),
+            num(s["ttft_s"], ".1f", 1000), num(s["ttit_s"], ".1f", 1000), num(s.get("throughput_tok_s"), ".1f"),
+            num(s["prompt_positions"], ".0f"), num(s["answer_in_context"])]
+            + [num(s.get("acceptance")), num(s.get("same_answer_as_plain"))] * drafts) + " |"
     else:
         cols = ["continuation log-ppl", "positions"]
         fmt = lambda s: cfg(s) + f" {num(s['logppl'], '.4f')} | {num(s['prompt_positions'], '.0f')} |"  # noqa: E731
@@ -3861,15 +3925,18 @@ def load_policies(dirs: list[str], models: Models, ks: tuple) -> dict:
 
 
 def score_row(r: dict, cfg: GenerateConfig, models: Models, index: PassageIndex) -> dict:
-    """One QA record under one configuration: the generated answer, its metrics, the gold answer's
-    log-perplexity after the same prompt, and the timing."""
-    g = run_generation(r["question"], cfg, models, index, target=answer_ids(models.tok, r["answers"][0]))
+    """One QA record (or a conversation's turn, after r["turns"]) under one configuration: the generated answer,
+    its metrics, the gold answer's log-perplexity after the same prompt, and the timing."""
+    g = run_generation(r["question"], cfg, models, index, target=answer_ids(models.tok, r["answers"][0]),
+                       turns=r.get("turns"))
     holds = any(a in text for text in index.passage_texts(g["passages_used"]) for a in r["answers"])
     return {"answer": g["answer"], "gold": r["answers"], "em": exact_match(g["answer"], r["answers"]),
             "f1": token_f1(g["answer"], r["answers"]), "chrf": chrf(g["answer"], r["answers"]),
             "answer_logppl": g["target_nll"], "ttft_s": g["ttft_s"], "select_s": g["ttft_breakdown"]["select_s"],
             "ttit_s": g["ttit_s"], "throughput_tok_s": g["throughput_tok_s"], "prompt_positions": g["prompt_positions"],
-            "answer_in_context": float(holds)}
+            "answer_in_context": float(holds), "total_s": g["total_s"], "generated_tokens": g["generated_tokens"],
+            **({k: g[k] for k in ("draft_proposed", "draft_accepted", "decoder_steps")} if cfg.draft == "lookup" else {}),
+            **({"turn": r["turn"], "last_turn": r["last_turn"]} if "turn" in r else {})}
 
 
 def score_cpt_row(r: dict, cfg: GenerateConfig, models: Models, gen: torch.Generator) -> dict:
@@ -3880,7 +3947,7 @@ def score_cpt_row(r: dict, cfg: GenerateConfig, models: Models, gen: torch.Gener
 
 # what a resumed evaluate may change: which rows it scores and where they go (not --policy: a policy retrained
 # into the same directory keeps its name, so its old rows would pass for new ones)
-EVAL_GRID = ("modes", "k", "p", "heuristic", "limit", "out", "mlflow")
+EVAL_GRID = ("modes", "k", "p", "heuristic", "limit", "out", "mlflow", "history", "draft")
 
 
 def check_eval_resume(args: EvalConfig):
@@ -3895,22 +3962,52 @@ def check_eval_resume(args: EvalConfig):
              f"({before.get(diff[0])} -> {now[diff[0]]}); use another --out or delete rows.jsonl")
 
 
+def conversation_items(convs: list[dict]) -> list[dict]:
+    """Every turn of every conversation as a QA record asked after the turns before it (answered as the data
+    answers them), id "<conversation id>#<turn>" (from 1)."""
+    return [{"id": f"{r['id']}#{j + 1}", "question": t["question"], "answers": t["answers"], "turn": j,
+             "last_turn": j == len(r["turns"]) - 1, "turns": [Turn(x["question"], x["answers"][0]) for x in r["turns"][:j]]}
+            for r in convs for j, t in enumerate(r["turns"])]
+
+
+def eval_summary(c: dict, rows: list[dict], plain: list[dict] | None) -> dict:
+    """One configuration's means (every metric of its rows); conversations add the last turn's EM and the
+    means by turn; drafted decoding adds how many answers equal those of the same configuration without it."""
+    keys = [m for m in rows[0] if m not in ("config", "id", "answer", "gold", "turn", "last_turn")]
+    vals = {m: [x[m] for x in rows if x.get(m) is not None] for m in keys}
+    out = dict(c, n=len(rows), **{m: float(np.mean(v)) if v else None for m, v in vals.items()})
+    if "turn" in rows[0]:
+        out["em_last"] = float(np.mean([x["em"] for x in rows if x["last_turn"]]))
+        out["by_turn"] = [{"turn": t, **{m: float(np.mean([x[m] for x in rows if x["turn"] == t]))
+                                         for m in ("em", "ttft_s", "prompt_positions")}}
+                          for t in sorted({x["turn"] for x in rows})]
+    if "draft_proposed" in rows[0]:  # the share of drafted tokens kept, over all answers
+        proposed = sum(x["draft_proposed"] for x in rows)
+        out["acceptance"] = sum(x["draft_accepted"] for x in rows) / proposed if proposed else None
+    if plain is not None:
+        out["same_answer_as_plain"] = float(np.mean([a["answer"] == b["answer"] for a, b in zip(rows, plain)]))
+        out["throughput_speedup"] = out["throughput_tok_s"] / float(np.mean([x["throughput_tok_s"] for x in plain]))
+    return out
+
+
 def cmd_evaluate(args: EvalConfig):
     modes, ks, ps, selections = args.mode_list, args.ks, args.ps, args.selections
     first = read_jsonl(args.eval_json, "--eval_json")[0][1]
-    kind = "cpt" if "split" in first else "qa"
-    data = read_cpt(args.eval_json, "--eval_json") if kind == "cpt" else read_rag(args.eval_json, "--eval_json")
+    kind = "cpt" if "split" in first else "conv" if "turns" in first else "qa"
+    data = {"cpt": read_cpt, "conv": read_conv, "qa": read_rag}[kind](args.eval_json, "--eval_json")
     first_line = {}
     for r in data:  # rows are keyed by id: a repeated one would be scored once and counted twice
         if first_line.setdefault(r["id"], r["line"]) != r["line"]:
             fail(f"--eval_json {args.eval_json}:{r['line']}: id {r['id']} repeats line {first_line[r['id']]}")
     if args.limit:
         data = data[:args.limit]
+    if kind == "conv":
+        data = conversation_items(data)
     if args.load_dir and "refrag" in modes:
         for k in ks:  # a checkpoint is trained for one k
             read_checkpoint_config(args.load_dir, k)
     device = resolve_device(args.device)
-    index = PassageIndex(args.index_dir) if kind == "qa" else None
+    index = PassageIndex(args.index_dir) if kind != "cpt" else None
     embed = index.retriever(args.embed_model) if index else (args.enc or MINILM_ID)
     models = load_models(dec=args.dec, enc=args.enc, embed_model=embed, load_dir=args.load_dir, k=None,
                          device=device, dtype=resolve_dtype(args.dtype, device),
@@ -3922,6 +4019,11 @@ def cmd_evaluate(args: EvalConfig):
         fail(f"--policy: a query-aware policy (--policy_query) needs questions; {args.eval_json} holds long texts")
     configs = [c for c in eval_configs(modes, ks, ps, selections + list(policies))
                if c["selection"] not in policies or policies[c["selection"]][1] == c["k"]]
+    if kind == "conv":  # outside refrag mode nothing is compressed: compressed history is the raw one
+        hist = lambda c: args.histories if c["mode"] == "refrag" else list(dict.fromkeys(  # noqa: E731
+            "raw" if h == "compressed" else h for h in args.histories))
+        configs = [dict(c, history=h) for c in configs for h in hist(c)]
+    configs = [dict(c, draft=d) for c in configs for d in args.drafts]
     os.makedirs(args.out, exist_ok=True)
     rows_path = os.path.join(args.out, "rows.jsonl")
     if os.path.isfile(rows_path):
@@ -3939,34 +4041,44 @@ def cmd_evaluate(args: EvalConfig):
         heuristic = None if c["selection"] in (None, "none") or c["selection"] in policies else c["selection"]
         cfg = GenerateConfig(topk=args.topk, k=c["k"] or ks[0], p=c["p"] or 0.0, ctx_max=args.ctx_max,
                              max_new=args.max_new, mode=c["mode"], heuristic=heuristic, seed=args.seed,
-                             drop_compressed=c.get("drop_compressed", False))
+                             drop_compressed=c.get("drop_compressed", False), history=c.get("history", "compressed"),
+                             history_turns=args.history_turns, query_turns=args.query_turns, draft=c["draft"],
+                             draft_len=args.draft_len)
         todo = [r for r in data if (key, r["id"]) not in done]
-        if todo and kind == "qa":
-            run_generation(todo[0]["question"], cfg, models, index)  # warm-up, discarded
+        if todo and kind != "cpt":
+            run_generation(todo[0]["question"], cfg, models, index, turns=todo[0].get("turns"))  # warm-up, discarded
         for r in progress(todo, desc=key, unit="q"):
-            row = score_row(r, cfg, models, index) if kind == "qa" else \
+            row = score_row(r, cfg, models, index) if kind != "cpt" else \
                 score_cpt_row(r, cfg, models, torch.Generator().manual_seed(args.seed))
             row = {"config": key, "id": r["id"], **row}
             done[(key, r["id"])] = row
             append_jsonl(rows_path, row)
         rows = [done[(key, r["id"])] for r in data]
-        metric_keys = [m for m in rows[0] if m not in ("config", "id", "answer", "gold")]
-        vals = {m: [x[m] for x in rows if x.get(m) is not None] for m in metric_keys}
-        summary = dict(c, n=len(rows), **{m: float(np.mean(v)) if v else None for m, v in vals.items()})
+        plain_key = config_key(dict(c, draft="none"))
+        plain = [done[(plain_key, r["id"])] for r in data] if c["draft"] == "lookup" and \
+            all((plain_key, r["id"]) in done for r in data) else None
+        summary = eval_summary(c, rows, plain)
         summaries.append(summary)
-        if kind == "qa":
-            print(f"{key:34s} | EM {summary['em']:.3f} | F1 {summary['f1']:.3f} | chrF {summary['chrf']:5.1f} | "
-                  f"answer log-ppl {summary['answer_logppl']:.3f} | TTFT {summary['ttft_s'] * 1000:7.1f} ms | "
-                  f"positions {summary['prompt_positions']:.0f}", flush=True)
+        if kind != "cpt":
+            print(f"{key:34s} | EM {summary['em']:.3f}" + (f" (last turn {summary['em_last']:.3f})" if kind == "conv" else "")
+                  + f" | F1 {summary['f1']:.3f} | chrF {summary['chrf']:5.1f} | answer log-ppl {summary['answer_logppl']:.3f} | "
+                  f"TTFT {summary['ttft_s'] * 1000:7.1f} ms | TTIT {(summary['ttit_s'] or 0) * 1000:5.1f} ms | "
+                  f"{summary['throughput_tok_s']:6.1f} tok/s | positions {summary['prompt_positions']:.0f}"
+                  + (f" | drafts accepted {summary['acceptance']:.2f}" if summary.get("acceptance") is not None else "")
+                  + (f" | same answer {summary['same_answer_as_plain']:.2f}, throughput x{summary['throughput_speedup']:.2f}"
+                     if plain is not None else ""), flush=True)
         else:
             print(f"{key:34s} | log-ppl {summary['logppl']:.4f} | positions {summary['prompt_positions']:.0f}", flush=True)
     result = {"eval_json": args.eval_json, "kind": kind, "device": device_name(device), "decoder": args.load_dir or args.dec or DEFAULT_DEC,
               "command": command_line(args), "results": summaries}
     write_json(os.path.join(args.out, "results.json"), result)
     atomic_write_text(os.path.join(args.out, "results.md"), results_markdown(result))
-    if kind == "qa":
+    if kind != "cpt":
         plot_quality(result, os.path.join(args.out, "em_vs_ttft.png"))
-    print(f"evaluate: wrote {args.out}/results.json, results.md" + (" and em_vs_ttft.png" if kind == "qa" else ""))
+    if kind == "conv":
+        plot_turns(result, os.path.join(args.out, "conversation_turns.png"))
+    print(f"evaluate: wrote {args.out}/results.json, results.md" + (" and em_vs_ttft.png" if kind != "cpt" else "")
+          + (" and conversation_turns.png" if kind == "conv" else ""))
 
 
 
@@ -4522,24 +4634,25 @@ def _field(obj: dict, name: str, kinds, where: str, check=None, what: str = ""):
     return value
 
 
-def question_of(body) -> str:
-    """The last user message's text (string content, or the text parts of a content list)."""
+def question_of(body) -> tuple[str, list[Turn]]:
+    """The last user message's text (string content, or the text parts of a content list) and the conversation
+    before it (turns_of_messages; what follows the last user message is ignored)."""
     if not isinstance(body, dict):
         raise RequestError("request body: expected a JSON object")
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
         raise RequestError("messages: expected a non-empty list of {role, content} objects", "messages")
-    users = [m for m in msgs if m.get("role") == "user"]
-    if not users:
+    last = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=None)
+    if last is None:
         raise RequestError("messages: no user message (its last one is the question)", "messages")
-    content = users[-1].get("content")
-    if isinstance(content, list):
-        if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
-            raise RequestError("messages: content parts must be objects with a string text", "messages")
-        content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
-    if not isinstance(content, str) or not content.strip():
+    try:
+        content = message_text(msgs[last], f"messages[{last}]")
+        turns = turns_of_messages(msgs[:last])
+    except RefragError as e:
+        raise RequestError(str(e), "messages") from None
+    if not content.strip():
         raise RequestError("messages: the last user message has no text content", "messages")
-    return content
+    return content, turns
 
 
 SAMPLING = (("max_completion_tokens", int, lambda v: v >= 1, "an integer >= 1"),
@@ -4556,13 +4669,16 @@ REFRAG_FIELDS = (("mode", str, lambda v: v in ("refrag", "full", "none"), "refra
                  ("policy_sample", bool, None, "true or false"), ("return_context", bool, None, "true or false"),
                  ("draft", str, lambda v: v in ("none", "lookup"), "none or lookup"),
                  ("draft_len", int, lambda v: v >= 1, "an integer >= 1"),
+                 ("history", str, lambda v: v in HISTORY, " / ".join(HISTORY)),
+                 ("history_turns", int, lambda v: v >= 0, "an integer >= 0"),
+                 ("query_turns", int, lambda v: v >= 1, "an integer >= 1"),
                  ("policy", (bool, str), None, "true, false or the served policy's path"),
                  ("passages", list, None, "a list of strings"))
 
 
-def chat_request(body, cfg: ServeConfig) -> tuple[str, dict, list | None, bool, bool]:
-    """An OpenAI chat request -> (question, pipeline overrides, passages, stream, return the context)."""
-    question = question_of(body)
+def chat_request(body, cfg: ServeConfig) -> tuple[str, list, dict, list | None, bool, bool]:
+    """An OpenAI chat request -> (question, earlier turns, pipeline overrides, passages, stream, return the context)."""
+    question, turns = question_of(body)
     if body.get("stop") not in (None, [], ""):
         raise RequestError("stop: stop sequences are not supported (the answer ends at the end-of-turn token)", "stop")
     got = {name: _field(body, name, kinds, "", check, what) for name, kinds, check, what in SAMPLING}
@@ -4578,7 +4694,8 @@ def chat_request(body, cfg: ServeConfig) -> tuple[str, dict, list | None, bool, 
                            "refrag." + bad[0])
     r = {name: _field(rf, name, kinds, "refrag.", check, what) for name, kinds, check, what in REFRAG_FIELDS}
     over.update({key: float(r[key]) if key == "p" else r[key] for key in ("mode", "k", "p", "topk", "ctx_max", "heuristic",
-                                                                           "policy_sample", "draft", "draft_len")
+                                                                           "policy_sample", "draft", "draft_len", "history",
+                                                                           "history_turns", "query_turns")
                  if r[key] is not None})
     if r["policy"] is not None:
         wanted = bool(r["policy"])
@@ -4596,7 +4713,7 @@ def chat_request(body, cfg: ServeConfig) -> tuple[str, dict, list | None, bool, 
         if not all(isinstance(x, str) and x.strip() and len(x) <= cfg.max_passage_chars for x in passages):
             raise RequestError(f"refrag.passages: each must be a non-empty string of at most {cfg.max_passage_chars} "
                                f"characters", "refrag.passages")
-    return question, over, passages, stream, bool(r["return_context"])
+    return question, turns, over, passages, stream, bool(r["return_context"])
 
 
 def as_request_error(e: RefragError) -> RequestError:
@@ -4606,8 +4723,8 @@ def as_request_error(e: RefragError) -> RequestError:
     m = re.match(r"--(\w+)|(\w+):", str(e))
     name = m and (m.group(1) or m.group(2))
     param = OPENAI_NAMES.get(name) or (f"refrag.{name}" if name in REQUEST_FIELDS or name == "passages" else
-                                       "messages" if name == "question" else None)
-    return RequestError(re.sub(r"^--(\w+)", lambda g: param or g.group(0), str(e)), param)
+                                       "messages" if name in ("question", "turns") else None)
+    return RequestError(re.sub(r"^--(\w+)|^turns\b", lambda g: param or g.group(0), str(e)), param)
 
 
 def inside(root: str, rel: str) -> str:
@@ -4772,7 +4889,7 @@ def chat_route(pipe: RefragPipeline, cfg: ServeConfig, pending: list, submit=Non
     from fastapi.responses import JSONResponse, StreamingResponse
 
     async def chat(request):
-        question, over, passages, stream, context = chat_request(await json_body(request), cfg)
+        question, turns, over, passages, stream, context = chat_request(await json_body(request), cfg)
         try:
             pipe.request_config(question, **over)
         except RefragError as e:
@@ -4790,7 +4907,8 @@ def chat_route(pipe: RefragPipeline, cfg: ServeConfig, pending: list, submit=Non
 
         def work():
             try:
-                put("done", pipe.generate(question, passages=passages, stream=on_text, context=context, **over))
+                put("done", pipe.generate(question, passages=passages, stream=on_text, context=context, turns=turns,
+                                          **over))
             except Exception as e:  # to the response: a 4xx before the stream starts, else its last event
                 put("error", e)
             finally:

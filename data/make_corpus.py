@@ -33,6 +33,11 @@ N_CPT_TRAIN, N_CPT_EVAL = 480, 60
 CPT_PASSAGES = (5, 9)            # passages per cpt text (inclusive range)
 CPT_MAX_O = 256                  # at most this many continuation tokens
 TOKENIZER_VOCAB = 4096
+CONV_TURNS = 3                   # questions about each entity of a conversation (conv_train / conv_eval.jsonl)
+CONV_ENTITIES = 2                # entities per conversation, one after the other (6 turns)
+CONV_SEED_OFFSET = 34            # the conversations' generator: seed + 34 (the other files keep their bytes)
+ANAPHORA = {"City": "that city", "Alloy": "that alloy", "Person": "that researcher", "Event": "that event"}
+DESCRIBE = "Tell me everything the context says about {e}."  # describe_eval.jsonl: answers copied from a passage
 MAX_PER_KIND = 30_000            # make_ids draws from 42,099 ids per kind; near that it would take forever
 
 ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr",
@@ -205,6 +210,25 @@ def make_entity(rng, kind, num, pools):
     n_words = len(text.split())
     assert 60 <= n_words <= 120, (e, n_words)
     return e, text, qa
+
+
+def conversations(rng, entities, idx, prefix):
+    """Conversations about CONV_ENTITIES entities each (idx shuffled, taken in groups), CONV_TURNS questions about
+    different facts of each in turn: the first names the entity, the follow-ups call it "that city" (or alloy,
+    researcher, event), so only the conversation says which; a turn's "entity" is the one it asks about."""
+    idx = list(idx)
+    rng.shuffle(idx)
+    rows = []
+    for g in range(0, len(idx) - CONV_ENTITIES + 1, CONV_ENTITIES):
+        turns = []
+        for i in idx[g:g + CONV_ENTITIES]:
+            e, _, qa = entities[i]
+            for t, fact in enumerate(rng.sample(sorted(qa), CONV_TURNS)):
+                q, a = qa[fact]
+                turns.append({"question": q if t == 0 else q.replace(e, ANAPHORA[e.split("_")[0]]), "answers": [a],
+                              "entity": e, "fact": fact})
+        rows.append({"id": f"{prefix}-{len(rows):05d}", "turns": turns})
+    return rows
 
 
 def atomic_write(path, text):
@@ -386,8 +410,17 @@ def main():
     atomic_write(os.path.join(args.out_dir, "cpt_eval.jsonl"), jsonl(cpt_eval))
     atomic_write(os.path.join(args.out_dir, "tokenizer.json"), tok.to_str(pretty=False))
     atomic_write(os.path.join(args.out_dir, "tokenizer_digits.json"), tok_digits.to_str(pretty=False))
+    # conversations and the long-answer task draw from their own generator: the files above keep their bytes
+    crng = random.Random(args.seed + CONV_SEED_OFFSET)
+    atomic_write(os.path.join(args.out_dir, "conv_train.jsonl"), jsonl(conversations(crng, entities, train_idx, "conv-train")))
+    atomic_write(os.path.join(args.out_dir, "conv_eval.jsonl"), jsonl(conversations(crng, entities, eval_idx, "conv-eval")))
+    atomic_write(os.path.join(args.out_dir, "describe_eval.jsonl"), jsonl(
+        [{"id": f"describe-{j:05d}", "question": DESCRIBE.format(e=entities[i][0]), "answers": [entities[i][1]],
+          "entity": entities[i][0]} for j, i in enumerate(eval_idx)]))
     print(f"wrote corpora {N_SMALL}/{N_MEDIUM}/{N_LARGE}, rag_train {len(rag_train)}, rag_eval {len(rag_eval)}, "
-          f"cpt_train {len(cpt_train)}, cpt_eval {len(cpt_eval)}, tokenizer vocab {tok.get_vocab_size()}")
+          f"cpt_train {len(cpt_train)}, cpt_eval {len(cpt_eval)}, conv_train {len(train_idx) // CONV_ENTITIES}, "
+          f"conv_eval {len(eval_idx) // CONV_ENTITIES}, "
+          f"describe_eval {len(eval_idx)}, tokenizer vocab {tok.get_vocab_size()}")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def test_a_request_naming_a_policy_never_makes_the_server_read_that_path(tmp_pat
         with pytest.raises(refrag.RequestError) as e:
             refrag.chat_request(chat(QUESTIONS[0], policy=asked), cfg)
         assert str(e.value) == f"refrag.policy: this server loaded {cfg.policy}" and e.value.param == "refrag.policy"
-    over = refrag.chat_request(chat(QUESTIONS[0], policy=str(tmp_path / "policy" / ".")), cfg)[1]
+    over = refrag.chat_request(chat(QUESTIONS[0], policy=str(tmp_path / "policy" / ".")), cfg)[2]
     assert over["heuristic"] is None  # the served policy, however its path is spelled
 
 
