@@ -14,7 +14,8 @@ import refrag
 ENTITY_RE = re.compile(r"^(City|Alloy|Person|Event)_(\d+)$")
 
 SHIPPED = ["corpus_small.txt", "corpus_medium.txt", "corpus_large.txt", "rag_train.jsonl", "rag_eval.jsonl",
-           "cpt_train.jsonl", "cpt_eval.jsonl", "tokenizer.json", "tokenizer_digits.json"]
+           "cpt_train.jsonl", "cpt_eval.jsonl", "tokenizer.json", "tokenizer_digits.json", "conv_train.jsonl",
+           "conv_eval.jsonl", "describe_eval.jsonl"]
 
 
 def corpus(name):
@@ -148,3 +149,19 @@ def test_extra_training_data_is_fresh_and_leaves_the_shipped_files_alone(tmp_pat
     proc = subprocess.run([sys.executable, os.path.join(DATA, "make_corpus.py"), "--extra", "30000", "--out_dir",
                            str(tmp_path / "c")], capture_output=True, text=True)
     assert proc.returncode == 2 and "--extra 30000" in proc.stderr and not (tmp_path / "c").exists()
+
+
+def test_conversations_follow_up_without_names_and_keep_the_held_out_split():
+    passages = by_name(corpus("small"))
+    held = {r["entity"] for r in refrag.read_rag(os.path.join(DATA, "rag_eval.jsonl"), "x")}
+    for split, n in (("train", 200), ("eval", 50)):
+        convs = refrag.read_conv(os.path.join(DATA, f"conv_{split}.jsonl"), "--eval_json")
+        assert len(convs) == n
+        for c in convs:
+            assert len(c["turns"]) == 6 and len({t["entity"] for t in c["turns"]}) == 2
+            for j, t in enumerate(c["turns"]):
+                assert (t["entity"] in held) == (split == "eval") and t["answers"][0] in passages[t["entity"]]
+                assert (t["entity"] in t["question"]) == (j % 3 == 0)  # the first question about an entity names it
+                assert j % 3 == 0 or "that " in t["question"]
+    describe = refrag.read_rag(os.path.join(DATA, "describe_eval.jsonl"), "x")
+    assert len(describe) == 100 and all(r["answers"] == [passages[r["entity"]]] and r["entity"] in held for r in describe)

@@ -109,7 +109,24 @@ def test_caller_passages_over_the_api(server):
     assert status == 200 and rec["context_source"] == "caller" and rec["passages_used"] == [0, 1]
 
 
+def test_a_conversation_over_the_api_is_the_pipelines_answer_with_turns(server, pipe):
+    """The earlier messages enter as history (compressed by default); refrag.history and refrag.draft per request."""
+    msgs = [{"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": "Tarn"},
+            {"role": "user", "content": "When was that city founded?"}]
+    for history in ("compressed", "drop"):
+        status, text = post(server, {"messages": msgs, "refrag": {"history": history, "p": 0.0, "draft": "lookup"}})
+        rec = json.loads(text)["refrag"]
+        local = pipe.generate(msgs[-1]["content"], turns=[(QUESTIONS[0], "Tarn")], history=history, p=0.0, draft="lookup")
+        assert status == 200 and rec["answer"] == local["answer"] and rec["draft"] == "lookup"
+        assert rec.get("history_turns", 0) == (1 if history == "compressed" else 0)
+        assert rec["prompt_positions"] == local["prompt_positions"]
+
+
 BAD = [
+    ({"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"}]},
+     "messages[0]: an assistant message must answer a user message", "messages"),
+    (chat(QUESTIONS[0], history="zip"), "refrag.history: 'zip' is out of range", "refrag.history"),
+    (chat(QUESTIONS[0], draft="model"), "refrag.draft: 'model' is out of range", "refrag.draft"),
     (b"{not json", "malformed JSON", None),
     ({"messages": []}, "messages: expected a non-empty list", "messages"),
     ({"messages": [{"role": "system", "content": "x"}]}, "no user message", "messages"),

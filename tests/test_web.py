@@ -60,6 +60,22 @@ def test_page_asks_shows_runs_and_refuses_outside_paths(browser, server, tiny_de
     assert "full-context reader " + tiny_baseline_dir in browser.find_element(By.ID, "server-info").text
     assert css("#context-refrag .passage .chunk.expanded") and css("#context-refrag .passage .chunk.compressed")
     assert css("#context-full .passage .chunk.expanded") and not css("#context-full .passage .chunk.compressed")
+    # drafting is on by default: each answer says how many decoder passes its tokens took
+    assert "decoder passes" in browser.find_element(By.CSS_SELECTOR, "#stats-refrag .drafting").text
+    # a follow-up continues the conversation: each column sends its own earlier answer back, as history
+    wait(browser, lambda d: len(css("#conversation .turn")) == 1)
+    first = {m: browser.find_element(By.ID, "answer-" + m).text for m in ("refrag", "full")}
+    browser.find_element(By.ID, "question").send_keys("When did that event take place?")
+    browser.find_element(By.ID, "ask-button").click()
+    wait(browser, lambda d: css("#stats-full .history") and len(css("#conversation .turn")) == 2)
+    for mode in ("full", "refrag"):
+        msgs = [{"role": "user", "content": "Who led Event_314?"}, {"role": "assistant", "content": first[mode]},
+                {"role": "user", "content": "When did that event take place?"}]
+        _, text = post(server, {"messages": msgs, "max_tokens": 5, "refrag": {"mode": mode, "p": 0.5, "topk": 4}})
+        assert browser.find_element(By.ID, "answer-" + mode).text == json.loads(text)["choices"][0]["message"]["content"].strip()
+        assert "history: 1 earlier turn(s)" in browser.find_element(By.CSS_SELECTOR, f"#stats-{mode} .history").text
+    browser.find_element(By.ID, "new-conversation").click()
+    assert not css("#conversation .turn")
 
     browser.find_element(By.ID, "tab-runs").click()
     wait(browser, lambda d: css('.run-item[data-path="cpt_recon"]'))

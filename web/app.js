@@ -61,7 +61,27 @@ function renderStats(box, rec, clientFirst) {
     el("b", {}, rec.prompt_positions), " positions (", rec.context_tokens, " context tokens",
     rec.mode === "refrag" ? `, ${rec.n_chunks} chunks, ${rec.expanded.length} expanded by ${rec.selection}` : "", ")",
     clientFirst != null ? ` · first text in the browser after ${clientFirst.toFixed(0)} ms` : "",
-    " · reader ", el("b", { class: "reader" }, rec.decoder || "?"));
+    " · reader ", el("b", { class: "reader" }, rec.decoder || "?"),
+    rec.history_turns ? el("span", { class: "history" }, ` · history: ${rec.history_turns} earlier turn(s), ${rec.history}` +
+      (rec.history === "compressed" && rec.mode === "refrag" ? ` (${rec.history_chunks} chunks)` : "")) : "",
+    rec.draft === "lookup" ? el("span", { class: "drafting" }, " · drafting: ",
+      el("b", { class: "passes" }, `${rec.generated_tokens} tokens in ${rec.decoder_steps} decoder passes`),
+      ` (x${(rec.generated_tokens / rec.decoder_steps).toFixed(2)} tokens per pass, ` +
+      `${rec.draft_accepted} of ${rec.draft_proposed} drafted tokens kept)`) : "");
+}
+
+// the conversation so far: each question with both columns' answers; each column sends its own answers back
+const conversation = [];
+
+function messagesFor(mode, question) {
+  const msgs = [];
+  for (const t of conversation) msgs.push({ role: "user", content: t.question }, { role: "assistant", content: t.answers[mode] || "" });
+  return msgs.concat([{ role: "user", content: question }]);
+}
+
+function renderConversation() {
+  $("#conversation").replaceChildren(...conversation.map((t) => el("li", { class: "turn" }, el("b", {}, t.question), " ",
+    el("span", { class: "turn-answers" }, `REFRAG: ${t.answers.refrag || "-"} · full context: ${t.answers.full || "-"}`))));
 }
 
 async function ask(mode, question, settings) {
@@ -75,7 +95,7 @@ async function ask(mode, question, settings) {
     const r = await api("/v1/chat/completions", {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ model: "refrag", stream: true, max_tokens: settings.max_new,
-        messages: [{ role: "user", content: question }], refrag }),
+        messages: messagesFor(mode, question), refrag }),
     });
     if (!r.ok) { const e = await r.json(); throw new Error((e.error && e.error.message) || r.statusText); }
     const reader = r.body.getReader(), dec = new TextDecoder();
@@ -105,21 +125,31 @@ async function ask(mode, question, settings) {
     answer.classList.remove("waiting"); stats.replaceChildren(el("span", { class: "error" }, String(e.message || e)));
   }
   answer.dataset.finished = performance.now();
+  return answer.textContent;
 }
 
 $("#ask-form").addEventListener("submit", (ev) => {
   ev.preventDefault();
   const q = $("#question").value.trim();
   if (!q) return;
-  const refrag = { topk: +$("#topk").value, k: +$("#k").value, p: +$("#p").value };
+  const refrag = { topk: +$("#topk").value, k: +$("#k").value, p: +$("#p").value, history: $("#history").value,
+    draft: $("#draft").value };
   if ($("#heuristic").value) refrag.heuristic = $("#heuristic").value;
   const settings = { max_new: +$("#max_new").value, refrag };
   // the server answers one request at a time: REFRAG is asked first and full context once REFRAG's answer is
   // done, so each browser time counts from its own request, not from the other's place in the queue
   $("#answer-full").textContent = ""; $("#context-full").replaceChildren();
   $("#stats-full").textContent = "asked once REFRAG has answered";
-  (async () => { await ask("refrag", q, settings); await ask("full", q, settings); })();
+  (async () => {
+    const answers = { refrag: await ask("refrag", q, settings) };
+    answers.full = await ask("full", q, settings);
+    conversation.push({ question: q, answers });
+    renderConversation();
+    $("#question").value = "";
+  })();
 });
+
+$("#new-conversation").addEventListener("click", () => { conversation.length = 0; renderConversation(); });
 
 // ---- runs ----
 function chart(rows, key) {
