@@ -821,13 +821,16 @@ class BenchConfig(ModelArgs):
     repeats: int = opt(3, "timed runs per point (the median is reported)")
     warmup: int = opt(1, "untimed runs per point")
     max_prefill_s: float = opt(120.0, "skip contexts whose full prefill would take longer")
+    draft: str = opt("none", "lookup: also time drafted decoding (full and cached refrag) from a context holding the "
+                             "answer (the copying case) and from the context alone", choices=["none", "lookup"])
+    draft_len: int = opt(8, "--draft lookup: tokens drafted per decoder pass at most")
     out: str = opt("runs/bench", "output directory")
     mlflow: str = mlflow_opt()
 
     def __post_init__(self):
         self.ctxs, self.ks = parse_ints(self.ctx, "--ctx"), parse_ints(self.k, "--k")
         _check(min(self.ctxs) >= 1 and min(self.ks) >= 1, "--ctx/--k: positive integers, comma separated")
-        _check(self.o >= 1 and self.repeats >= 1, "--o/--repeats: must be at least 1")
+        _check(self.o >= 1 and self.repeats >= 1 and self.draft_len >= 1, "--o/--repeats/--draft_len: must be at least 1")
 
 
 @dataclass
@@ -4128,12 +4131,14 @@ def kv_cache_bytes(cache) -> int:
 
 
 @torch.inference_mode()
-def time_request(decoder, make_inputs, o: int, device) -> dict:
+def time_request(decoder, make_inputs, o: int, device, draft: np.ndarray | None = None, draft_len: int = 0) -> dict:
     """One bench request through decode(): TTFT = building the decoder input (encoder/projector included
-    for REFRAG) + prefill + the first (greedy) token; then o-1 cached steps (no stop token)."""
+    for REFRAG) + prefill + the first (greedy) token; then o-1 tokens (no stop token), drafted from `draft` if given."""
     t0 = clock(device)
-    d = decode(decoder, make_inputs(), o, lambda logits: int(torch.argmax(logits)), set(), device)
-    return {"ttft_s": d["times"][0] - t0, "decode_s": d["times"][-1] - d["times"][0], "kv_bytes": kv_cache_bytes(d["past"])}
+    d = decode(decoder, make_inputs(), o, lambda logits: int(torch.argmax(logits)), set(), device, draft=draft,
+               draft_len=draft_len)
+    return {"ttft_s": d["times"][0] - t0, "decode_s": d["times"][-1] - d["times"][0], "kv_bytes": kv_cache_bytes(d["past"]),
+            "tokens": d["tokens"], **d["draft"]}
 
 
 def plot_bench(result: dict, path: str):
@@ -4157,14 +4162,34 @@ def plot_bench(result: dict, path: str):
                 f"{result['decoder']}, {result['device']}, {result['dtype']}", 9, ncol=2)
 
 
-def bench_point(decoder, make_inputs, cfg: BenchConfig, device) -> dict:
-    """Median TTFT / decode time of cfg.repeats requests after cfg.warmup discarded ones."""
+def bench_point(decoder, make_inputs, cfg: BenchConfig, device, context: torch.Tensor | None = None) -> dict:
+    """Median TTFT / decode time of cfg.repeats requests after cfg.warmup discarded ones. With --draft lookup and
+    the context's raw ids, the same requests drafted from a context that holds their answer (every draft can be
+    kept: the copying case) and from the context alone (random tokens: drafts turned down, their cost)."""
     for _ in range(cfg.warmup):
         time_request(decoder, make_inputs, cfg.o, device)
     runs = [time_request(decoder, make_inputs, cfg.o, device) for _ in range(cfg.repeats)]
     ttft, dec_s = float(np.median([r["ttft_s"] for r in runs])), float(np.median([r["decode_s"] for r in runs]))
-    return {"ttft_s": ttft, "ttft_runs_s": [r["ttft_s"] for r in runs], "ttit_s": dec_s / max(1, cfg.o - 1),
-            "throughput_tok_s": cfg.o / (ttft + dec_s), "kv_bytes": runs[0]["kv_bytes"]}
+    out = {"ttft_s": ttft, "ttft_runs_s": [r["ttft_s"] for r in runs], "ttit_s": dec_s / max(1, cfg.o - 1),
+           "throughput_tok_s": cfg.o / (ttft + dec_s), "kv_bytes": runs[0]["kv_bytes"]}
+    if cfg.draft == "lookup" and context is not None:
+        answer, ctx = runs[0]["tokens"], context.reshape(-1).tolist()
+        for case, texts in (("copy", [answer, ctx]), ("miss", [ctx])):
+            src = draft_source(texts)
+            dr = [time_request(decoder, make_inputs, cfg.o, device, src, cfg.draft_len) for _ in range(cfg.repeats)]
+            d_s = float(np.median([r["decode_s"] for r in dr]))
+            t_s = float(np.median([r["ttft_s"] for r in dr]))
+            out["draft_" + case] = {"ttit_s": d_s / max(1, cfg.o - 1), "throughput_tok_s": cfg.o / (t_s + d_s),
+                                    "acceptance": dr[0]["accepted"] / dr[0]["proposed"] if dr[0]["proposed"] else None,
+                                    "decoder_steps": dr[0]["steps"] + 1, "same_tokens": all(r["tokens"] == answer for r in dr),
+                                    "throughput_speedup": (cfg.o / (t_s + d_s)) / out["throughput_tok_s"]}
+    return out
+
+
+def draft_line(r: dict) -> str:
+    """bench's printout of a point's drafting, when measured."""
+    return "".join(f" | draft {case}: x{r[f'draft_{case}']['throughput_speedup']:.2f} tok/s, {r[f'draft_{case}']['decoder_steps']} "
+                   f"passes" for case in ("copy", "miss") if f"draft_{case}" in r)
 
 
 def bench_refrag(decoder, encoder, projector, q_ids, s: int, k: int, full: dict, cfg: BenchConfig, device, dtype,
@@ -4181,7 +4206,7 @@ def bench_refrag(decoder, encoder, projector, q_ids, s: int, k: int, full: dict,
     for mode, chunks in sources.items():
         make = lambda: {"inputs_embeds": torch.cat([projector(chunks()).unsqueeze(0), emb_layer(q_ids)], 1)}  # noqa: E731
         try:
-            r = bench_point(decoder, make, cfg, device)
+            r = bench_point(decoder, make, cfg, device, chunk_ids if mode == "refrag_cached" else None)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             print(f"skip s={s} k={k} {mode}: out of device memory")
@@ -4192,7 +4217,8 @@ def bench_refrag(decoder, encoder, projector, q_ids, s: int, k: int, full: dict,
                         kv_reduction=full["kv_bytes"] / r["kv_bytes"], analytic_ttft_speedup=analytic_ttft_speedup(s, k, d)))
         print(f"s={s:6d} k={k:<3d} {mode[7:]:7s} | TTFT {r['ttft_s'] * 1000:9.1f} ms | TTIT {r['ttit_s'] * 1000:7.2f} ms | "
               f"{r['throughput_tok_s']:8.1f} tok/s | KV {r['kv_bytes'] / 2 ** 20:8.1f} MiB | TTFT x{out[-1]['ttft_speedup']:.2f} "
-              f"(analytic x{out[-1]['analytic_ttft_speedup']:.2f}) | throughput x{out[-1]['throughput_speedup']:.2f}", flush=True)
+              f"(analytic x{out[-1]['analytic_ttft_speedup']:.2f}) | throughput x{out[-1]['throughput_speedup']:.2f}"
+              + draft_line(r), flush=True)
     return out
 
 
@@ -4222,7 +4248,7 @@ def cmd_bench(args: BenchConfig):
             continue
         full_ids = torch.cat([torch.randint(5, vocab, (1, s), generator=g).to(device), q_ids], 1)
         try:
-            full = bench_point(decoder, lambda: {"input_ids": full_ids}, args, device)
+            full = bench_point(decoder, lambda: {"input_ids": full_ids}, args, device, full_ids[:, :s])
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             print(f"skip s={s}: out of device memory")
@@ -4230,7 +4256,7 @@ def cmd_bench(args: BenchConfig):
         last_full = (s, full["ttft_s"])
         records.append(dict(s=s, k=None, mode="full", prompt_positions=s + args.q, **full))
         print(f"s={s:6d} full          | TTFT {full['ttft_s'] * 1000:9.1f} ms | TTIT {full['ttit_s'] * 1000:7.2f} ms | "
-              f"{full['throughput_tok_s']:8.1f} tok/s | KV {full['kv_bytes'] / 2 ** 20:8.1f} MiB")
+              f"{full['throughput_tok_s']:8.1f} tok/s | KV {full['kv_bytes'] / 2 ** 20:8.1f} MiB" + draft_line(full))
         for k in args.ks:
             records += bench_refrag(decoder, encoder, projector, q_ids, s, k, full, args, device, dtype, g)
     result = {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""), "decoder": dec_desc,

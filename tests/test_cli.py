@@ -359,6 +359,21 @@ def test_bench_times_full_and_refrag_and_writes_json_and_plot(tiny_dec_dir, tmp_
     assert (out / "bench_ttft_speedup.png").stat().st_size > 1000
 
 
+def test_bench_times_drafting_at_each_length(tiny_dec_dir, tmp_path):
+    code, stdout, err = run_cli("bench", "--dec", tiny_dec_dir, "--enc_config", "minilm", "--ctx", "64,128", "--k", 16,
+                                "--o", 12, "--repeats", 1, "--warmup", 0, "--draft", "lookup", "--draft_len", 4,
+                                "--out", tmp_path / "b")
+    assert code == 0, err
+    recs = load_json(tmp_path / "b" / "bench.json")["records"]
+    drafted = [r for r in recs if r["mode"] in ("full", "refrag_cached")]
+    assert len(drafted) == 4 and not any("draft_copy" in r for r in recs if r["mode"] == "refrag_nocache")
+    for r in drafted:  # the answer in the context: every pass keeps its drafts (4 + the pass's own token)
+        copy, miss = r["draft_copy"], r["draft_miss"]
+        assert copy["same_tokens"] and miss["same_tokens"] and copy["decoder_steps"] == 1 + -(-11 // 5)
+        assert copy["acceptance"] == 1.0 and copy["throughput_speedup"] > 0
+    assert "draft copy: x" in stdout
+
+
 @pytest.mark.parametrize("mode", ["full", "refrag"])
 def test_answer_nll_scored_from_the_prompt_cache_equals_a_fresh_scoring(tiny_index, tiny_dec_dir, tok, mode):
     """evaluate scores the gold answer from generation's own KV cache (cropped back to the prompt)."""
