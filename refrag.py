@@ -17,6 +17,8 @@ local safetensors directory; any HF id, model directory or .gguf file can take i
     python refrag.py generate --index_dir runs/index \
         --question "Which river flows through City_191?" --topk 8 --k 16 --p 0.25 --ctx_max 1024 \
         --max_new 32 --temperature 0.0 [--heuristic ppl_desc] [--mode full|refrag|none] [--json]
+    #    (--draft lookup: speculative decoding that copies the next tokens from the passages, the same answer;
+    #     --messages conv.json: the conversation so far, earlier turns in the prompt as --history compressed|raw|drop)
     # 3. REFRAG training (paper section 3): reconstruction, next-paragraph prediction, RAG fine-tuning
     python refrag.py cpt_recon --train_json data/cpt_train.jsonl --k 16 \
         --steps 1000 --lr 2e-4 --log_every 20 --out_dir runs/cpt_recon
@@ -40,7 +42,9 @@ local safetensors directory; any HF id, model directory or .gguf file can take i
     # 4. quality over a QA or long-text file, per mode x k x p x selection (resumable)
     python refrag.py evaluate --eval_json data/rag_eval.jsonl --index_dir runs/index \
         --modes full,refrag,none --k 8,16 --p 0 --out runs/eval
-    #    (--p 0,0.1,0.25 --heuristic random,ppl_desc,ppl_asc,rank --policy runs/policy: the selection comparison)
+    #    (--p 0,0.1,0.25 --heuristic random,ppl_desc,ppl_asc,rank --policy runs/policy: the selection comparison;
+    #     --eval_json data/conv_eval.jsonl: conversations, every turn after the ones before it, --history
+    #     compressed,raw,drop; --draft none,lookup: drafted decoding beside plain, the same answers)
     # 5. latency vs context length, full vs REFRAG, random-weight shapes allowed
     python refrag.py bench --dec_config llama-220m --ctx 512,1024,2048,4096 --k 8,16,32 --out runs/bench
     # 5b. index at scale: build time and memory, retrieval latency, IVF/HNSW recall, TTFT at 100,000 passages vs 500
@@ -60,8 +64,9 @@ Choices the paper leaves open, made here (see README.md "Design choices"):
   may be shorter); its text is re-tokenized by the encoder, which mean-pools its last hidden states
   (a decoder:N encoder reads the chunk's token ids as they are);
 - each compressed chunk occupies one decoder position; positions stay consecutive;
-- the prompt template (prompt_pieces) is the one function used by training and inference; BOS only
-  at the very start, never inside a chunk; passages are joined with "\\n" everywhere.
+- the prompt template (template_parts, conversation_prompt) is the one function used by training and inference;
+  BOS only at the very start, never inside a chunk; passages are joined with "\\n" everywhere; a conversation's
+  earlier turns are user / assistant turns before the question, their texts chunked like passages.
 """
 from __future__ import annotations
 
