@@ -2571,6 +2571,7 @@ def _stream(on_text, tok, generated, shown, eos) -> str:
 
 
 DRAFT_MAX_NGRAM = 3  # prompt-lookup drafting matches the answer's last 3, else 2, else 1 tokens in the passages
+DRAFT_ADAPT = True   # draft length: +2 after a pass that keeps every drafted token, -1 after one that does not
 
 
 def lookup_draft(source: np.ndarray, seq: list[int], n: int) -> list[int]:
@@ -2596,6 +2597,36 @@ def draft_source(passages_ids: list) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+def _rowwise_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """SDPA for a drafted pass, one query at a time over exactly the keys a one-token step at its position sees,
+    through the same call (no mask): the pass's attention is then plain decoding's, bit for bit. (Batched, the
+    CPU kernel rounds a one-query and a nine-query pass differently: 0.375 in a bf16 logit of SmolLM2.)"""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    q_len, kv_len = query.shape[2], key.shape[2]                                 # query (B, H, q, D), key (B, H_kv, kv, D)
+    rows = [sdpa_attention_forward(module, query[:, :, i:i + 1], key[:, :, :kv_len - q_len + i + 1],
+                                   value[:, :, :kv_len - q_len + i + 1], None, **kwargs)[0] for i in range(q_len)]
+    return torch.cat(rows, dim=1), None                                          # (B, q, H, D)
+
+
+@contextlib.contextmanager
+def drafted_pass(decoder, on: bool):
+    """While a drafted pass runs, the decoder's SDPA attention goes row by row (_rowwise_sdpa) so that its logits
+    equal those of one-token steps; the linear layers already give each row the same numbers however many rows
+    there are (bf16 on the CPUs measured: results/drafting/sdpa_probe.py). Other attention implementations run
+    the pass batched."""
+    config = decoder.config
+    if not on or getattr(config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    from transformers import AttentionInterface
+    AttentionInterface.register("refrag_rowwise_sdpa", _rowwise_sdpa)
+    config._attn_implementation = "refrag_rowwise_sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
+
+
 @torch.inference_mode()
 def decode(decoder, inputs: dict, max_new: int, pick, stop: set, device: torch.device, on_token=None,
            past=None, draft: np.ndarray | None = None, draft_len: int = 0) -> dict:
@@ -2615,14 +2646,16 @@ def decode(decoder, inputs: dict, max_new: int, pick, stop: set, device: torch.d
     first = out.logits[0, -1]
     tokens, past, times = [pick(first)], kv_cache_of(out), [clock(device)]
     proposed = accepted = steps = 0
+    n_draft = draft_len  # drafts grow by 2 after a pass that keeps them all and shrink by 1 after one that does not
     while True:
         if on_token is not None:
             on_token(tokens)
         if len(tokens) >= max_new or tokens[-1] in stop:
             break
-        guess = lookup_draft(draft, tokens, min(draft_len, max_new - len(tokens) - 1)) if draft is not None else []
+        guess = lookup_draft(draft, tokens, min(n_draft, max_new - len(tokens) - 1)) if draft is not None else []
         n_past = past.get_seq_length()
-        out, past = decode_step(decoder, torch.tensor([[tokens[-1]] + guess], device=device), past)
+        with drafted_pass(decoder, bool(guess)):
+            out, past = decode_step(decoder, torch.tensor([[tokens[-1]] + guess], device=device), past)
         logits, steps, proposed = out.logits[0], steps + 1, proposed + len(guess)  # (1 + len(guess), V)
         for i in range(len(guess) + 1):
             tokens.append(pick(logits[i]))
@@ -2631,6 +2664,8 @@ def decode(decoder, inputs: dict, max_new: int, pick, stop: set, device: torch.d
             accepted += 1
         if i < len(guess):  # the cache holds the fed token and the i accepted draft tokens, not the rejected rest
             past.crop(n_past + 1 + i - past.get_seq_length())  # (a negative crop removes that many positions)
+        if guess and DRAFT_ADAPT:  # (the schedule of transformers' assisted generation)
+            n_draft = min(draft_len, n_draft + 2) if i == len(guess) else max(1, n_draft - 1)
         times += [clock(device)] * (i + 1)
     return {"tokens": tokens, "times": times, "first_logits": first, "past": past,
             "draft": {"proposed": proposed, "accepted": accepted, "steps": steps}}

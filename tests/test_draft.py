@@ -33,6 +33,26 @@ def run(model, prompt, source=None, n=8, pick=None, max_new=24):
                          draft=None if source is None else refrag.draft_source(source), draft_len=n)
 
 
+def test_a_drafted_pass_reads_like_one_token_steps(model):
+    """drafted_pass runs SDPA one query at a time over the keys each one-token step sees: the pass's logits are the
+    steps' (here in fp32, where the matrix kernels may still differ in the last bits), and SDPA is restored."""
+    import copy
+    assert model.config._attn_implementation == "sdpa"
+    prompt = torch.arange(200, 260)[None]
+    with torch.inference_mode():
+        past = refrag.kv_cache_of(model(input_ids=prompt, use_cache=True))
+        steps, p1 = [], copy.deepcopy(past)
+        for t in range(5, 11):
+            out, p1 = refrag.decode_step(model, torch.tensor([[t]]), p1)
+            steps.append(out.logits[0, -1])
+        with refrag.drafted_pass(model, True):
+            assert model.config._attn_implementation == "refrag_rowwise_sdpa"
+            out, p2 = refrag.decode_step(model, torch.tensor([list(range(5, 11))]), past)
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.allclose(out.logits[0], torch.stack(steps), atol=1e-5, rtol=0)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(p1.layers[0].keys[0, :, -6:], p2.layers[0].keys[0, :, -6:]))
+
+
 @pytest.mark.parametrize("corrupt", [0, 2, 3])
 def test_drafted_greedy_tokens_equal_plain_ones_and_the_cache_stays_right(model, corrupt):
     """Drafts from the model's own answer (every other or third token changed: partial acceptance, the cache cut

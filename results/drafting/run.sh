@@ -20,5 +20,6 @@ python refrag.py evaluate --eval_json data/describe_eval.jsonl --index_dir $Q/in
     --p 0 --topk 4 --limit 30 --max_new 128 --draft none,lookup --out $OUT/describe_refrag
 # longer contexts (random tokens; drafts from a context holding the answer, and from the context alone)
 python refrag.py bench --ctx 512,2048,4096 --k 16 --o 64 --repeats 2 --draft lookup --out $OUT/bench
-# why bf16 answers can differ: one-position and nine-position decoder passes, SDPA against eager attention
+PYTHONPATH=. python results/drafting/adapt_ab.py | tee $OUT/adapt_ab.txt
+# one-position against nine-position decoder passes: SDPA and eager batched, SDPA row by row (drafted passes)
 PYTHONPATH=. python results/drafting/sdpa_probe.py | tee $OUT/sdpa_probe.txt
