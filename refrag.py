@@ -2571,7 +2571,6 @@ def _stream(on_text, tok, generated, shown, eos) -> str:
 
 
 DRAFT_MAX_NGRAM = 3  # prompt-lookup drafting matches the answer's last 3, else 2, else 1 tokens in the passages
-DRAFT_ADAPT = True   # draft length: +2 after a pass that keeps every drafted token, -1 after one that does not
 
 
 def lookup_draft(source: np.ndarray, seq: list[int], n: int) -> list[int]:
@@ -2646,13 +2645,12 @@ def decode(decoder, inputs: dict, max_new: int, pick, stop: set, device: torch.d
     first = out.logits[0, -1]
     tokens, past, times = [pick(first)], kv_cache_of(out), [clock(device)]
     proposed = accepted = steps = 0
-    n_draft = draft_len  # drafts grow by 2 after a pass that keeps them all and shrink by 1 after one that does not
     while True:
         if on_token is not None:
             on_token(tokens)
         if len(tokens) >= max_new or tokens[-1] in stop:
             break
-        guess = lookup_draft(draft, tokens, min(n_draft, max_new - len(tokens) - 1)) if draft is not None else []
+        guess = lookup_draft(draft, tokens, min(draft_len, max_new - len(tokens) - 1)) if draft is not None else []
         n_past = past.get_seq_length()
         with drafted_pass(decoder, bool(guess)):
             out, past = decode_step(decoder, torch.tensor([[tokens[-1]] + guess], device=device), past)
@@ -2664,8 +2662,6 @@ def decode(decoder, inputs: dict, max_new: int, pick, stop: set, device: torch.d
             accepted += 1
         if i < len(guess):  # the cache holds the fed token and the i accepted draft tokens, not the rejected rest
             past.crop(n_past + 1 + i - past.get_seq_length())  # (a negative crop removes that many positions)
-        if guess and DRAFT_ADAPT:  # (the schedule of transformers' assisted generation)
-            n_draft = min(draft_len, n_draft + 2) if i == len(guess) else max(1, n_draft - 1)
         times += [clock(device)] * (i + 1)
     return {"tokens": tokens, "times": times, "first_logits": first, "past": past,
             "draft": {"proposed": proposed, "accepted": accepted, "steps": steps}}

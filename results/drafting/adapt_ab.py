@@ -2,7 +2,8 @@
 that keeps every drafted token, -1 after one that does not), beside plain decoding, on the same questions in one
 process: the long-answer task read by the untrained reader (full context, top 4, 128 tokens) and held-out
 questions in REFRAG mode (p = 0, 24 tokens), where drafts are seldom right. Writes runs/drafting/adapt_ab.json.
-Run: PYTHONPATH=. python results/drafting/adapt_ab.py (after the quickstart, alone on the machine)."""
+Run: PYTHONPATH=. python results/drafting/adapt_ab.py (after the quickstart, alone on the machine). Measured at
+commit d409146, whose refrag.DRAFT_ADAPT switched the schedule; the fixed length won and the switch is gone."""
 import json
 import os
 
