@@ -49,8 +49,8 @@ def test_a_drafted_pass_reads_like_one_token_steps(model):
             assert model.config._attn_implementation == "refrag_rowwise_sdpa"
             out, p2 = refrag.decode_step(model, torch.tensor([list(range(5, 11))]), past)
     assert model.config._attn_implementation == "sdpa"
-    assert torch.allclose(out.logits[0], torch.stack(steps), atol=1e-5, rtol=0)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(p1.layers[0].keys[0, :, -6:], p2.layers[0].keys[0, :, -6:]))
+    assert torch.allclose(out.logits[0], torch.stack(steps), atol=1e-4, rtol=0)  # (logits up to 12; fp32 rows differ by 2e-5)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(p1.layers[0].keys[0, :, -6:], p2.layers[0].keys[0, :, -6:]))
 
 
 @pytest.mark.parametrize("corrupt", [0, 2, 3])

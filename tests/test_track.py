@@ -73,8 +73,8 @@ def test_evaluate_plots_em_against_ttft_for_every_configuration(tiny_dec_dir, ti
     result = load_json(tmp_path / "ev" / "results.json")
     points = refrag.plot_quality(result, str(tmp_path / "again.png"))
     assert [(p[1], p[2]) for p in points] == [(r["ttft_s"] * 1000, r["em"]) for r in result["results"]]
-    assert [p[0] for p in points] == ["full", "refrag k=16 p=0 none", "refrag k=16 p=0.5 random",
-                                      "refrag k=16 p=0.5 random expanded-only", "none"]
+    assert [p[0] for p in points] == ["full", "refrag k=16 p=0 sel=none", "refrag k=16 p=0.5 sel=random",
+                                      "refrag k=16 p=0.5 sel=random expanded-only", "none"]  # evaluate's row names
 
 
 def test_without_the_flag_mlflow_is_not_imported(tiny_dec_dir, tmp_path):

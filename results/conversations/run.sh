@@ -13,3 +13,9 @@ python refrag.py evaluate --eval_json data/conv_eval.jsonl --index_dir $Q/index_
     --p 0 --topk 4 --limit 20 --max_new 16 --out $OUT/refrag
 python refrag.py evaluate --eval_json data/conv_eval.jsonl --index_dir $Q/index --dec $Q/sft_full/decoder --modes full \
     --topk 4 --limit 20 --max_new 16 --out $OUT/full
+# the same with retrieval on the question and the two user messages before it (--query_turns 3: a follow-up's
+# query then holds the question that named the entity)
+python refrag.py evaluate --eval_json data/conv_eval.jsonl --index_dir $Q/index_sft --load_dir $Q/sft --modes refrag \
+    --p 0 --topk 4 --limit 20 --max_new 16 --history compressed,drop --query_turns 3 --out $OUT/refrag_q3
+python refrag.py evaluate --eval_json data/conv_eval.jsonl --index_dir $Q/index --dec $Q/sft_full/decoder --modes full \
+    --topk 4 --limit 20 --max_new 16 --history raw,drop --query_turns 3 --out $OUT/full_q3
