@@ -4029,8 +4029,9 @@ def eval_summary(c: dict, rows: list[dict], plain: list[dict] | None) -> dict:
     return out
 
 
-def cmd_evaluate(args: EvalConfig):
-    modes, ks, ps, selections = args.mode_list, args.ks, args.ps, args.selections
+def read_eval_data(args: EvalConfig) -> tuple[str, list[dict]]:
+    """(kind, records) of --eval_json: "qa" questions, "conv" conversations (every turn a record), "cpt" long
+    texts; the first --limit records (conversations), ids unique."""
     first = read_jsonl(args.eval_json, "--eval_json")[0][1]
     kind = "cpt" if "split" in first else "conv" if "turns" in first else "qa"
     data = {"cpt": read_cpt, "conv": read_conv, "qa": read_rag}[kind](args.eval_json, "--eval_json")
@@ -4038,10 +4039,13 @@ def cmd_evaluate(args: EvalConfig):
     for r in data:  # rows are keyed by id: a repeated one would be scored once and counted twice
         if first_line.setdefault(r["id"], r["line"]) != r["line"]:
             fail(f"--eval_json {args.eval_json}:{r['line']}: id {r['id']} repeats line {first_line[r['id']]}")
-    if args.limit:
-        data = data[:args.limit]
-    if kind == "conv":
-        data = conversation_items(data)
+    data = data[:args.limit] if args.limit else data
+    return kind, conversation_items(data) if kind == "conv" else data
+
+
+def cmd_evaluate(args: EvalConfig):
+    modes, ks, ps, selections = args.mode_list, args.ks, args.ps, args.selections
+    kind, data = read_eval_data(args)
     if args.load_dir and "refrag" in modes:
         for k in ks:  # a checkpoint is trained for one k
             read_checkpoint_config(args.load_dir, k)
