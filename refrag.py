@@ -1109,7 +1109,7 @@ def tracked(cfg):
                 print(f"warning: --mlflow {uri}: the run was not fully logged ({type(e).__name__}: {e})", file=sys.stderr)
 
 
-# ---- data: corpus, QA and CPT files, the prompt template, passages cut into chunks ----
+# ---- data: corpus, QA, CPT and conversation files, the prompt template, passages cut into chunks ----
 
 def read_corpus(path: str, flag: str = "--corpus") -> list[str]:
     if not os.path.isfile(path):
@@ -1230,6 +1230,44 @@ class Turn:
     answer: str
     passages: list = dataclasses.field(default_factory=list)  # token ids of each passage
 
+
+
+def message_text(m: dict, where: str) -> str:
+    """A chat message's text: string content, or the text parts of a content list."""
+    content = m.get("content")
+    if isinstance(content, list):
+        _check(all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content),
+               f"{where}: content parts must be objects with a string text")
+        content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+    _check(isinstance(content, str), f"{where}: content must be a string or a list of text parts")
+    return content
+
+
+def turns_of_messages(messages, where: str = "messages") -> list[Turn]:
+    """Earlier turns from OpenAI-style messages (oldest first): each user message opens a turn, the assistant
+    message after it is its answer (empty if none); system messages are skipped (the template has its own)."""
+    _check(isinstance(messages, list) and all(isinstance(m, dict) for m in messages),
+           f"{where}: expected a list of {{role, content}} objects")
+    turns = []
+    for i, m in enumerate(messages):
+        role, text = m.get("role"), message_text(m, f"{where}[{i}]")
+        _check(role in ("user", "assistant", "system"), f"{where}[{i}].role: {role!r}, expected user, assistant or system")
+        _check("\0" not in text, f"{where}[{i}].content: contains a NUL character")
+        if role == "user":
+            _check(bool(text.strip()), f"{where}[{i}].content: an empty user message")
+            turns.append(Turn(text, ""))
+        elif role == "assistant":
+            _check(bool(turns) and not turns[-1].answer, f"{where}[{i}]: an assistant message must answer a user message")
+            turns[-1].answer = text
+    return turns
+
+
+def conversation_items(convs: list[dict]) -> list[dict]:
+    """Every turn of every conversation as a QA record asked after the turns before it (answered as the data
+    answers them), id "<conversation id>#<turn>" (from 1)."""
+    return [{"id": f"{r['id']}#{j + 1}", "question": t["question"], "answers": t["answers"], "turn": j,
+             "last_turn": j == len(r["turns"]) - 1, "turns": [Turn(x["question"], x["answers"][0]) for x in r["turns"][:j]]}
+            for r in convs for j, t in enumerate(r["turns"])]
 
 
 def conversation_prompt(tok, question: str, passages: list, turns: list[Turn] = (), history: str = "compressed"):
@@ -2780,36 +2818,6 @@ def load_baseline(path: str, models: Models) -> Models:
                                                                            "retriever": models.fingerprints["retriever"]})
 
 
-def message_text(m: dict, where: str) -> str:
-    """A chat message's text: string content, or the text parts of a content list."""
-    content = m.get("content")
-    if isinstance(content, list):
-        _check(all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content),
-               f"{where}: content parts must be objects with a string text")
-        content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
-    _check(isinstance(content, str), f"{where}: content must be a string or a list of text parts")
-    return content
-
-
-def turns_of_messages(messages, where: str = "messages") -> list[Turn]:
-    """Earlier turns from OpenAI-style messages (oldest first): each user message opens a turn, the assistant
-    message after it is its answer (empty if none); system messages are skipped (the template has its own)."""
-    _check(isinstance(messages, list) and all(isinstance(m, dict) for m in messages),
-           f"{where}: expected a list of {{role, content}} objects")
-    turns = []
-    for i, m in enumerate(messages):
-        role, text = m.get("role"), message_text(m, f"{where}[{i}]")
-        _check(role in ("user", "assistant", "system"), f"{where}[{i}].role: {role!r}, expected user, assistant or system")
-        _check("\0" not in text, f"{where}[{i}].content: contains a NUL character")
-        if role == "user":
-            _check(bool(text.strip()), f"{where}[{i}].content: an empty user message")
-            turns.append(Turn(text, ""))
-        elif role == "assistant":
-            _check(bool(turns) and not turns[-1].answer, f"{where}[{i}]: an assistant message must answer a user message")
-            turns[-1].answer = text
-    return turns
-
-
 # the GenerateConfig fields one request may set (the rest are the pipeline's: models, index, device)
 REQUEST_FIELDS = ("mode", "k", "p", "topk", "ctx_max", "max_new", "temperature", "top_p", "heuristic",
                   "policy_sample", "drop_compressed", "seed", "draft", "draft_len", "history", "history_turns",
@@ -3999,14 +4007,6 @@ def check_eval_resume(args: EvalConfig):
     if diff:
         fail(f"--out {args.out}: its rows.jsonl was scored with another {', '.join('--' + f for f in diff)} "
              f"({before.get(diff[0])} -> {now[diff[0]]}); use another --out or delete rows.jsonl")
-
-
-def conversation_items(convs: list[dict]) -> list[dict]:
-    """Every turn of every conversation as a QA record asked after the turns before it (answered as the data
-    answers them), id "<conversation id>#<turn>" (from 1)."""
-    return [{"id": f"{r['id']}#{j + 1}", "question": t["question"], "answers": t["answers"], "turn": j,
-             "last_turn": j == len(r["turns"]) - 1, "turns": [Turn(x["question"], x["answers"][0]) for x in r["turns"][:j]]}
-            for r in convs for j, t in enumerate(r["turns"])]
 
 
 def eval_summary(c: dict, rows: list[dict], plain: list[dict] | None) -> dict:
